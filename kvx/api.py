@@ -1,0 +1,139 @@
+"""``patch`` / ``unpatch`` / ``patched``: the one line that puts a policy under a model.
+
+What ``patch`` does, all of it undone by ``unpatch``:
+
+- registers kvx's attention and mask functions with transformers under the name ``"kvx"``
+  (additive: no other implementation is touched) and switches the model to it with
+  ``model.set_attn_implementation("kvx")``;
+- attaches a small context (policy + layer index) to each attention module;
+- adds forward hooks on the base model that give every forward a :class:`~kvx.cache.KVCache`
+  when it would otherwise build a plain ``DynamicCache``, so ``generate()``, forward loops and
+  wrappers get the compressed cache without asking for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvx.attention import ATTN_IMPLEMENTATION, CONTEXT_ATTR, LayerContext, PatchState, register
+from kvx.cache import KVCache
+from kvx.patches import adapter_for
+from kvx.policy import Policy, make_policy
+
+STATE_ATTR = "_kvx_state"
+
+
+def patch(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Policy:
+    """Make ``model`` store and attend through ``policy``; returns the policy object.
+
+    Args:
+        model: a transformers causal LM (or its base model) of a supported architecture.
+        policy: a registered name (``kvx.list_policies()``) or a policy object.
+        **options: options of a named policy, e.g. ``budget=1024``.
+
+    Patching a patched model replaces its policy.
+    """
+    adapter = adapter_for(model)
+    policy = make_policy(policy, **options)
+    modules = adapter.attention_modules(model)
+    if is_patched(model):
+        unpatch(model)
+    register()
+    state = PatchState(policy, adapter.model_type, model.config._attn_implementation)
+    for module in modules:
+        setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
+    base = getattr(model, "base_model", model)
+    state.hook_handles = [
+        base.register_forward_pre_hook(_cache_injector(base, state), with_kwargs=True),
+        base.register_forward_hook(_cache_release(state), always_call=True),
+    ]
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    setattr(model, STATE_ATTR, state)
+    return policy
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Undo :func:`patch`: the model computes exactly what it did before patching."""
+    state: PatchState | None = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by kvx")
+    for handle in state.hook_handles:
+        handle.remove()
+    for module in model.modules():
+        if hasattr(module, CONTEXT_ATTR):
+            delattr(module, CONTEXT_ATTR)
+    model.set_attn_implementation(state.original_attn_implementation)
+    state.active_cache = None
+    delattr(model, STATE_ATTR)
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def policy_of(model: torch.nn.Module) -> Policy | None:
+    """The policy ``model`` is patched with, or None."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else state.policy
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Iterator[Policy]:
+    """``with kvx.patched(model, "snapkv", budget=512) as policy: ...``; on exit the model is as it was
+    (unpatched, or patched with its previous policy)."""
+    previous = policy_of(model)
+    try:
+        yield patch(model, policy, **options)
+    finally:
+        if is_patched(model):
+            unpatch(model)
+        if previous is not None:
+            patch(model, previous)
+
+
+def _past_key_values_position(base: torch.nn.Module) -> int | None:
+    params = list(inspect.signature(base.forward).parameters)
+    return params.index("past_key_values") if "past_key_values" in params else None
+
+
+def _cache_injector(base: torch.nn.Module, state: PatchState):
+    """Forward pre-hook: make sure the forward runs on a kvx cache, and publish it to the layers."""
+    position = _past_key_values_position(base)
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        in_args = position is not None and position < len(args)
+        cache = args[position] if in_args else kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if cache is None and not use_cache:
+            state.active_cache = None
+            return args, kwargs
+        if not isinstance(cache, KVCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"a kvx-patched model was given a {type(cache).__name__} that already holds tokens; "
+                    "pass the kvx cache from an earlier call (output.past_key_values), or none"
+                )
+            cache = KVCache(module.config)
+            if in_args:
+                args = args[:position] + (cache,) + args[position + 1 :]
+            else:
+                kwargs["past_key_values"] = cache
+        state.active_cache = cache
+        return args, kwargs
+
+    return hook
+
+
+def _cache_release(state: PatchState):
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        state.active_cache = None
+
+    return hook

@@ -1,0 +1,149 @@
+"""The attention function kvx registers with transformers, and the per-module context it reads.
+
+Flow of one patched attention call (the model has already computed q, k, v, norms and RoPE, and
+has appended k, v to the cache):
+
+1. find this layer's cache storage through the context ``patch`` attached to the module;
+2. build the mask over what is stored (evicted tokens are gone, padding slots are masked);
+3. compute attention for the new queries over everything stored;
+4. ask the policy which tokens to keep, and drop the rest from storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvx.cache import CompressedLayer, KVCache
+from kvx.kernels import reference
+from kvx.policy import CompressionView, Phase, Policy
+
+ATTN_IMPLEMENTATION = "kvx"
+CONTEXT_ATTR = "_kvx_context"
+
+
+@dataclass
+class PatchState:
+    """Model-wide state of one patch: the policy, and the cache of the forward in progress."""
+
+    policy: Policy
+    model_type: str
+    original_attn_implementation: str
+    hook_handles: list[Any] = field(default_factory=list)
+    active_cache: KVCache | None = None
+
+
+@dataclass
+class LayerContext:
+    """Attached by ``patch`` to each attention module as ``module._kvx_context``."""
+
+    state: PatchState
+    layer_idx: int
+
+    def cache_layer(self):
+        cache = self.state.active_cache
+        return None if cache is None else cache.layers[self.layer_idx]
+
+
+def register() -> None:
+    """Register kvx's attention and mask functions under ``"kvx"`` (idempotent, additive only)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvx_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _phase(layer: CompressedLayer, q_len: int) -> Phase:
+    if layer.past_stored == 0:
+        return "prefill"
+    return "decode" if q_len == 1 else "extend"
+
+
+def _mask_over_storage(
+    layer: CompressedLayer, given: torch.Tensor | None, q_len: int, num_heads: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mask for the new queries over the stored keys, and which stored slots are real tokens.
+
+    Args:
+        layer: the layer after ``update`` (new tokens appended).
+        given: the mask transformers built, ``[B, 1, q, past_stored + q]`` bool or None.
+    Returns:
+        ``(mask [B|1, 1|H, q, S] or None, valid [B, Hkv, S] or None)``; None = nothing masked
+        (beyond plain causal attention for the mask).
+    """
+    batch, kv_heads, num_stored = layer.keys.shape[:3]
+    if not layer.has_evicted and layer.valid is None:
+        # storage is exactly what a dense cache would hold: transformers' mask is right as is
+        valid = None if given is None else given[:, 0, -1, :][:, None, :].expand(batch, kv_heads, num_stored)
+        return given, valid
+
+    past = layer.past_stored
+    if given is None:
+        new_cols = reference.causal_mask(q_len, q_len, layer.keys.device)  # [1, 1, q, q]
+        new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=layer.keys.device)
+    else:
+        new_cols = given[..., -q_len:]  # causal + padding among the new tokens
+        new_valid = given[:, 0, -1, -q_len:]
+    past_valid = layer.valid[..., :past] if layer.valid is not None else None
+
+    if past_valid is None:  # every stored token is real: one mask serves all heads
+        if given is None and q_len == 1:
+            return None, None
+        mask = torch.cat([new_cols.new_ones(new_cols.shape[0], 1, q_len, past), new_cols], dim=-1)
+        valid = torch.cat([new_valid.new_ones(batch, past), new_valid], dim=-1)
+        return mask, valid[:, None, :].expand(batch, kv_heads, num_stored)
+
+    groups = num_heads // kv_heads
+    past_cols = reference.expand_kv_heads(past_valid, groups)[:, :, None, :].expand(batch, num_heads, q_len, past)
+    mask = torch.cat([past_cols, new_cols.expand(batch, num_heads, q_len, q_len)], dim=-1)
+    valid = torch.cat([past_valid, new_valid[:, None, :].expand(batch, kv_heads, q_len)], dim=-1)
+    return mask, valid
+
+
+def kvx_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``query [B, H, q, D]``, ``key/value [B, Hkv, S, D]`` (after
+    ``cache.update``) -> ``(out [B, q, H, D], None)``."""
+    context: LayerContext | None = getattr(module, CONTEXT_ATTR, None)
+    if context is None:
+        raise RuntimeError(
+            f"kvx attention was called on {type(module).__name__}, which kvx.patch did not set up; "
+            "patch the model with kvx.patch(model, policy) instead of setting attn_implementation='kvx' by hand"
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer = context.cache_layer()
+    if not isinstance(layer, CompressedLayer):  # no cache, or a sliding-window layer of the model's own
+        out = reference.attention(query, key, value, attention_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
+
+    q_len = query.shape[-2]
+    mask, valid = _mask_over_storage(layer, attention_mask, q_len, query.shape[1])
+    out = reference.attention(query, key, value, mask, scaling, softcap)
+    layer.set_valid(valid)
+    view = CompressionView(
+        query=query,
+        keys=layer.keys,
+        values=layer.values,
+        valid=valid if valid is not None else torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=key.device),
+        attention_mask=mask,
+        phase=_phase(layer, q_len),
+        layer_idx=context.layer_idx,
+        scaling=scaling,
+        softcap=softcap,
+    )
+    keep = context.state.policy.select(view)
+    if keep is not None:
+        layer.keep(keep)
+    return out.transpose(1, 2).contiguous(), None

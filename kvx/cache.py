@@ -1,0 +1,211 @@
+"""The kvx KV cache: a transformers ``Cache`` whose layers store only what the policy keeps.
+
+Contract with transformers (the one ``DynamicSlidingWindowLayer`` follows):
+
+- ``get_seq_length()`` is the number of tokens *seen*, so RoPE positions of new tokens stay
+  logical after eviction;
+- ``get_mask_sizes()`` describes what is *stored*, so masks match storage.
+
+Storage of a compressible layer is ``keys/values [B, Hkv, S, D]`` (GQA never expanded) plus an
+optional ``valid [B, Hkv, S]`` bool that marks padding slots (rows of a batch that own fewer
+tokens than the widest row). Evicted tokens are really gone: the tensors are re-gathered, and the
+old ones freed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+
+class CompressedLayer(CacheLayerMixin):
+    """KV storage of one full-attention layer, compressed by a policy.
+
+    Attributes:
+        keys, values: ``[B, Hkv, S, D]`` stored tokens in temporal order.
+        valid: ``[B, Hkv, S]`` bool or None (None = every slot holds a real token).
+        seen: tokens this layer has been given in total (the logical sequence length).
+        past_stored, past_seen: stored / seen counts before the latest ``update``.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        self.valid: torch.Tensor | None = None
+        self.seen = 0
+        self.past_stored = 0
+        self.past_seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append ``[B, Hkv, q, D]`` new keys/values; return everything stored (new tokens last)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.past_stored, self.past_seen = self.num_stored, self.seen
+        self.seen += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.valid is not None:
+            new_valid = self.valid.new_ones(*self.valid.shape[:2], key_states.shape[-2])
+            self.valid = torch.cat([self.valid, new_valid], dim=-1)
+        return self.keys, self.values
+
+    @property
+    def num_stored(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def has_evicted(self) -> bool:
+        """Whether any token seen before the latest update is no longer stored."""
+        return self.past_stored != self.past_seen
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep only the tokens at ``indices [B, Hkv, K]`` (ascending); free the rest."""
+        gather_index = indices[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather_index)
+        self.values = self.values.gather(2, gather_index)
+        if self.valid is not None:
+            self.set_valid(self.valid.gather(2, indices))
+
+    def set_valid(self, valid: torch.Tensor | None) -> None:
+        """Record which stored slots hold real tokens (None or all True: every slot)."""
+        self.valid = None if valid is None or bool(valid.all()) else valid
+
+    def kept_per_head(self) -> torch.Tensor:
+        """``[B, Hkv]`` real tokens stored per row and KV head."""
+        if self.keys is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        if self.valid is None:
+            return torch.full(self.keys.shape[:2], self.num_stored, dtype=torch.long)
+        return self.valid.sum(-1).cpu()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the stored tokens stand in for the last `num_stored` positions; kvx's attention rebuilds
+        # the part of the mask over them from `valid`, and uses the rest for the new tokens
+        return self.num_stored + query_length, self.seen - self.num_stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = None
+        self.is_initialized = False
+        self.seen = self.past_stored = self.past_seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "kvx compressed layers cannot be cropped (tokens may already be evicted); "
+            "assisted/speculative decoding is not supported on a kvx-patched model yet"
+        )
+
+    def _select_batch(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            if self.valid is not None:
+                self.valid = fn(self.valid)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices, ...])
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_nbytes(layer: CacheLayerMixin) -> int:
+    """Bytes of every tensor a cache layer holds (keys, values and bookkeeping masks)."""
+    return _tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None), getattr(layer, "valid", None))
+
+
+@dataclass
+class LayerStats:
+    """What one cache layer holds. ``kept_min``/``kept_max`` range over rows and KV heads."""
+
+    layer: int
+    kind: str  # "compressed" (policy applies) or "sliding(W)" (the model's own window)
+    seen: int
+    stored: int
+    kept_min: int
+    kept_max: int
+    nbytes: int
+    kept_per_head: list[list[int]] | None = None  # [B][Hkv], given where heads differ
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` for a kvx-patched model.
+
+    Full-attention layers get a :class:`CompressedLayer` that the policy compresses; sliding-window
+    layers (Gemma 2/3, Mistral with ``sliding_window``) keep transformers' window layer, which
+    already bounds them to ``sliding_window`` tokens, and are not compressed further.
+
+    ``patch`` makes the model build one of these whenever it would build a cache, so ``generate()``,
+    plain forward loops and wrappers such as lm-eval's ``HFLM`` need no change. To create one
+    by hand: ``kvx.KVCache(model.config)``.
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layers: list[CacheLayerMixin] = []
+        for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            if layer_type == "full_attention":
+                layers.append(CompressedLayer())
+            elif layer_type in ("sliding_attention", "chunked_attention"):
+                layers.append(DynamicSlidingWindowLayer(**kwargs))
+            else:
+                raise ValueError(
+                    f"layer {idx} has type {layer_type!r}, which kvx does not support; "
+                    "supported layer types: full_attention, sliding_attention, chunked_attention"
+                )
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Bytes actually held by the cache, summed over every stored tensor of every layer."""
+        return sum(layer_nbytes(layer) for layer in self.layers)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per layer: tokens seen and kept, slots stored, bytes (and kept per KV head where they differ)."""
+        return [self._layer_stats(idx, layer).as_dict() for idx, layer in enumerate(self.layers)]
+
+    def _layer_stats(self, idx: int, layer: CacheLayerMixin) -> LayerStats:
+        stored = 0 if getattr(layer, "keys", None) is None else layer.keys.shape[-2]
+        if isinstance(layer, CompressedLayer):
+            kept = layer.kept_per_head()
+            low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
+            per_head = kept.tolist() if low != high else None
+            return LayerStats(idx, "compressed", layer.seen, stored, low, high, layer_nbytes(layer), per_head)
+        seen = layer.get_seq_length()
+        return LayerStats(idx, f"sliding({layer.sliding_window})", seen, stored, stored, stored, layer_nbytes(layer))
+
+    def format_stats(self) -> str:
+        """The per-layer stats as an aligned text table."""
+        rows = [("layer", "kind", "seen", "stored", "kept", "bytes")]
+        for s in self.stats():
+            kept = str(s["kept_min"]) if s["kept_min"] == s["kept_max"] else f"{s['kept_min']}-{s['kept_max']}"
+            rows.append((str(s["layer"]), s["kind"], str(s["seen"]), str(s["stored"]), kept, str(s["nbytes"])))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)

@@ -1,0 +1,91 @@
+"""Pure-torch reference of every attention op kvx uses.
+
+These are the ground truth that Triton kernels are tested against, and the CPU path. Shapes:
+``B`` batch, ``H`` query heads, ``Hkv`` KV heads (``G = H // Hkv`` query heads per KV head),
+``q`` queries, ``S`` keys, ``D`` head dim. Masks are bool, True = may attend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, q_len, kv_len]`` bool, bottom-right aligned: query i sits at key position
+    ``kv_len - q_len + i`` and sees every key up to it."""
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] <= query_pos)[None, None]
+
+
+def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, Hkv, ...] -> [B, Hkv * groups, ...]``, each KV head repeated for its query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Dense attention ``[B, H, q, D]`` of ``query [B, H, q, D]`` over ``key/value [B, Hkv, S, D]``.
+
+    ``mask``: ``[B|1, 1|H, q, S]`` bool, or None for causal attention (bottom-right aligned when
+    ``q < S``). ``softcap``: Gemma 2's logit soft-capping ``tanh(x / c) * c``.
+    """
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+    if mask is None and 1 < q_len < kv_len:
+        mask = causal_mask(q_len, kv_len, query.device)
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            is_causal=mask is None and q_len > 1,
+            scale=scaling,
+            enable_gqa=groups > 1,
+        )
+    if mask is None and q_len > 1:
+        mask = causal_mask(q_len, kv_len, query.device)
+    logits = torch.matmul(query, expand_kv_heads(key, groups).transpose(-1, -2)) * scaling  # [B, H, q, S]
+    logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, expand_kv_heads(value, groups))
+
+
+def window_attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities of a few queries over all keys, grouped by KV head.
+
+    Args:
+        query: ``[B, H, w, D]`` (the observation window).
+        key: ``[B, Hkv, S, D]``.
+        mask: ``[B|1, 1|H, w, S]`` bool.
+    Returns:
+        ``[B, Hkv, G, w, S]`` float32 probabilities (rows sum to 1 where anything is visible).
+    """
+    batch, heads, window, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped_query = query.reshape(batch, kv_heads, groups, window, dim).float()
+    logits = torch.matmul(grouped_query, key.float()[:, :, None].transpose(-1, -2)) * scaling  # [B, Hkv, G, w, S]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    grouped_mask = mask.reshape(mask.shape[0], -1, 1, window, mask.shape[-1])  # heads -> [Hkv|1, G|1]
+    if mask.shape[1] == heads:
+        grouped_mask = mask.reshape(mask.shape[0], kv_heads, groups, window, mask.shape[-1])
+    logits = logits.masked_fill(~grouped_mask, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # rows with nothing visible (padding queries)

@@ -1,0 +1,47 @@
+"""StreamingLLM: attention sinks plus a window of recent tokens.
+
+Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024).
+
+The first ``sink`` tokens of each row and the ``window`` most recent ones are kept; everything in
+between is evicted, at prefill and after every decoded token, so a layer never holds more than
+``sink + window`` tokens. Unlike the paper, positions are not re-assigned inside the cache: RoPE
+positions stay those of the original text (as in kvpress), which keeps the model's view of
+distances exact for the tokens that remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvx.policy import CompressionView, EvictionPolicy, Phase, check_positive_int, option, register_policy
+
+
+@register_policy
+@dataclass
+class StreamingLLM(EvictionPolicy):
+    """Keep ``sink`` first tokens and ``window`` recent tokens per row (Xiao et al., 2024)."""
+
+    name: ClassVar[str] = "streaming_llm"
+    summary: ClassVar[str] = "attention sinks + recent window (Xiao et al., 2024); evicts at prefill and decode"
+    phases: ClassVar[tuple[Phase, ...]] = ("prefill", "decode", "extend")
+
+    sink: int = option(4, "first tokens of each row that are always kept (attention sinks)")
+    window: int = option(1020, "most recent tokens that are always kept")
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.name, "sink", self.sink, minimum=0)
+        check_positive_int(self.name, "window", self.window, minimum=1)
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.window
+
+    def score(self, view: CompressionView) -> torch.Tensor:
+        valid = view.valid  # [B, Hkv, S]
+        rank = valid.long().cumsum(-1) - 1  # rank of each real token among the row's real tokens
+        num_real = valid.sum(-1, keepdim=True)
+        keep = valid & ((rank < self.sink) | (rank >= num_real - self.window))
+        return keep.float()

@@ -1,0 +1,177 @@
+"""Policy base classes, the view a policy decides on, and the registry of named policies.
+
+A policy decides which stored tokens a layer keeps. kvx calls it from its attention function
+right after attention for the new tokens has been computed (so the tokens being processed
+always see the full context they are entitled to), and then frees every token it dropped.
+
+Adding a policy: one file in ``kvx/policies/``, a dataclass deriving from
+:class:`EvictionPolicy`, decorated with :func:`register_policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+Phase = Literal["prefill", "decode", "extend"]
+"""``prefill``: the first forward into an empty layer; ``decode``: one new token;
+``extend``: several new tokens appended to a non-empty layer."""
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+@dataclass
+class CompressionView:
+    """What a policy sees when it decides which tokens of one layer to keep.
+
+    Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` KV heads, ``q`` new tokens, ``S`` stored
+    tokens including the new ones, ``D`` head dim.
+
+    Attributes:
+        query: ``[B, H, q, D]`` queries of the new tokens, RoPE (and any q-norm) applied.
+        keys: ``[B, Hkv, S, D]`` stored keys in temporal order, new tokens last.
+        values: ``[B, Hkv, S, D]`` stored values.
+        valid: ``[B, Hkv, S]`` bool, False where a slot holds padding rather than a token.
+        attention_mask: ``[B, 1|H, q, S]`` bool (True = may attend) used for the new queries,
+            or None for plain causal attention with nothing masked.
+        phase: see :data:`Phase`.
+        layer_idx: index of the decoder layer.
+        scaling: the softmax scale the model used.
+        softcap: attention logit soft-capping of the model (Gemma 2), or None.
+    """
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    attention_mask: torch.Tensor | None
+    phase: Phase
+    layer_idx: int
+    scaling: float
+    softcap: float | None = None
+
+    @property
+    def num_stored(self) -> int:
+        return self.keys.shape[-2]
+
+    def query_mask(self, last: int) -> torch.Tensor:
+        """Bool mask ``[B|1, 1|H, last, S]`` of the keys each of the last ``last`` new queries may see."""
+        if self.attention_mask is not None:
+            return self.attention_mask[..., -last:, :]
+        num_stored, device = self.num_stored, self.keys.device
+        # query i (of the last ones) sits at stored position num_stored - last + i
+        query_pos = torch.arange(num_stored - last, num_stored, device=device)[:, None]
+        return (torch.arange(num_stored, device=device)[None, :] <= query_pos)[None, None]
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field that carries a one-line description for ``kvx policies``."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class Policy:
+    """Base of every policy. Subclasses are dataclasses whose fields are the options."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def select(self, view: CompressionView) -> torch.Tensor | None:
+        """Indices ``[B, Hkv, K]`` (ascending along the last dim) of the stored tokens to keep, or
+        None to keep everything."""
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[dict[str, Any]]:
+        """The options of this policy: name, default and help of each dataclass field."""
+        return [
+            {"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        ]
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{self.name}({opts})"
+
+
+class EvictionPolicy(Policy):
+    """A policy that keeps the ``capacity`` best-scored tokens of a layer.
+
+    Subclasses give :meth:`score` and say in :attr:`phases` when they compress. Padding slots are
+    never kept as content: their score is forced to ``-inf``, so they are the first to go.
+    """
+
+    phases: ClassVar[tuple[Phase, ...]] = ("prefill",)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a layer holds after compression."""
+        raise NotImplementedError
+
+    def score(self, view: CompressionView) -> torch.Tensor:
+        """``[B, Hkv, S]`` float importance of each stored token (``+inf`` = must keep)."""
+        raise NotImplementedError
+
+    def select(self, view: CompressionView) -> torch.Tensor | None:
+        if view.phase not in self.phases or view.num_stored <= self.capacity:
+            return None
+        scores = self.score(view).float().masked_fill(~view.valid, -math.inf)
+        keep = scores.topk(self.capacity, dim=-1).indices  # [B, Hkv, capacity]
+        return keep.sort(dim=-1).values  # keep temporal order
+
+
+def check_positive_int(policy: str, name: str, value: Any, minimum: int = 1) -> None:
+    """Raise a clear error unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{policy}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{policy}: {name} must be >= {minimum}, got {value}")
+
+
+def check_choice(policy: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{policy}: {name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy reachable by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a policy named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def list_policies() -> list[dict[str, Any]]:
+    """Every registered policy: ``{"name", "description", "options": [{"name", "default", "help"}]}``."""
+    return [
+        {"name": name, "description": _REGISTRY[name].summary, "options": _REGISTRY[name].options()}
+        for name in policy_names()
+    ]
+
+
+def make_policy(policy: str | Policy, **options: Any) -> Policy:
+    """A policy object from a registered name and options, or the given object itself."""
+    if isinstance(policy, Policy):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} were given with a policy object; set them on the object instead"
+            )
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a name or a kvx Policy object, got {type(policy).__name__}")
+    key = policy.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(policy_names())}")
+    cls = _REGISTRY[key]
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"{key}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    return cls(**options)
