@@ -1,0 +1,50 @@
+"""Shared helpers: tiny models and greedy generation that returns tokens and logits."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in tests
+
+import pytest
+import torch
+
+from kvx.tiny import ARCH_OVERRIDES, tiny_model
+
+MODEL_TYPES = sorted(ARCH_OVERRIDES)
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids: torch.Tensor, mask: torch.Tensor | None = None, new_tokens: int = 8):
+    """Greedy generation: ``(sequences, logits [steps, B, V], cache)``."""
+    if mask is None:
+        mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+        )
+    return out.sequences, torch.stack(out.logits), out.past_key_values
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id rows with left padding (pad id 0): ``(ids [B, T], attention_mask [B, T])``."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")

@@ -1,0 +1,51 @@
+"""The pure-torch reference ops against naive math, on odd shapes and GQA ratios."""
+
+import pytest
+import torch
+
+from kvx.kernels import reference
+
+
+def naive_attention(q, k, v, mask, scaling, softcap=None):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).double(), v.repeat_interleave(groups, 1).double()
+    logits = q.double() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~mask, -torch.inf)
+    return (logits.softmax(-1) @ v).to(q.dtype)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("q_len,kv_len,dim", [(1, 97, 64), (7, 31, 80), (13, 13, 16)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_attention_matches_naive(heads, kv_heads, q_len, kv_len, dim, softcap):
+    g = torch.Generator().manual_seed(heads * 100 + q_len)
+    q = torch.randn(2, heads, q_len, dim, generator=g)
+    k = torch.randn(2, kv_heads, kv_len, dim, generator=g)
+    v = torch.randn(2, kv_heads, kv_len, dim, generator=g)
+    mask = torch.rand(2, 1, q_len, kv_len, generator=g) > 0.3
+    mask[..., -1] = True  # every query sees at least one key
+    scaling = dim**-0.5
+    got = reference.attention(q, k, v, mask, scaling, softcap)
+    torch.testing.assert_close(got, naive_attention(q, k, v, mask, scaling, softcap), rtol=1e-5, atol=1e-5)
+    # no mask = bottom-right causal
+    causal = reference.causal_mask(q_len, kv_len, q.device).expand(2, 1, -1, -1)
+    got = reference.attention(q, k, v, None, scaling, softcap)
+    torch.testing.assert_close(got, naive_attention(q, k, v, causal, scaling, softcap), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 3), (8, 1)])
+def test_window_probs_match_naive(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    q = torch.randn(2, heads, 5, 24, generator=g)
+    k = torch.randn(2, kv_heads, 37, 24, generator=g)
+    mask = reference.causal_mask(5, 37, q.device).expand(2, 1, -1, -1).clone()
+    mask[1, :, :, :9] = False  # padding in row 1
+    probs = reference.window_attention_probs(q, k, mask, 0.2)
+    logits = (q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) * 0.2).masked_fill(~mask, -torch.inf)
+    want = logits.softmax(-1).reshape(2, kv_heads, heads // kv_heads, 5, 37)
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-6)
+    # per-head masks group the same way
+    head_mask = mask.expand(2, heads, -1, -1)
+    torch.testing.assert_close(reference.window_attention_probs(q, k, head_mask, 0.2), want, rtol=1e-5, atol=1e-6)

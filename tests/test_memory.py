@@ -1,0 +1,39 @@
+"""Memory savings are real bytes: with an 8K-token prompt on a tiny llama (4 layers, 8 query /
+2 KV heads, head dim 64), both policies at budget 512 hold at most 1/14 of the dense cache."""
+
+import pytest
+import torch
+
+import kvx
+from kvx.demo import stored_tensor_bytes
+from kvx.tiny import tiny_model
+
+from conftest import random_ids
+
+PROMPT = 8192
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model(
+        "llama", num_hidden_layers=4, hidden_size=512, intermediate_size=512,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+    )
+    ids = random_ids(1, PROMPT, seed=30)
+    with torch.inference_mode():
+        dense_cache = model(ids, logits_to_keep=1).past_key_values
+    dense_bytes = stored_tensor_bytes(dense_cache)
+    assert dense_bytes == 4 * 2 * 2 * PROMPT * 64 * 4  # layers * (K, V) * kv heads * tokens * dim * fp32
+    return model, ids, dense_bytes
+
+
+@pytest.mark.parametrize("policy,options", [("snapkv", {"budget": 512}), ("streaming_llm", {"sink": 4, "window": 508})])
+def test_budget_512_holds_at_most_a_fourteenth(setup, policy, options):
+    model, ids, dense_bytes = setup
+    with kvx.patched(model, policy, **options), torch.inference_mode():
+        cache = model(ids, logits_to_keep=1).past_key_values
+    assert cache.nbytes() == stored_tensor_bytes(cache)
+    assert cache.nbytes() * 14 <= dense_bytes, f"{cache.nbytes()} bytes vs dense {dense_bytes}"
+    for s in cache.stats():
+        assert s["seen"] == PROMPT and s["stored"] == 512 and s["kept_min"] == 512
+    print(f"{policy}: {cache.nbytes()} / {dense_bytes} bytes = 1/{dense_bytes / cache.nbytes():.1f}")
