@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import DynamicCache
 
 from kvx.attention import ATTN_IMPLEMENTATION, CONTEXT_ATTR, LayerContext, PatchState, register
 from kvx.cache import KVCache
@@ -116,11 +116,7 @@ def _cache_injector(base: torch.nn.Module, state: PatchState):
             state.active_cache = None
             return args, kwargs
         if not isinstance(cache, KVCache):
-            if isinstance(cache, Cache) and cache.get_seq_length() > 0:
-                raise ValueError(
-                    f"a kvx-patched model was given a {type(cache).__name__} that already holds tokens; "
-                    "pass the kvx cache from an earlier call (output.past_key_values), or none"
-                )
+            _check_replaceable(cache)
             cache = KVCache(module.config)
             if in_args:
                 args = args[:position] + (cache,) + args[position + 1 :]
@@ -130,6 +126,22 @@ def _cache_injector(base: torch.nn.Module, state: PatchState):
         return args, kwargs
 
     return hook
+
+
+def _check_replaceable(cache: Any) -> None:
+    """kvx replaces only what ``generate()`` builds by default: nothing, or an empty ``DynamicCache``."""
+    if cache is None:
+        return
+    if type(cache) is not DynamicCache:
+        raise ValueError(
+            f"a kvx-patched model stores its KV in a kvx.KVCache, but was given a {type(cache).__name__}; "
+            "drop cache_implementation / past_key_values, or pass kvx.KVCache(model.config)"
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            "a kvx-patched model was given a DynamicCache that already holds tokens; "
+            "pass the kvx cache from an earlier call (output.past_key_values), or none"
+        )
 
 
 def _cache_release(state: PatchState):

@@ -109,6 +109,25 @@ def test_foreign_cache_with_tokens_is_refused(llama):
                 llama(ids[:, -1:], past_key_values=cache)
 
 
+def test_other_cache_implementations_are_refused(llama):
+    ids = random_ids(1, 10, seed=12)
+    with kvx.patched(llama, "snapkv", budget=4, window=2):
+        with pytest.raises(ValueError, match="given a StaticCache.*drop cache_implementation"):
+            llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, cache_implementation="static")
+
+
+def test_beam_search_and_multiple_return_sequences(llama):
+    ids = random_ids(2, 30, seed=13)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    dense = llama.generate(ids, num_beams=3, **kwargs)
+    with kvx.patched(llama, "snapkv"):  # full budget: beams reorder the kvx cache like a dense one
+        assert torch.equal(llama.generate(ids, num_beams=3, **kwargs), dense)
+    with kvx.patched(llama, "snapkv", budget=8, window=2):
+        out = llama.generate(ids, num_beams=3, num_return_sequences=3, return_dict_in_generate=True, **kwargs)
+    assert out.sequences.shape == (6, 35)
+    assert {s["stored"] for s in out.past_key_values.stats()} == {8 + 4}
+
+
 def test_user_built_cache_is_used(llama):
     ids = random_ids(1, 20, seed=11)
     cache = kvx.KVCache(llama.config)
