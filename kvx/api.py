@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from kvx.attention import ATTN_IMPLEMENTATION, CONTEXT_ATTR, LayerContext, PatchState, register
 from kvx.cache import KVCache
@@ -50,11 +49,12 @@ def patch(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Polic
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
     base = getattr(model, "base_model", model)
     state.hook_handles = [
-        base.register_forward_pre_hook(_cache_injector(base, state), with_kwargs=True),
-        base.register_forward_hook(_cache_release(state), always_call=True),
+        base.register_forward_pre_hook(_cache_injector(base), with_kwargs=True),
+        base.register_forward_hook(_release_cache, always_call=True),
     ]
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     setattr(model, STATE_ATTR, state)
+    setattr(base, STATE_ATTR, state)  # the hooks read it from their module (so deepcopy stays consistent)
     return policy
 
 
@@ -70,7 +70,9 @@ def unpatch(model: torch.nn.Module) -> None:
             delattr(module, CONTEXT_ATTR)
     model.set_attn_implementation(state.original_attn_implementation)
     state.active_cache = None
-    delattr(model, STATE_ATTR)
+    for module in (getattr(model, "base_model", model), model):
+        if hasattr(module, STATE_ATTR):
+            delattr(module, STATE_ATTR)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -102,11 +104,16 @@ def _past_key_values_position(base: torch.nn.Module) -> int | None:
     return params.index("past_key_values") if "past_key_values" in params else None
 
 
-def _cache_injector(base: torch.nn.Module, state: PatchState):
-    """Forward pre-hook: make sure the forward runs on a kvx cache, and publish it to the layers."""
+def _cache_injector(base: torch.nn.Module):
+    """Forward pre-hook: make sure the forward runs on a kvx cache, and publish it to the layers.
+
+    The state is read from the hooked module at call time, never captured, so a deep copy of a
+    patched model drives its own copy of the state.
+    """
     position = _past_key_values_position(base)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        state: PatchState = getattr(module, STATE_ATTR)
         in_args = position is not None and position < len(args)
         cache = args[position] if in_args else kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
@@ -115,37 +122,21 @@ def _cache_injector(base: torch.nn.Module, state: PatchState):
         if cache is None and not use_cache:
             state.active_cache = None
             return args, kwargs
-        if not isinstance(cache, KVCache):
-            _check_replaceable(cache)
+        if cache is None:
             cache = KVCache(module.config)
             if in_args:
                 args = args[:position] + (cache,) + args[position + 1 :]
             else:
                 kwargs["past_key_values"] = cache
+        elif not isinstance(cache, KVCache):
+            KVCache.convert_in_place(cache, module.config)
         state.active_cache = cache
         return args, kwargs
 
     return hook
 
 
-def _check_replaceable(cache: Any) -> None:
-    """kvx replaces only what ``generate()`` builds by default: nothing, or an empty ``DynamicCache``."""
-    if cache is None:
-        return
-    if type(cache) is not DynamicCache:
-        raise ValueError(
-            f"a kvx-patched model stores its KV in a kvx.KVCache, but was given a {type(cache).__name__}; "
-            "drop cache_implementation / past_key_values, or pass kvx.KVCache(model.config)"
-        )
-    if cache.get_seq_length() > 0:
-        raise ValueError(
-            "a kvx-patched model was given a DynamicCache that already holds tokens; "
-            "pass the kvx cache from an earlier call (output.past_key_values), or none"
-        )
-
-
-def _cache_release(state: PatchState):
-    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+def _release_cache(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None:
         state.active_cache = None
-
-    return hook

@@ -77,7 +77,7 @@ def _mask_over_storage(
     if not layer.has_evicted and layer.valid is None and (given is None or given.shape[-1] == num_stored):
         # storage is exactly what a dense cache would hold: transformers' mask is right as is
         # (at prefill this is where padding is first recorded, from the mask's last query row)
-        valid = None if given is None else given[:, 0, -1, :][:, None, :].expand(batch, kv_heads, num_stored)
+        valid = None if given is None else given[:, None, 0, -1, :].expand(batch, kv_heads, num_stored)
         return given, valid
 
     past = layer.past_stored

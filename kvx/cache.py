@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -81,7 +87,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def set_valid(self, valid: torch.Tensor | None) -> None:
         """Record which stored slots hold real tokens (None or all True: every slot)."""
-        self.valid = None if valid is None or bool(valid.all()) else valid
+        # a copy: `valid` is often a view of a much larger mask that must not stay alive
+        self.valid = None if valid is None or bool(valid.all()) else valid.clone(memory_format=torch.contiguous_format)
 
     def kept_per_head(self) -> torch.Tensor:
         """``[B, Hkv]`` real tokens stored per row and KV head."""
@@ -129,13 +136,39 @@ class CompressedLayer(CacheLayerMixin):
         self._select_batch(lambda t: t[indices, ...])
 
 
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
+    return [t for t in (getattr(layer, n, None) for n in ("keys", "values", "valid")) if t is not None]
+
+
+def _held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storage behind ``tensors``, each storage counted once: a view that pins a
+    larger tensor is charged for all of it."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def layer_nbytes(layer: CacheLayerMixin) -> int:
     """Bytes of every tensor a cache layer holds (keys, values and bookkeeping masks)."""
-    return _tensor_bytes(getattr(layer, "keys", None), getattr(layer, "values", None), getattr(layer, "valid", None))
+    return _held_bytes(_layer_tensors(layer))
+
+
+def cache_nbytes(cache: Cache | None) -> int:
+    """Bytes held by any transformers cache (a kvx one or a plain ``DynamicCache``)."""
+    return 0 if cache is None else _held_bytes([t for layer in cache.layers for t in _layer_tensors(layer)])
+
+
+class SlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, minus one leak: after a long prefill it would keep a
+    view of the whole prompt's keys/values alive; this copies the window out instead."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.keys.untyped_storage().nbytes() > 2 * self.keys.nbytes:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return keys, values
 
 
 @dataclass
@@ -175,7 +208,7 @@ class KVCache(Cache):
             if layer_type == "full_attention":
                 layers.append(CompressedLayer())
             elif layer_type in ("sliding_attention", "chunked_attention"):
-                layers.append(DynamicSlidingWindowLayer(**kwargs))
+                layers.append(SlidingWindowLayer(**kwargs))
             else:
                 raise ValueError(
                     f"layer {idx} has type {layer_type!r}, which kvx does not support; "
@@ -183,9 +216,29 @@ class KVCache(Cache):
                 )
         super().__init__(layers=layers)
 
+    @classmethod
+    def convert_in_place(cls, cache: Any, config: PretrainedConfig) -> KVCache:
+        """Turn an empty ``DynamicCache`` (what ``generate()`` builds, or what a caller made and
+        will pass again) into a kvx cache, keeping the object, so every reference to it sees the
+        compressed cache. Anything else raises."""
+        if type(cache) is not DynamicCache:
+            raise ValueError(
+                f"a kvx-patched model stores its KV in a kvx.KVCache, but was given a {type(cache).__name__}; "
+                "drop cache_implementation / past_key_values, or pass kvx.KVCache(model.config)"
+            )
+        if cache.get_seq_length() > 0:
+            raise ValueError(
+                "a kvx-patched model was given a DynamicCache that already holds tokens; "
+                "pass the kvx cache from an earlier call (output.past_key_values), or an empty one"
+            )
+        cache.__dict__.clear()
+        cache.__class__ = cls
+        cls.__init__(cache, config)
+        return cache
+
     def nbytes(self) -> int:
         """Bytes actually held by the cache, summed over every stored tensor of every layer."""
-        return sum(layer_nbytes(layer) for layer in self.layers)
+        return cache_nbytes(self)
 
     def stats(self) -> list[dict[str, Any]]:
         """Per layer: tokens seen and kept, slots stored, bytes (and kept per KV head where they differ)."""

@@ -35,6 +35,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_needle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvx.eval import needle
+
+    policies = needle.parse_policies(args.policy or [], args.opt or [], with_dense=not args.no_dense)
+    settings = dict(
+        lengths=[needle.parse_length(n) for n in args.lengths.split(",")] if args.lengths else None,
+        depths=[float(d) for d in args.depths.split(",")] if args.depths else None,
+        variants=args.variants.split(",") if args.variants else None,
+        samples=args.samples,
+        policies=policies if args.policy else None,
+        distractors=args.distractors,
+        max_new_tokens=args.max_new_tokens,
+        haystack_text=Path(args.haystack).read_text() if args.haystack else None,
+        use_chat_template=False if args.no_chat_template else None,
+    )
+    if args.config:
+        config = needle.config_from_yaml(Path(args.config), **settings)
+    else:
+        defaults = dict(lengths=[1024, 2048, 4096], policies=policies)
+        config = needle.NeedleConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
+    model, tokenizer = needle.load_model(args.model, args.tokenizer, args.dtype, args.device)
+    runner = needle.NeedleRunner(model, tokenizer, config, Path(args.out))
+    rows = runner.run(progress=not args.no_progress)
+    labels = [run.label for run in config.policies]
+    rows = [r for r in rows if r["policy"] in labels]
+    summary = needle.summarize(rows, labels)
+    print(needle.format_summary(summary))
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    for path in needle.write_heatmaps(rows, Path(args.out)):
+        print(f"wrote {path}")
+    print(f"results: {runner.results_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvx", description="Long-context KV-cache compression for transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,6 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (default 2048)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     p.set_defaults(func=_cmd_demo)
+
+    from kvx.eval.haystack import VARIANTS
+    from kvx.eval.needle import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "needle",
+        help="needle-in-a-haystack accuracy of dense and compressed caches on identical prompts",
+        description="Needle-in-a-haystack: every policy answers the same prompts; results are appended per cell "
+        "to OUT/results.jsonl (a rerun resumes), with a summary table and one heatmap per policy.",
+    )
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local directory or hub id (default: kvx's shipped model)")
+    p.add_argument("--tokenizer", help="tokenizer path, when not in the model directory")
+    p.add_argument("--config", help="YAML file describing the run (flags given here override it)")
+    p.add_argument("--lengths", help="context lengths in tokens, comma-separated (default 1k,2k,4k)")
+    p.add_argument("--depths", help="needle depths in percent, comma-separated (default 0,25,50,75,100)")
+    p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default single)")
+    p.add_argument("--samples", type=int, help="prompts per cell (default 1)")
+    p.add_argument("--distractors", type=int, help="distractor needles for multikey / absent (default 2)")
+    p.add_argument("--policy", action="append", metavar="NAME[:k=v,...]", help="a policy to compare (repeatable)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="an option for every listed policy that has it")
+    p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
+    p.add_argument("--out", default="runs/needle", help="output directory (default runs/needle)")
+    p.add_argument("--haystack", help="text file to use as filler instead of generated text")
+    p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has a chat template")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: enough for the answer)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--device", help="e.g. cuda; default: where from_pretrained puts it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_needle)
     return parser
 
 
@@ -56,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        print(f"kvx {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,12 +5,21 @@ import pytest
 import torch
 
 import kvx
-from kvx.demo import stored_tensor_bytes
 from kvx.tiny import tiny_model
 
 from conftest import random_ids
 
 PROMPT = 8192
+
+
+def stored_tensor_bytes(cache) -> int:
+    """Bytes of the tensors the cache layers hold, summed here independently of ``nbytes()``."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values, getattr(layer, "valid", None))
+        if t is not None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +46,25 @@ def test_budget_512_holds_at_most_a_fourteenth(setup, policy, options):
     for s in cache.stats():
         assert s["seen"] == PROMPT and s["stored"] == 512 and s["kept_min"] == 512
     print(f"{policy}: {cache.nbytes()} / {dense_bytes} bytes = 1/{dense_bytes / cache.nbytes():.1f}")
+
+
+def test_padding_record_does_not_pin_the_prefill_mask():
+    from conftest import left_pad
+
+    model = tiny_model("llama")
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (300, 200)])
+    with kvx.patched(model, "snapkv"), torch.inference_mode():  # full budget: nothing evicted
+        cache = model(ids, attention_mask=mask).past_key_values
+    layer = cache.layers[0]
+    assert layer.valid is not None and layer.valid.untyped_storage().nbytes() == 2 * 2 * 300
+    assert cache.nbytes() == stored_tensor_bytes(cache)
+
+
+def test_sliding_layers_hold_only_their_window():
+    model = tiny_model("gemma2")  # sliding window 16 on layer 0
+    ids = random_ids(1, 500, seed=31)
+    with kvx.patched(model, "snapkv", budget=32, window=8), torch.inference_mode():
+        cache = model(ids).past_key_values
+    sliding, full = cache.layers
+    assert sliding.keys.shape[-2] == 15 and full.keys.shape[-2] == 32
+    assert cache.nbytes() == stored_tensor_bytes(cache)  # no hidden views of the 500-token prompt

@@ -135,3 +135,44 @@ def test_user_built_cache_is_used(llama):
         out = llama(ids, past_key_values=cache)
     assert out.past_key_values is cache
     assert {s["stored"] for s in cache.stats()} == {6}
+
+
+def test_a_reused_dynamic_cache_becomes_the_kvx_cache(llama):
+    """The usual pattern: make a DynamicCache, pass it to every call. It must keep its context."""
+    ids = random_ids(1, 30, seed=14)
+    with torch.inference_mode():
+        dense = llama(ids).logits[:, -10:]
+        with kvx.patched(llama, "snapkv"):  # full budget
+            cache = DynamicCache(config=llama.config)
+            llama(ids[:, :20], past_key_values=cache)
+            out = llama(ids[:, 20:], past_key_values=cache)
+    assert isinstance(cache, kvx.KVCache) and out.past_key_values is cache
+    assert cache.get_seq_length() == 30
+    torch.testing.assert_close(out.logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_of_a_patched_model_compresses_on_its_own(llama):
+    import copy
+
+    ids = random_ids(1, 30, seed=15)
+    kvx.patch(llama, "streaming_llm", sink=2, window=6)
+    try:
+        clone = copy.deepcopy(llama)
+        with torch.inference_mode():
+            clone_cache = clone(ids).past_key_values
+            own_cache = llama(ids).past_key_values
+    finally:
+        kvx.unpatch(llama)
+    assert {s["stored"] for s in clone_cache.stats()} == {8}
+    assert {s["stored"] for s in own_cache.stats()} == {8}
+    kvx.unpatch(clone)
+
+
+def test_snapkv_compresses_a_prompt_fed_in_chunks(llama):
+    ids = random_ids(1, 64, seed=16)
+    with kvx.patched(llama, "snapkv", budget=12, window=4), torch.inference_mode():
+        cache = kvx.KVCache(llama.config)
+        for chunk in ids.split(16, dim=1):
+            llama(chunk, past_key_values=cache)
+            assert {s["stored"] for s in cache.stats()} == {min(12, cache.get_seq_length())}
+    assert cache.get_seq_length() == 64

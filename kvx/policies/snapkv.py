@@ -5,8 +5,12 @@ Paper: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation"
 At prefill, the last ``window`` queries of the prompt (the observation window) score every prompt
 token by their summed attention probabilities; scores are smoothed along the sequence with a
 pooling kernel, reduced from query heads to their KV head (GQA), and each KV head keeps its
-top-``budget`` tokens. The observation window itself is always kept. Decoded tokens are appended
-without further eviction (decode-time compression is a separate mechanism).
+top-``budget`` tokens. The observation window itself is always kept.
+
+A prompt fed in several forwards (chunks, or a second turn on a returned cache) is compressed
+after each one, scored by the last ``window`` queries of that forward over everything stored.
+Decoded tokens are appended without further eviction (decode-time compression is a separate
+mechanism).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class SnapKV(EvictionPolicy):
 
     name: ClassVar[str] = "snapkv"
     summary: ClassVar[str] = "observation-window attention scores, pooled, top-k per KV head (Li et al., 2024)"
-    phases: ClassVar[tuple[Phase, ...]] = ("prefill",)
+    phases: ClassVar[tuple[Phase, ...]] = ("prefill", "extend")
 
     budget: int = option(1024, "prompt tokens kept per KV head, observation window included")
     window: int = option(32, "last prompt queries that score the tokens; these tokens are always kept")

@@ -1,0 +1,154 @@
+"""Train kvx's small needle-retrieval model from scratch, on CPU (or a GPU when there is one).
+
+    python scripts/train_needle_model.py --out kvx/assets/needle-llama
+
+What it builds:
+- a word-level tokenizer over the generator's vocabulary (digits are single tokens), saved as a
+  ``PreTrainedTokenizerFast`` (loads with ``AutoTokenizer``);
+- a Llama-architecture model with GQA (hyper-parameters below), trained on prompts from
+  ``kvx.eval.haystack`` (the generator ``kvx needle`` uses), loss on the answer tokens only,
+  with a length curriculum; each stage re-warms the learning rate (raising the length with a
+  high learning rate makes the loss spike);
+- ``save_pretrained`` in safetensors, with ``training_log.jsonl``.
+
+Every choice is seeded: the same command gives the same model on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles
+
+VARIANT_WEIGHTS = {"single": 0.3, "multikey": 0.45, "multivalue": 0.1, "absent": 0.15}
+
+
+@dataclass
+class Stage:
+    steps: int
+    min_len: int
+    max_len: int
+    batch: int
+    lr: float
+
+
+STAGES = [
+    Stage(steps=1200, min_len=128, max_len=256, batch=32, lr=3e-3),
+    Stage(steps=1000, min_len=256, max_len=1024, batch=8, lr=1.5e-3),
+    Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=1e-3),
+    Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=5e-4),
+]
+
+MODEL = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rope_theta=1e6,
+    max_position_embeddings=16384,
+    tie_word_embeddings=True,
+)
+
+
+def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, T], labels [B, T])``: one length per batch (no padding), labels only on the answer."""
+    length = rng.randint(stage.min_len, stage.max_len)
+    rows, labels = [], []
+    for _ in range(stage.batch):
+        variant = rng.choices(VARIANTS, weights=[VARIANT_WEIGHTS[v] for v in VARIANTS])[0]
+        spec = make_needles(variant, rng, distractors=rng.randint(1, 3), values=rng.randint(2, 3))
+        answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng)
+        rows.append(prompt.ids + answer)
+        labels.append([-100] * len(prompt.ids) + answer)
+    return torch.tensor(rows), torch.tensor(labels)
+
+
+@torch.no_grad()
+def quick_accuracy(model, tokenizer, length: int, count: int, seed: int, device) -> float:
+    """Greedy exact match on single-needle prompts at random depths."""
+    from kvx.eval.haystack import score_answer
+
+    rng = random.Random(seed)
+    model.eval()
+    correct = 0.0
+    for _ in range(count):
+        spec = make_needles("single", rng)
+        prompt = build_prompt(tokenizer, length, rng.uniform(0, 100), spec, rng)
+        ids = torch.tensor([prompt.ids], device=device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        correct += score_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), spec.expected)
+    model.train()
+    return correct / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="directory to save the model and tokenizer in")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **MODEL,
+    )
+    model = LlamaForCausalLM(config).to(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "training_log.jsonl").open("w")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}; device {device}")
+    start = time.time()
+    for stage_idx, stage in enumerate(STAGES):
+        steps = max(1, round(stage.steps * args.steps_scale))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        warmup = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+        )
+        model.train()
+        for step in range(steps):
+            ids, labels = sample_batch(tokenizer, stage, rng)
+            loss = model(ids.to(device), labels=labels.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 50 == 0 or step == steps - 1:
+                row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
+                           lr=schedule.get_last_lr()[0], minutes=round((time.time() - start) / 60, 2))
+                print(json.dumps(row), flush=True)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+        acc = {n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device) for n in (256, 1024, 2048, 4096)}
+        row = dict(stage=stage_idx, done=True, stage_config=asdict(stage), quick_accuracy=acc,
+                   minutes=round((time.time() - start) / 60, 2))
+        print(json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        model.save_pretrained(args.out, safe_serialization=True)
+        tokenizer.save_pretrained(args.out)
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
