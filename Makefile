@@ -28,7 +28,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 demo: install
-	$(PYTHON) -m kvx.cli demo
+	$(PYTHON) -m kvx.cli needle --config configs/needle-demo.yaml --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -71,6 +71,47 @@ def _cmd_needle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ints(text: str, what: str) -> list[int]:
+    from kvx.eval.needle import parse_length
+
+    values = [parse_length(t) for t in text.split(",") if t.strip()]
+    if not values or min(values) <= 0:
+        raise ValueError(f"{what} must be positive numbers, comma-separated; got {text!r}")
+    return values
+
+
+def _progress(enabled: bool):
+    return (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if enabled else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from kvx.eval import bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = bench._dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.bench == "e2e":
+        lengths = _parse_ints(args.lengths, "--lengths")
+        policies = bench.parse_policy_list(args.policies)
+        model = bench.build_model(args.model, device, dtype, max(lengths) + args.new_tokens, args.layers)
+        rows = bench.bench_e2e(model, lengths, policies, args.new_tokens, args.repeats, args.warmup,
+                               _progress(not args.quiet))
+        columns = bench.E2E_COLUMNS
+    else:
+        ops = [o.strip() for o in args.ops.split(",")] if args.ops else list(bench.KERNELS)
+        rows = bench.bench_kernels(ops, _parse_ints(args.lengths, "--lengths"), _parse_ints(args.head_dims, "--head-dims"),
+                                   _parse_ints(args.gqa, "--gqa"), device, dtype, repeats=args.repeats,
+                                   progress=_progress(not args.quiet))
+        columns = bench.KERNEL_COLUMNS
+    print(bench.markdown_table(rows, args.bench, columns))
+    for path in bench.write_results(rows, Path(args.out), args.bench, columns):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvx", description="Long-context KV-cache compression for transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -112,6 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="e.g. cuda; default: where from_pretrained puts it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_needle)
+
+    from kvx.eval.bench import KERNELS, PRESETS
+
+    p = sub.add_parser("bench", help="speed and memory of policies (e2e) and attention ops (kernels) against dense")
+    bench_sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, helptext in (("e2e", "prefill time, decode tokens/s, KV bytes and peak memory per policy and length"),
+                           ("kernels", "each attention op against torch SDPA (and flash-attn when installed)")):
+        b = bench_sub.add_parser(name, help=helptext, description=helptext)
+        b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        b.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on GPU, float32 on CPU)")
+        b.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported (default 3)")
+        b.add_argument("--out", default="docs/benchmarks", help="directory for JSON/CSV/markdown (one set per device)")
+        b.add_argument("--quiet", action="store_true", help="no progress lines")
+        b.set_defaults(func=_cmd_bench)
+    e2e, kernels = bench_sub.choices["e2e"], bench_sub.choices["kernels"]
+    e2e.add_argument("--model", default="tiny-llama",
+                     help=f"a local model directory or a random-weight preset: {', '.join(PRESETS)} (default tiny-llama)")
+    e2e.add_argument("--layers", type=int, help="override the number of layers (to fit a large shape)")
+    e2e.add_argument("--lengths", default="4k,16k", help="context lengths (default 4k,16k)")
+    e2e.add_argument("--policies", default="dense,snapkv,streaming_llm",
+                     help="comma-separated, options after ':' joined by ';' (e.g. snapkv:budget=512;window=16)")
+    e2e.add_argument("--new-tokens", type=int, default=32, help="decoded tokens timed per run (default 32)")
+    e2e.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
+    kernels.add_argument("--ops", help=f"comma-separated, from {', '.join(KERNELS)} (default all)")
+    kernels.add_argument("--lengths", default="1k,4k", help="key lengths (default 1k,4k)")
+    kernels.add_argument("--head-dims", default="64,128", help="head dims (default 64,128)")
+    kernels.add_argument("--gqa", default="1,4,8", help="query heads per KV head (default 1,4,8)")
     return parser
 
 

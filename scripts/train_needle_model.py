@@ -7,8 +7,8 @@ What it builds:
   ``PreTrainedTokenizerFast`` (loads with ``AutoTokenizer``);
 - a Llama-architecture model with GQA (hyper-parameters below), trained on prompts from
   ``kvx.eval.haystack`` (the generator ``kvx needle`` uses), loss on the answer tokens only,
-  with a length curriculum; each stage re-warms the learning rate (raising the length with a
-  high learning rate makes the loss spike);
+  plus a small auxiliary next-token loss elsewhere, with a length curriculum; each stage re-warms
+  the learning rate (raising the length with a high learning rate makes the loss spike);
 - ``save_pretrained`` in safetensors, with ``training_log.jsonl``.
 
 Every choice is seeded: the same command gives the same model on the same machine.
@@ -29,7 +29,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles
 
-VARIANT_WEIGHTS = {"single": 0.3, "multikey": 0.45, "multivalue": 0.1, "absent": 0.15}
 
 
 @dataclass
@@ -39,14 +38,21 @@ class Stage:
     max_len: int
     batch: int
     lr: float
+    number_rate: float = 0.25  # filler sentences with numbers (0: the needle is the only number)
+    variant_weights: tuple[float, ...] = (0.3, 0.45, 0.1, 0.15)  # single, multikey, multivalue, absent
 
 
+EASY = (0.8, 0.2, 0.0, 0.0)
 STAGES = [
-    Stage(steps=1200, min_len=128, max_len=256, batch=32, lr=3e-3),
-    Stage(steps=1000, min_len=256, max_len=1024, batch=8, lr=1.5e-3),
-    Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=1e-3),
-    Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=5e-4),
+    # copy circuit first: the needle's value is the only number around, mostly one needle
+    Stage(steps=600, min_len=80, max_len=160, batch=32, lr=2e-3, number_rate=0.0, variant_weights=EASY),
+    # then the real task: numbers in the filler, distractor keys, negatives, several values
+    Stage(steps=1500, min_len=96, max_len=256, batch=32, lr=2e-3),
+    Stage(steps=800, min_len=256, max_len=1024, batch=8, lr=1e-3),
+    Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4),
+    Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=4e-4),
 ]
+LM_WEIGHT = 0.2  # auxiliary next-token loss on the non-answer tokens (helps copy circuits form)
 
 MODEL = dict(
     hidden_size=128,
@@ -66,13 +72,32 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
     length = rng.randint(stage.min_len, stage.max_len)
     rows, labels = [], []
     for _ in range(stage.batch):
-        variant = rng.choices(VARIANTS, weights=[VARIANT_WEIGHTS[v] for v in VARIANTS])[0]
+        variant = rng.choices(VARIANTS, weights=stage.variant_weights)[0]
         spec = make_needles(variant, rng, distractors=rng.randint(1, 3), values=rng.randint(2, 3))
         answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng)
+        prompt = build_prompt(
+            tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, number_rate=stage.number_rate
+        )
         rows.append(prompt.ids + answer)
         labels.append([-100] * len(prompt.ids) + answer)
     return torch.tensor(rows), torch.tensor(labels)
+
+
+def training_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy on the answer tokens + ``LM_WEIGHT`` x mean next-token loss elsewhere."""
+    logits = model(ids).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    is_answer = labels[:, 1:] != -100
+    return per_token[is_answer].mean() + LM_WEIGHT * per_token[~is_answer].mean()
+
+
+@torch.no_grad()
+def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Teacher-forced accuracy of the next-token prediction on answer tokens (cheap progress signal)."""
+    predicted = model(ids).logits[:, :-1].argmax(-1)
+    is_answer = labels[:, 1:] != -100
+    return (predicted[is_answer] == ids[:, 1:][is_answer]).float().mean().item()
 
 
 @torch.no_grad()
@@ -122,13 +147,15 @@ def main() -> None:
         steps = max(1, round(stage.steps * args.steps_scale))
         optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
         warmup = max(1, steps // 10)
+        # warm up, hold, then cosine over the last 40% of the stage
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+            optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < 0.6 * steps else 0.5 * (1 + math.cos(math.pi * (s - 0.6 * steps) / (0.4 * steps)))),
         )
         model.train()
         for step in range(steps):
             ids, labels = sample_batch(tokenizer, stage, rng)
-            loss = model(ids.to(device), labels=labels.to(device)).loss
+            loss = training_loss(model, ids.to(device), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,6 +163,7 @@ def main() -> None:
             schedule.step()
             if step % 50 == 0 or step == steps - 1:
                 row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
+                           answer_acc=round(answer_accuracy(model, ids.to(device), labels.to(device)), 3),
                            lr=schedule.get_last_lr()[0], minutes=round((time.time() - start) / 60, 2))
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")

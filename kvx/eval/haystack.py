@@ -80,12 +80,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def filler_sentences(rng: random.Random, count: int) -> list[str]:
-    """Plain sentences with nouns, adjectives and small numbers."""
+def filler_sentences(rng: random.Random, count: int, number_rate: float = 0.25) -> list[str]:
+    """Plain sentences with nouns and adjectives; ``number_rate`` of them carry a small number."""
     out = []
     for _ in range(count):
         noun, other = rng.choice(FILLER_NOUNS), rng.choice(FILLER_NOUNS)
-        if rng.random() < 0.25:
+        if rng.random() < number_rate:
             out.append(f"There were {rng.randint(2, 999)} {rng.choice(FILLER_ADJECTIVES)} {noun} {rng.choice(FILLER_PREPOSITIONS)} the {other} .")
         else:
             out.append(
@@ -197,11 +197,14 @@ def build_prompt(
     rng: random.Random,
     haystack_text: str | None = None,
     template: PromptTemplate | None = None,
+    number_rate: float = 0.25,
 ) -> Prompt:
     """Exactly ``length`` tokens: template prefix + context with needles + question and answer prefix.
 
     The first needle starts at the sentence boundary nearest to ``depth`` percent of the context;
     further needles (distractors, extra values) go at random boundaries, in the order given.
+    ``number_rate``: share of generated filler sentences that contain a number (0 makes the task
+    easy: the needle's value is then the only number; the training curriculum starts there).
     """
     if not 0 <= depth <= 100:
         raise ValueError(f"depth must be within [0, 100] percent, got {depth}")
@@ -213,7 +216,7 @@ def build_prompt(
             f"length {length} is too short: the question and needles alone take "
             f"{length - room} tokens in this tokenizer"
         )
-    filler = _filler_ids(tokenizer, room, rng, haystack_text)
+    filler = _filler_ids(tokenizer, room, rng, haystack_text, number_rate)
     period_ids = set(_encode(tokenizer, " .")) | set(_encode(tokenizer, "."))
     starts = _sentence_starts(filler, period_ids)
     target = round(depth / 100 * room)
@@ -232,7 +235,9 @@ def build_prompt(
     return Prompt(ids, spec, depth, positions)
 
 
-def _filler_ids(tokenizer: Any, count: int, rng: random.Random, haystack_text: str | None) -> list[int]:
+def _filler_ids(
+    tokenizer: Any, count: int, rng: random.Random, haystack_text: str | None, number_rate: float = 0.25
+) -> list[int]:
     """``count`` tokens of filler: the user's text repeated as needed, or generated sentences."""
     if count == 0:
         return []
@@ -245,7 +250,8 @@ def _filler_ids(tokenizer: Any, count: int, rng: random.Random, haystack_text: s
             ids += text_ids
         return ids[:count]
     while len(ids) < count:
-        ids += _encode(tokenizer, " " + " ".join(filler_sentences(rng, max(8, (count - len(ids)) // 8))))
+        sentences = filler_sentences(rng, max(8, (count - len(ids)) // 8), number_rate)
+        ids += _encode(tokenizer, " " + " ".join(sentences))
     return ids[:count]
 
 

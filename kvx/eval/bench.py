@@ -1,0 +1,377 @@
+"""``kvx bench``: speed and memory of every policy and op against dense, in one run.
+
+- ``e2e``: per policy and context length: prefill time (time to first token, compression
+  included), decode tokens/s over N new tokens, KV-cache bytes (from the cache) and peak memory;
+  ratios against dense are computed inside the same run.
+- ``kernels``: each kvx attention op against its dense counterpart (torch SDPA; flash-attn
+  when importable), with achieved TFLOP/s and GB/s and the fraction of the device's peak,
+  where the peak (a large GEMM, a large copy) is measured on the device in the same run.
+
+Every row carries the device name, torch / triton / transformers versions and the git commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvx
+from kvx.cache import cache_nbytes
+from kvx.eval.measure import available_bytes, measure_peak, stamp, synchronize, time_call
+from kvx.eval.needle import DENSE, PolicyRun
+from kvx.kernels import reference
+
+# Random-weight model shapes by name (speed needs shapes, not trained weights).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(model_type="llama", num_hidden_layers=4, hidden_size=512, intermediate_size=1024,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=1024),
+    "llama3-8b": dict(model_type="llama", num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                      rope_theta=500000.0),
+    "qwen3-4b": dict(model_type="qwen3", num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+}
+
+
+def _dtype(name: str) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(choices)}")
+    return choices[name]
+
+
+def model_config(spec: str, layers: int | None = None):
+    """A config from a preset name (``llama3-8b``) or a local model directory."""
+    from transformers import AutoConfig
+
+    if spec in PRESETS:
+        settings = dict(PRESETS[spec])
+        model_type = settings.pop("model_type")
+        settings.update(max_position_embeddings=262144, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        if layers:
+            settings["num_hidden_layers"] = layers
+        return AutoConfig.for_model(model_type, **settings)
+    if not Path(spec).exists():
+        raise ValueError(f"unknown model {spec!r}: not a local directory, nor a preset ({', '.join(PRESETS)})")
+    config = AutoConfig.from_pretrained(spec)
+    if layers:
+        config.num_hidden_layers = layers
+    return config
+
+
+def estimate_bytes(config, max_length: int, batch: int, dtype: torch.dtype) -> int:
+    """Weights + a dense KV cache at ``max_length`` + the largest prefill activations (rough)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    params = config.vocab_size * hidden * 2 + layers * (4 * hidden * hidden + 3 * hidden * config.intermediate_size)
+    kv = 2 * layers * batch * config.num_key_value_heads * max_length * head_dim * elem
+    activations = batch * max_length * max(config.intermediate_size * 3, hidden * 4) * elem
+    return params * elem + kv + activations
+
+
+def build_model(spec: str, device: torch.device, dtype: torch.dtype, max_length: int, layers: int | None = None):
+    """A random-weight model from a preset or a local path; refuses, before allocating, a model
+    that would not fit."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec, layers)
+    need, have = estimate_bytes(config, max_length, 1, dtype), available_bytes(device)
+    if need > have:
+        raise ValueError(
+            f"{spec} at {max_length} tokens needs about {need / 2**30:.1f} GiB on {device} "
+            f"but {have / 2**30:.1f} GiB is free; use fewer --layers, shorter --lengths or another device"
+        )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def parse_policy_list(text: str) -> list[PolicyRun]:
+    """``dense,snapkv:budget=1024;window=32,streaming_llm`` -> runs, dense first (options of one
+    policy are separated by ``;`` since ``,`` separates policies)."""
+    from kvx.eval.needle import parse_policies
+
+    items = [p.strip().replace(";", ",") for p in text.split(",") if p.strip()]
+    merged: list[str] = []
+    for item in items:  # re-attach "k=v" pieces split by the comma
+        if "=" in item and ":" not in item and merged:
+            merged[-1] += "," + item
+        else:
+            merged.append(item)
+    return parse_policies([m for m in merged if m != DENSE], [], with_dense=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _prefill(model, ids: torch.Tensor):
+    with torch.inference_mode():
+        return model(ids, logits_to_keep=1)
+
+
+def _decode(model, out, steps: int):
+    """Greedy decode ``steps`` tokens from a prefill output; returns the cache."""
+    cache, logits = out.past_key_values, out.logits
+    with torch.inference_mode():
+        for _ in range(steps):
+            token = logits[:, -1:].argmax(-1)
+            step = model(token, past_key_values=cache)
+            cache, logits = step.past_key_values, step.logits
+    return cache
+
+
+def bench_e2e(
+    model,
+    lengths: list[int],
+    policies: list[PolicyRun],
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (policy, length); see the module docstring."""
+    device = next(model.parameters()).device
+    header = stamp(device)
+    rows = []
+    for length in lengths:
+        ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        ids = ids.to(device)
+        baseline: dict[str, Any] | None = None
+        for run in policies:
+            if progress:
+                progress(f"{run.label} @ {length}")
+            row = _bench_one(model, ids, run, new_tokens, repeats, warmup)
+            if run.name == DENSE:
+                baseline = row
+            if baseline is not None:
+                row["prefill_speedup"] = baseline["prefill_s"] / row["prefill_s"]
+                row["decode_speedup"] = row["decode_tok_s"] / baseline["decode_tok_s"]
+                row["kv_vs_dense"] = row["kv_bytes"] / baseline["kv_bytes"]
+                row["peak_vs_dense"] = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] else None
+            rows.append({**header, "model": model.config.model_type, "layers": model.config.num_hidden_layers,
+                         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "length": length,
+                         "new_tokens": new_tokens, **row})
+    return rows
+
+
+def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
+    device = ids.device
+    patch = kvx.patched(model, run.name, **run.options) if run.name != DENSE else contextlib.nullcontext()
+    with patch:
+        prefill = time_call(lambda: _prefill(model, ids), device, repeats, warmup)
+        decode_samples = []
+        for i in range(repeats + warmup):
+            out = _prefill(model, ids)
+            synchronize(device)
+            timing = time_call(lambda: _decode(model, out, new_tokens), device, repeats=1, warmup=0)
+            if i >= warmup:
+                decode_samples.append(timing.median)
+        cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids), new_tokens), device)
+    decode_s = sorted(decode_samples)[len(decode_samples) // 2]
+    return {
+        "policy": run.label,
+        "prefill_s": prefill.median,
+        "prefill_low_s": prefill.low,
+        "prefill_high_s": prefill.high,
+        "decode_tok_s": new_tokens / decode_s,
+        "decode_tok_s_low": new_tokens / max(decode_samples),
+        "decode_tok_s_high": new_tokens / min(decode_samples),
+        "kv_bytes": cache_nbytes(cache),
+        "peak_bytes": peak.tracked,
+        "peak_rss_bytes": peak.rss,
+        "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    op: str
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+
+    def flops(self) -> float:
+        pairs = self.q_len * self.kv_len
+        if self.op == "attention_prefill":
+            pairs = self.q_len * (self.kv_len + 1) / 2  # causal
+        return 4.0 * self.batch * self.heads * pairs * self.head_dim
+
+    def bytes(self, elem: int) -> float:
+        q_and_out = 2 * self.batch * self.heads * self.q_len * self.head_dim
+        kv = 2 * self.batch * self.kv_heads * self.kv_len * self.head_dim
+        return float((q_and_out + kv) * elem)
+
+
+def _attention_inputs(case: KernelCase, device, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)  # noqa: E731
+    q = make(case.batch, case.heads, case.q_len, case.head_dim)
+    k = make(case.batch, case.kv_heads, case.kv_len, case.head_dim)
+    v = make(case.batch, case.kv_heads, case.kv_len, case.head_dim)
+    return q, k, v
+
+
+def _sdpa_dense(q, k, v, causal: bool):
+    """The dense counterpart: torch SDPA (flash backend on GPU), GQA expanded as users do."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = reference.expand_kv_heads(k, groups), reference.expand_kv_heads(v, groups)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _flash_attn_dense(q, k, v, causal: bool):
+    from flash_attn import flash_attn_func  # [B, S, H, D], GQA native
+
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+
+
+KERNELS: dict[str, Callable] = {
+    # op -> (kvx implementation, dense counterpart), both called on (q, k, v)
+    "attention_prefill": lambda q, k, v: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
+    "attention_decode": lambda q, k, v: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
+    "snapkv_scores": lambda q, k, v: reference.window_attention_probs(
+        q, k, reference.causal_mask(q.shape[-2], k.shape[-2], q.device), q.shape[-1] ** -0.5
+    ),
+}
+
+
+def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The device's achievable peaks, measured now: GEMM FLOP/s and copy bytes/s."""
+    n = 4096 if device.type == "cuda" else 1536
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    gemm = time_call(lambda: a @ a, device, repeats=5, warmup=2).median
+    big = torch.empty(64 * 2**20 if device.type == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
+    copy = time_call(lambda: big.clone(), device, repeats=5, warmup=2).median
+    return {"peak_tflops": 2 * n**3 / gemm / 1e12, "peak_gbs": 2 * big.numel() / copy / 1e9}
+
+
+def kernel_cases(op: str, lengths: list[int], head_dims: list[int], gqa: list[int], heads: int = 32) -> list[KernelCase]:
+    cases = []
+    for length in lengths:
+        for head_dim in head_dims:
+            for ratio in gqa:
+                if heads % ratio:
+                    continue
+                q_len = {"attention_prefill": length, "attention_decode": 1, "snapkv_scores": 32}[op]
+                cases.append(KernelCase(op, 1, heads, heads // ratio, q_len, length, head_dim))
+    return cases
+
+
+def bench_kernels(
+    ops: list[str],
+    lengths: list[int],
+    head_dims: list[int],
+    gqa: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int = 32,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    unknown = [op for op in ops if op not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNELS)}")
+    header = {**stamp(device), "dtype": str(dtype).replace("torch.", "")}
+    peaks = measured_peaks(device, dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    try:
+        import flash_attn  # noqa: F401
+
+        baselines = {"sdpa": _sdpa_dense, "flash_attn": _flash_attn_dense}
+    except ImportError:
+        baselines = {"sdpa": _sdpa_dense}
+    rows = []
+    for op in ops:
+        for case in kernel_cases(op, lengths, head_dims, gqa, heads):
+            if progress:
+                progress(f"{op} L={case.kv_len} d={case.head_dim} gqa={case.heads // case.kv_heads}")
+            q, k, v = _attention_inputs(case, device, dtype)
+            ours = time_call(lambda: KERNELS[op](q, k, v), device, repeats)
+            row = {**header, **case.__dict__, "impl": "kvx", "seconds": ours.median}
+            row.update(_rates(case, ours.median, elem, peaks))
+            for name, dense_fn in baselines.items():
+                causal = op == "attention_prefill"
+                dense = time_call(lambda: dense_fn(q, k, v, causal), device, repeats)
+                row[f"{name}_seconds"] = dense.median
+                row[f"vs_{name}"] = dense.median / ours.median
+            rows.append(row)
+    return rows
+
+
+def _rates(case: KernelCase, seconds: float, elem: int, peaks: dict[str, float]) -> dict[str, float]:
+    tflops = case.flops() / seconds / 1e12
+    gbs = case.bytes(elem) / seconds / 1e9
+    memory_bound = case.flops() / case.bytes(elem) < peaks["peak_tflops"] * 1e12 / (peaks["peak_gbs"] * 1e9)
+    fraction = gbs / peaks["peak_gbs"] if memory_bound else tflops / peaks["peak_tflops"]
+    return {"tflops": tflops, "gbs": gbs, "bound": "memory" if memory_bound else "compute",
+            "fraction_of_peak": fraction, **peaks}
+
+
+# ---------------------------------------------------------------- output
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: Path, kind: str, columns: list[str]) -> list[Path]:
+    """``<kind>-<device>.json``, ``.csv`` and ``.md`` under ``out_dir``: one file set per device."""
+    if not rows:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"{kind}-{_slug(rows[0]['device'])}"
+    json_path, csv_path, md_path = base.with_suffix(".json"), base.with_suffix(".csv"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(rows, indent=2, default=str))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path.write_text(markdown_table(rows, kind, columns))
+    return [json_path, csv_path, md_path]
+
+
+def markdown_table(rows: list[dict[str, Any]], kind: str, columns: list[str]) -> str:
+    first = rows[0]
+    lines = [
+        f"# kvx bench {kind}: {first['device']}",
+        "",
+        f"torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
+        f"commit {first['commit']}. Ratios are against dense in the same run.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and value >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+E2E_COLUMNS = ["policy", "length", "prefill_s", "prefill_speedup", "decode_tok_s", "decode_speedup", "kv_bytes",
+               "kv_vs_dense", "peak_bytes", "peak_vs_dense", "peak_rss_bytes"]
+KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
+                  "fraction_of_peak", "vs_sdpa", "vs_flash_attn"]

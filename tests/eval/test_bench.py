@@ -1,0 +1,78 @@
+"""The bench harness produces well-formed, stamped rows; bad input gets clear errors.
+Timings themselves are not asserted."""
+
+import json
+
+import pytest
+import torch
+
+from kvx.cli import main
+from kvx.eval import bench
+from kvx.eval.measure import TensorAllocationTracker, measure_peak
+from kvx.tiny import tiny_model
+
+STAMP = {"device", "torch", "triton", "transformers", "commit"}
+
+
+def test_e2e_rows(tmp_path):
+    model = tiny_model("llama")
+    policies = bench.parse_policy_list("dense,snapkv:budget=32;window=8,streaming_llm:sink=2;window=30")
+    assert [p.label for p in policies] == ["dense", "snapkv:budget=32,window=8", "streaming_llm:sink=2,window=30"]
+    rows = bench.bench_e2e(model, [96, 160], policies, new_tokens=3, repeats=1, warmup=0)
+    assert len(rows) == 6
+    for row in rows:
+        assert STAMP <= set(row) and row["prefill_s"] > 0 and row["decode_tok_s"] > 0
+        assert row["kv_bytes"] > 0 and row["peak_bytes"] > 0
+    dense = {r["length"]: r for r in rows if r["policy"] == "dense"}
+    for row in rows:
+        assert row["kv_vs_dense"] == pytest.approx(row["kv_bytes"] / dense[row["length"]]["kv_bytes"])
+        if row["policy"] != "dense":
+            assert row["kv_bytes"] < dense[row["length"]]["kv_bytes"]
+    paths = bench.write_results(rows, tmp_path, "e2e", bench.E2E_COLUMNS)
+    assert [p.suffix for p in paths] == [".json", ".csv", ".md"]
+    assert len(json.loads(paths[0].read_text())) == 6
+    assert "| snapkv:budget=32,window=8 | 160 |" in paths[2].read_text()
+
+
+def test_kernel_rows(tmp_path, capsys):
+    assert main(["bench", "kernels", "--lengths", "97,130", "--head-dims", "16", "--gqa", "1,4", "--repeats", "1",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
+    assert len(rows) == 3 * 2 * 2
+    for row in rows:
+        assert STAMP <= set(row) and row["tflops"] > 0 and row["gbs"] > 0 and row["vs_sdpa"] > 0
+        assert 0 < row["fraction_of_peak"] and row["bound"] in ("memory", "compute")
+    assert {r["bound"] for r in rows if r["op"] == "attention_decode"} == {"memory"}
+
+
+def test_tracker_counts_new_allocations_until_freed():
+    def work():
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 bytes
+        b = torch.empty(500, dtype=torch.float32)  # +2000 -> 6000
+        del a
+        c = torch.empty(250, dtype=torch.float32)  # 2000 + 1000
+        return b, c
+
+    with TensorAllocationTracker() as tracker:
+        kept = work()
+    assert tracker.peak == 6000 and tracker.current == 3000
+    _, peak = measure_peak(lambda: torch.ones(10, 10), torch.device("cpu"), track_rss=False)
+    assert peak.tracked == 400 and kept
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "e2e", "--policies", "dense,snapkvv", "--lengths", "64"], "unknown policy 'snapkvv'"),
+        (["bench", "e2e", "--lengths", "4k,lots"], "cannot read 'lots' as a length"),
+        (["bench", "e2e", "--model", "no-such-model", "--lengths", "64"], "unknown model 'no-such-model'.*llama3-8b"),
+        (["bench", "kernels", "--ops", "attention_decode,warp"], r"unknown kernel\(s\) \['warp'\]"),
+        (["bench", "e2e", "--model", "llama3-8b", "--lengths", "1000k"], "needs about .* GiB .* free"),
+        (["bench", "e2e", "--dtype", "float64", "--lengths", "64"], "unknown dtype 'float64'"),
+    ],
+)
+def test_bad_input(argv, message, capsys):
+    assert main(argv + ["--quiet", "--out", "/tmp/kvx-bench-unused"]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
