@@ -41,6 +41,7 @@ def patch(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Polic
     adapter = adapter_for(model)
     policy = make_policy(policy, **options)
     modules = adapter.attention_modules(model)
+    policy.check_model(model.config.get_text_config(decoder=True).num_hidden_layers)
     if is_patched(model):
         unpatch(model)
     register()

@@ -143,6 +143,9 @@ def kvx_attention(
         layer_idx=context.layer_idx,
         scaling=scaling,
         softcap=softcap,
+        num_seen=layer.seen,
+        num_layers=len(context.state.active_cache.layers),
+        state=layer.state,
     )
     keep = context.state.policy.select(view)
     if keep is not None:

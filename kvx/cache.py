@@ -34,6 +34,7 @@ class CompressedLayer(CacheLayerMixin):
     Attributes:
         keys, values: ``[B, Hkv, S, D]`` stored tokens in temporal order.
         valid: ``[B, Hkv, S]`` bool or None (None = every slot holds a real token).
+        state: per-token policy statistics, name -> ``[B, Hkv, S]``, kept aligned with storage.
         seen: tokens this layer has been given in total (the logical sequence length).
         past_stored, past_seen: stored / seen counts before the latest ``update``.
     """
@@ -45,6 +46,7 @@ class CompressedLayer(CacheLayerMixin):
     def __init__(self, **kwargs: Any):
         super().__init__()
         self.valid: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
         self.seen = 0
         self.past_stored = 0
         self.past_seen = 0
@@ -66,6 +68,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.valid is not None:
             new_valid = self.valid.new_ones(*self.valid.shape[:2], key_states.shape[-2])
             self.valid = torch.cat([self.valid, new_valid], dim=-1)
+        for name, stat in self.state.items():
+            self.state[name] = torch.cat([stat, stat.new_zeros(*stat.shape[:2], key_states.shape[-2])], dim=-1)
         return self.keys, self.values
 
     @property
@@ -84,6 +88,8 @@ class CompressedLayer(CacheLayerMixin):
         self.values = self.values.gather(2, gather_index)
         if self.valid is not None:
             self.set_valid(self.valid.gather(2, indices))
+        for name, stat in self.state.items():
+            self.state[name] = stat.gather(2, indices)
 
     def set_valid(self, valid: torch.Tensor | None) -> None:
         """Record which stored slots hold real tokens (None or all True: every slot)."""
@@ -111,6 +117,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = None
+        self.state = {}
         self.is_initialized = False
         self.seen = self.past_stored = self.past_seen = 0
 
@@ -125,6 +132,7 @@ class CompressedLayer(CacheLayerMixin):
             self.keys, self.values = fn(self.keys), fn(self.values)
             if self.valid is not None:
                 self.valid = fn(self.valid)
+            self.state = {name: fn(stat) for name, stat in self.state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -137,7 +145,8 @@ class CompressedLayer(CacheLayerMixin):
 
 
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
-    return [t for t in (getattr(layer, n, None) for n in ("keys", "values", "valid")) if t is not None]
+    tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid")]
+    return [t for t in tensors + list(getattr(layer, "state", {}).values()) if t is not None]
 
 
 def _held_bytes(tensors: list[torch.Tensor]) -> int:

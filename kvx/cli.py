@@ -109,6 +109,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(bench.markdown_table(rows, args.bench, columns))
     for path in bench.write_results(rows, Path(args.out), args.bench, columns):
         print(f"wrote {path}")
+    plot = bench.write_plot(rows, Path(args.out), args.bench)
+    print(f"wrote {plot}" if plot else "no plot: matplotlib is not installed (pip install 'kvx[eval]')")
     return 0
 
 

@@ -42,6 +42,10 @@ class CompressionView:
         layer_idx: index of the decoder layer.
         scaling: the softmax scale the model used.
         softcap: attention logit soft-capping of the model (Gemma 2), or None.
+        num_seen: tokens this layer has been given in total (stored or evicted).
+        num_layers: decoder layers of the model.
+        state: per-token policy state of this layer, name -> ``[B, Hkv, S]`` tensor; the cache
+            keeps it aligned with the stored tokens (zeros for new ones, gathered on eviction).
     """
 
     query: torch.Tensor
@@ -53,6 +57,9 @@ class CompressionView:
     layer_idx: int
     scaling: float
     softcap: float | None = None
+    num_seen: int = 0
+    num_layers: int = 1
+    state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def num_stored(self) -> int:
@@ -92,6 +99,9 @@ class Policy:
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         ]
 
+    def check_model(self, num_layers: int) -> None:
+        """Raise if the policy cannot serve a model of ``num_layers`` layers (called by ``patch``)."""
+
     def describe(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
         return f"{self.name}({opts})"
@@ -100,27 +110,75 @@ class Policy:
 class EvictionPolicy(Policy):
     """A policy that keeps the ``capacity`` best-scored tokens of a layer.
 
-    Subclasses give :meth:`score` and say in :attr:`phases` when they compress. Padding slots are
-    never kept as content: their score is forced to ``-inf``, so they are the first to go.
+    Subclasses give :meth:`score` and :meth:`capacity`, say in :attr:`phases` when they compress,
+    and may keep running statistics in :meth:`observe`. Padding slots are never kept as content:
+    their score is forced to ``-inf``, so they are the first to go.
     """
 
-    phases: ClassVar[tuple[Phase, ...]] = ("prefill",)
+    phases: ClassVar[tuple[Phase, ...]] = ("prefill", "extend")
+    scores_rank_tokens: ClassVar[bool] = True
+    """False where scores are a positional rule rather than an importance (StreamingLLM): such a
+    policy cannot drive a head-budget allocation."""
 
-    @property
-    def capacity(self) -> int:
-        """Tokens a layer holds after compression."""
+    def capacity(self, view: CompressionView) -> int:
+        """Tokens the layer holds after compression."""
         raise NotImplementedError
+
+    def observe(self, view: CompressionView) -> None:
+        """Called at every forward, before any eviction: update running statistics in ``view.state``."""
 
     def score(self, view: CompressionView) -> torch.Tensor:
         """``[B, Hkv, S]`` float importance of each stored token (``+inf`` = must keep)."""
         raise NotImplementedError
 
+    def compresses(self, view: CompressionView) -> bool:
+        return view.phase in self.phases
+
     def select(self, view: CompressionView) -> torch.Tensor | None:
-        if view.phase not in self.phases or view.num_stored <= self.capacity:
+        self.observe(view)
+        if not self.compresses(view):
+            return None
+        capacity = self.capacity(view)
+        if view.num_stored <= capacity:
             return None
         scores = self.score(view).float().masked_fill(~view.valid, -math.inf)
-        keep = scores.topk(self.capacity, dim=-1).indices  # [B, Hkv, capacity]
+        keep = scores.topk(capacity, dim=-1).indices  # [B, Hkv, capacity]
         return keep.sort(dim=-1).values  # keep temporal order
+
+
+@dataclass
+class BudgetedPolicy(EvictionPolicy):
+    """Budget mechanics every scoring policy shares.
+
+    - ``budget``: tokens kept per layer and KV head; a budget at or above what a layer holds is a
+      no-op (nothing is scored or evicted);
+    - ``ratio``: when set, replaces ``budget`` with ``ceil((1 - ratio) * tokens seen)``, kvpress's
+      "compression ratio" (0.75 keeps a quarter);
+    - ``decode_interval``: 0 compresses prompts only; N > 0 also compresses while generating,
+      whenever the layer has grown N tokens past its capacity, so it never holds more than
+      ``capacity + N - 1`` tokens after a step.
+    """
+
+    budget: int = option(1024, "tokens kept per layer and KV head (a budget above the length keeps all)")
+    ratio: float | None = option(None, "fraction of tokens to evict, in [0, 1); replaces budget when set")
+    decode_interval: int = option(0, "also compress while generating, every N tokens past capacity (0: prompt only)")
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.name, "budget", self.budget)
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+                raise ValueError(f"{self.name}: ratio must be a number in [0, 1), got {self.ratio!r}")
+        check_positive_int(self.name, "decode_interval", self.decode_interval, minimum=0)
+
+    def capacity(self, view: CompressionView) -> int:
+        if self.ratio is None:
+            return self.budget
+        return max(1, math.ceil((1 - self.ratio) * view.num_seen))
+
+    def compresses(self, view: CompressionView) -> bool:
+        if view.phase == "decode":
+            return self.decode_interval > 0 and view.num_stored >= self.capacity(view) + self.decode_interval
+        return view.phase in self.phases
 
 
 def check_positive_int(policy: str, name: str, value: Any, minimum: int = 1) -> None:

@@ -119,13 +119,68 @@ def quick_accuracy(model, tokenizer, length: int, count: int, seed: int, device)
     return correct / count
 
 
+CARD = """---
+library_name: transformers
+tags: [kvx, needle-in-a-haystack, synthetic]
+---
+# kvx needle-llama
+
+A {params:,}-parameter Llama-architecture model (GQA: {heads} query / {kv_heads} KV heads, head dim
+{head_dim}, {layers} layers, hidden {hidden}) trained from scratch by `scripts/train_needle_model.py`
+(seed {seed}) on kvx's synthetic needle-in-a-haystack task (`kvx.eval.haystack`), so that kvx can
+measure what KV-cache compression does to retrieval without downloading anything. It knows
+nothing else: its whole world is filler sentences, needles and questions.
+
+## Training
+
+- Tokenizer: word level over the generator's vocabulary ({vocab} tokens), every digit a token.
+- Loss: cross-entropy on the answer tokens, plus {lm_weight} x next-token loss on the other tokens.
+- AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0; per stage a linear warm-up,
+  a plateau, then a cosine decay over the last 40% of the stage.
+- Curriculum (lengths in tokens; variant weights single / multikey / multivalue / absent):
+
+{stages}
+
+- Time: {minutes:.0f} minutes on {device}.
+
+## Scores
+
+{scores}
+"""
+
+
+def write_model_card(out: Path, seed: int, scores: str = "Not measured yet.") -> None:
+    """README.md of the saved model: architecture, curriculum, training time, measured scores."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if line.strip()]
+    stage_lines = "\n".join(
+        f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
+        f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
+        for i, st in enumerate(STAGES)
+    )
+    params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    (out / "README.md").write_text(CARD.format(
+        params=params, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, layers=config.num_hidden_layers, hidden=config.hidden_size, seed=seed,
+        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages=stage_lines,
+        minutes=max(r.get("minutes", 0) for r in log), device=log[0].get("device", "2 CPU cores"), scores=scores,
+    ))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory to save the model and tokenizer in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
+    parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
     args = parser.parse_args()
+    if args.card_only:
+        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.")
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,6 +197,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "training_log.jsonl").open("w")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}; device {device}")
+    log.write(json.dumps({"device": str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"}) + "\n")
     start = time.time()
     for stage_idx, stage in enumerate(STAGES):
         steps = max(1, round(stage.steps * args.steps_scale))
@@ -176,6 +232,7 @@ def main() -> None:
         model.save_pretrained(args.out, safe_serialization=True)
         tokenizer.save_pretrained(args.out)
     log.close()
+    write_model_card(args.out, args.seed)
 
 
 if __name__ == "__main__":

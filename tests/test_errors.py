@@ -48,7 +48,7 @@ def test_streaming_llm_window_must_be_positive():
 
 
 def test_unknown_option_lists_the_valid_ones(llama):
-    with pytest.raises(TypeError, match="unknown option.*'budgett'.*valid options: budget, window"):
+    with pytest.raises(TypeError, match="unknown option.*'budgett'.*valid options: budget, ratio, decode_interval, window"):
         kvx.patch(llama, "snapkv", budgett=3)
 
 

@@ -375,3 +375,40 @@ E2E_COLUMNS = ["policy", "length", "prefill_s", "prefill_speedup", "decode_tok_s
                "kv_vs_dense", "peak_bytes", "peak_vs_dense", "peak_rss_bytes"]
 KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
                   "fraction_of_peak", "vs_sdpa", "vs_flash_attn"]
+
+
+def write_plot(rows: list[dict[str, Any]], out_dir: Path, kind: str) -> Path | None:
+    """A PNG beside the tables: e2e: prefill time, decode tokens/s and KV bytes per policy vs length;
+    kernels: achieved fraction of peak per op vs length. None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if kind == "e2e":
+        panels = [("prefill_s", "prefill (s)"), ("decode_tok_s", "decode (tokens/s)"), ("kv_bytes", "KV cache (bytes)")]
+        series_key, x_key = "policy", "length"
+    else:
+        panels = [("fraction_of_peak", "fraction of measured peak"), ("vs_sdpa", "speed vs SDPA")]
+        series_key, x_key = "op", "kv_len"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (metric, title) in zip(axes, panels):
+        for name in dict.fromkeys(r[series_key] for r in rows):
+            mine = [r for r in rows if r[series_key] == name and r.get(metric) is not None]
+            points: dict[int, list[float]] = {}
+            for r in mine:
+                points.setdefault(r[x_key], []).append(r[metric])
+            xs = sorted(points)
+            ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"kvx bench {kind}: {rows[0]['device']} (commit {rows[0]['commit']})", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{kind}-{_slug(rows[0]['device'])}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from kvx.kernels.reference import window_attention_probs
 from kvx.policy import (
+    BudgetedPolicy,
     CompressionView,
-    EvictionPolicy,
     Phase,
     check_choice,
     check_positive_int,
@@ -39,23 +39,22 @@ GQA_REDUCTIONS = ("mean", "max")
 
 @register_policy
 @dataclass
-class SnapKV(EvictionPolicy):
+class SnapKV(BudgetedPolicy):
     """Observation-window attention scores, pooled, top-k per KV head (Li et al., 2024)."""
 
     name: ClassVar[str] = "snapkv"
     summary: ClassVar[str] = "observation-window attention scores, pooled, top-k per KV head (Li et al., 2024)"
     phases: ClassVar[tuple[Phase, ...]] = ("prefill", "extend")
 
-    budget: int = option(1024, "prompt tokens kept per KV head, observation window included")
-    window: int = option(32, "last prompt queries that score the tokens; these tokens are always kept")
+    window: int = option(32, "last queries that score the tokens; these tokens are always kept")
     kernel_size: int = option(7, "width of the pooling kernel that smooths scores along the sequence (odd)")
     pooling: str = option("avg", f"score smoothing: {', '.join(POOLINGS)}")
     gqa_reduce: str = option("mean", f"how the query heads of a KV head combine scores: {', '.join(GQA_REDUCTIONS)}")
 
     def __post_init__(self) -> None:
-        check_positive_int(self.name, "budget", self.budget)
+        super().__post_init__()
         check_positive_int(self.name, "window", self.window)
-        if self.window > self.budget:
+        if self.ratio is None and self.window > self.budget:
             raise ValueError(
                 f"snapkv: window ({self.window}) must not exceed budget ({self.budget}): "
                 "the observation window is always kept, so it has to fit in the budget"
@@ -65,10 +64,6 @@ class SnapKV(EvictionPolicy):
             raise ValueError(f"snapkv: kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
         check_choice(self.name, "pooling", self.pooling, POOLINGS)
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
-
-    @property
-    def capacity(self) -> int:
-        return self.budget
 
     def score(self, view: CompressionView) -> torch.Tensor:
         window = min(self.window, view.query.shape[-2])

@@ -35,8 +35,9 @@ class StreamingLLM(EvictionPolicy):
         check_positive_int(self.name, "sink", self.sink, minimum=0)
         check_positive_int(self.name, "window", self.window, minimum=1)
 
-    @property
-    def capacity(self) -> int:
+    scores_rank_tokens: ClassVar[bool] = False
+
+    def capacity(self, view: CompressionView) -> int:
         return self.sink + self.window
 
     def score(self, view: CompressionView) -> torch.Tensor:

@@ -38,6 +38,7 @@ def test_kernel_rows(tmp_path, capsys):
     assert main(["bench", "kernels", "--lengths", "97,130", "--head-dims", "16", "--gqa", "1,4", "--repeats", "1",
                  "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
+    assert next(tmp_path.glob("kernels-*.png")).stat().st_size > 1000
     assert len(rows) == 3 * 2 * 2
     for row in rows:
         assert STAMP <= set(row) and row["tflops"] > 0 and row["gbs"] > 0 and row["vs_sdpa"] > 0
