@@ -18,7 +18,7 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     for p in policies:
         print(f"{p['name']}: {p['description']}")
         for opt in p["options"]:
-            print(f"    {opt['name']:<12} = {opt['default']!r:<8} {opt['help']}")
+            print(f"    {opt['name']:<16} = {opt['default']!r:<9} {opt['help']}")
     return 0
 
 

@@ -142,8 +142,18 @@ class EvictionPolicy(Policy):
         if view.num_stored <= capacity:
             return None
         scores = self.score(view).float().masked_fill(~view.valid, -math.inf)
-        keep = scores.topk(capacity, dim=-1).indices  # [B, Hkv, capacity]
-        return keep.sort(dim=-1).values  # keep temporal order
+        return top_tokens(scores, capacity)
+
+
+def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices ``[B, Hkv, count]`` (ascending) of the best ``scores [B, Hkv, S]``.
+
+    Ties go to the more recent token, so the choice depends only on positions counted from the
+    newest token: a row picks the same tokens alone as in a left-padded batch.
+    """
+    newest_first = scores.flip(-1)
+    order = newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+    return (scores.shape[-1] - 1 - order).sort(dim=-1).values
 
 
 @dataclass

@@ -9,7 +9,15 @@ from kvx.tiny import tiny_model
 
 from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
-FULL_BUDGET = {"snapkv": {"budget": 1024, "window": 8}, "streaming_llm": {"sink": 4, "window": 1020}}
+FULL_BUDGET = {
+    "snapkv": {"budget": 1024, "window": 8},
+    "streaming_llm": {"sink": 4, "window": 1020},
+    "h2o": {"budget": 1024},
+    "tova": {"budget": 1024},
+    "keyformer": {"budget": 1024},
+    "knorm": {"budget": 1024, "decode_interval": 1},
+    "pyramidkv": {"budget": 4096, "decode_interval": 1},  # the last layer keeps 4096 / 20 >= 48
+}
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)

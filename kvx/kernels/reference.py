@@ -89,3 +89,43 @@ def window_attention_probs(
     logits = logits.masked_fill(~grouped_mask, -torch.inf)
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)  # rows with nothing visible (padding queries)
+
+
+def attention_column_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    block: int = 256,
+) -> torch.Tensor:
+    """Attention each key receives, summed over the queries: ``[B, Hkv, G, S]`` float32.
+
+    Queries are the last ``q`` positions of the ``S`` keys (causal); a query whose own slot is
+    padding contributes nothing. Computed ``block`` queries at a time, so memory is
+    ``block x S``, never ``q x S`` (H2O's accumulated attention at prefill).
+
+    Args:
+        query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, num_keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    keys = key.float()[:, :, None]  # [B, Hkv, 1, S, D]
+    valid = key_valid[:, :, None, None, :] if key_valid is not None else None  # [B, Hkv, 1, 1, S]
+    sums = query.new_zeros(batch, kv_heads, groups, num_keys, dtype=torch.float32)
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, Hkv, G, b, S]
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        visible = causal_mask(stop - start, num_keys - q_len + stop, query.device)[0, 0]  # [b, S']
+        visible = torch.nn.functional.pad(visible, (0, num_keys - visible.shape[-1]))  # [b, S]
+        mask = visible[None, None, None]
+        if valid is not None:
+            own = valid[..., num_keys - q_len + start : num_keys - q_len + stop].transpose(-1, -2)  # [B,Hkv,1,b,1]
+            mask = mask & valid & own
+        probs = torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)
+        sums += torch.nan_to_num(probs, nan=0.0).sum(dim=-2)
+    return sums

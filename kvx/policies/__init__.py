@@ -1,6 +1,11 @@
 """Built-in policies, one per file. Importing this package registers them."""
 
+from kvx.policies.h2o import H2O
+from kvx.policies.keyformer import Keyformer
+from kvx.policies.knorm import KNorm
+from kvx.policies.pyramidkv import PyramidKV
 from kvx.policies.snapkv import SnapKV
 from kvx.policies.streaming_llm import StreamingLLM
+from kvx.policies.tova import TOVA
 
-__all__ = ["SnapKV", "StreamingLLM"]
+__all__ = ["H2O", "KNorm", "Keyformer", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA"]

@@ -49,3 +49,19 @@ def test_window_probs_match_naive(heads, kv_heads):
     # per-head masks group the same way
     head_mask = mask.expand(2, heads, -1, -1)
     torch.testing.assert_close(reference.window_attention_probs(q, k, head_mask, 0.2), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,block", [(4, 2, 13, 13, 4), (8, 1, 5, 37, 2), (6, 3, 40, 40, 256)])
+def test_column_sums_match_full_matrix(heads, kv_heads, q_len, kv_len, block):
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, heads, q_len, 16, generator=g)
+    k = torch.randn(2, kv_heads, kv_len, 16, generator=g)
+    valid = torch.ones(2, kv_heads, kv_len, dtype=torch.bool)
+    valid[1, :, :3] = False  # left padding in row 1
+    sums = reference.attention_column_sums(q, k, valid, 0.25, softcap=3.0, block=block)
+    logits = torch.tanh(q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) * 0.25 / 3.0) * 3.0
+    mask = reference.causal_mask(q_len, kv_len, q.device) & valid[:, :1, None, :]
+    probs = logits.masked_fill(~mask, -torch.inf).softmax(-1).nan_to_num(0.0)
+    probs = probs * valid[:, :1, -q_len:, None]  # padded queries contribute nothing
+    want = probs.sum(-2).reshape(2, kv_heads, heads // kv_heads, kv_len)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)

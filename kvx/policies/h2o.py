@@ -1,0 +1,48 @@
+"""H2O: heavy hitters (tokens with the most accumulated attention) plus a recent window.
+
+Paper: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
+Language Models" (NeurIPS 2023).
+
+Every token's attention received from every query so far is accumulated (at prefill without a
+T x T matrix: ``attention_column_sums`` works a block of queries at a time); the ``recent``
+newest tokens are always kept. Eviction continues while decoding (``decode_interval`` 1 by
+default), so the cache never exceeds its budget by more than the interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvx.kernels.reference import attention_column_sums
+from kvx.policies._scoring import GQA_REDUCTIONS, accumulate, keep_recent, reduce_groups
+from kvx.policy import BudgetedPolicy, CompressionView, check_choice, check_positive_int, option, register_policy
+
+
+@register_policy
+@dataclass
+class H2O(BudgetedPolicy):
+    """Accumulated attention + recent window, evicting at prefill and decode (Zhang et al., 2023)."""
+
+    name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = "heavy hitters by accumulated attention + recent window (Zhang et al., 2023)"
+
+    decode_interval: int = option(1, "also compress while generating, every N tokens past capacity (0: prompt only)")
+    recent: int = option(32, "most recent tokens that are always kept")
+    gqa_reduce: str = option("sum", f"how the query heads of a KV head combine scores: {', '.join(GQA_REDUCTIONS)}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.name, "recent", self.recent, minimum=0)
+        if self.ratio is None and self.recent > self.budget:
+            raise ValueError(f"h2o: recent ({self.recent}) must not exceed budget ({self.budget})")
+        check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
+
+    def observe(self, view: CompressionView) -> None:
+        sums = attention_column_sums(view.query, view.keys, view.valid, view.scaling, view.softcap)
+        accumulate(view.state, "h2o", reduce_groups(sums, self.gqa_reduce))
+
+    def score(self, view: CompressionView) -> torch.Tensor:
+        return keep_recent(view.state["h2o"], self.recent)
