@@ -224,6 +224,14 @@ def list_policies() -> list[dict[str, Any]]:
     ]
 
 
+def policy_class(name: str) -> type[Policy]:
+    """The registered class of a policy name (dashes and case ignored)."""
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
+    return _REGISTRY[key]
+
+
 def make_policy(policy: str | Policy, **options: Any) -> Policy:
     """A policy object from a registered name and options, or the given object itself."""
     if isinstance(policy, Policy):
@@ -234,10 +242,8 @@ def make_policy(policy: str | Policy, **options: Any) -> Policy:
         return policy
     if not isinstance(policy, str):
         raise TypeError(f"policy must be a name or a kvx Policy object, got {type(policy).__name__}")
-    key = policy.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(policy_names())}")
-    cls = _REGISTRY[key]
+    cls = policy_class(policy)
+    key = cls.name
     valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(options) - set(valid))
     if unknown:

@@ -23,7 +23,7 @@ import torch
 import kvx
 from kvx.cache import cache_nbytes
 from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
-from kvx.policy import make_policy
+from kvx.policy import make_policy, policy_class
 
 DENSE = "dense"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "needle-llama"
@@ -393,12 +393,7 @@ def _split_option(text: str) -> tuple[str, Any]:
 
 
 def _has_option(policy: str, key: str) -> bool:
-    from kvx.policy import _REGISTRY
-
-    cls = _REGISTRY.get(policy)
-    if cls is None:
-        make_policy(policy)  # raises: unknown policy, with the known ones
-    return any(o["name"] == key for o in cls.options())
+    return any(o["name"] == key for o in policy_class(policy).options())
 
 
 def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:

@@ -24,6 +24,7 @@ from kvx.policy import (
     check_positive_int,
     make_policy,
     option,
+    policy_class,
     register_policy,
 )
 
@@ -57,6 +58,10 @@ class PyramidKV(BudgetedPolicy):
 
     def _build_scorer(self) -> EvictionPolicy:
         if isinstance(self.scorer, str):
+            cls = policy_class(self.scorer)
+            if not issubclass(cls, EvictionPolicy) or not cls.scores_rank_tokens:
+                raise TypeError(f"pyramidkv: scorer {self.scorer!r} does not rank tokens by importance; "
+                                "use e.g. snapkv, h2o, knorm")
             window_option = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
             options = {window_option[self.scorer]: self.window} if self.scorer in window_option else {}
             scorer = make_policy(self.scorer, budget=self.window, **options)
