@@ -129,3 +129,78 @@ def attention_column_sums(
         probs = torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)
         sums += torch.nan_to_num(probs, nan=0.0).sum(dim=-2)
     return sums
+
+
+# ---------------------------------------------------------------- ragged per-head storage
+# A ragged cache holds, for each (row b, KV head h), its own number of tokens, packed one segment
+# after another: keys/values ``[N, D]`` with ``offsets [B * Hkv + 1]`` (segment i = b * Hkv + h
+# spans ``offsets[i]:offsets[i + 1]``). No padding to the longest head.
+
+
+def pack_ragged(dense: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dense [B, Hkv, S, ...]`` and ``keep [B, Hkv, S]`` bool -> (packed ``[N, ...]`` in segment
+    order, ``offsets [B * Hkv + 1]`` int64)."""
+    counts = keep.sum(-1).flatten()
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=dense.device)
+    offsets[1:] = counts.cumsum(0)
+    return dense[keep], offsets
+
+
+def unpack_ragged(packed: torch.Tensor, offsets: torch.Tensor, batch: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_ragged`, padded to the longest segment: ``([B, Hkv, P, ...], valid [B, Hkv, P])``."""
+    counts = offsets.diff()
+    longest = int(counts.max()) if counts.numel() else 0
+    valid = torch.arange(longest, device=packed.device)[None, :] < counts[:, None]  # [B*Hkv, P]
+    dense = packed.new_zeros(batch * kv_heads, longest, *packed.shape[1:])
+    dense[valid] = packed
+    return dense.reshape(batch, kv_heads, longest, *packed.shape[1:]), valid.reshape(batch, kv_heads, longest)
+
+
+def attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and the log-sum-exp of its logits, both float32: ``([B, H, q, D], [B, H, q])``.
+
+    ``mask``: ``[B|1, 1|H, q, S]`` bool or None (everything visible). Rows that see nothing give
+    ``out = 0`` and ``lse = -inf``, so they vanish when merged.
+    """
+    groups = query.shape[1] // key.shape[1]
+    logits = torch.matmul(query.float(), expand_kv_heads(key, groups).float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -torch.inf)
+    lse = torch.logsumexp(logits, dim=-1)  # [B, H, q]
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return torch.matmul(probs, expand_kv_heads(value, groups).float()), lse
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine attention over disjoint key sets from their ``(out, lse)``: the attention over all of them."""
+    lses = torch.stack([lse for _, lse in parts])  # [P, B, H, q]
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total).nan_to_num(0.0)[..., None]
+    return sum(w * out for w, (out, _) in zip(weights, parts))
+
+
+def ragged_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``[B, H, q, D]`` over a ragged per-head cache (every stored token visible to every
+    query): ``(out [B, H, q, D], lse [B, H, q])`` float32."""
+    batch, heads = query.shape[:2]
+    kv_heads = (offsets.numel() - 1) // batch
+    dense_k, valid = unpack_ragged(keys, offsets, batch, kv_heads)
+    dense_v, _ = unpack_ragged(values, offsets, batch, kv_heads)
+    mask = expand_kv_heads(valid, heads // kv_heads)[:, :, None, :]  # [B, H, 1, P]
+    return attention_with_lse(query, dense_k, dense_v, mask, scaling, softcap)

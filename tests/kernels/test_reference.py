@@ -65,3 +65,37 @@ def test_column_sums_match_full_matrix(heads, kv_heads, q_len, kv_len, block):
     probs = probs * valid[:, :1, -q_len:, None]  # padded queries contribute nothing
     want = probs.sum(-2).reshape(2, kv_heads, heads // kv_heads, kv_len)
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(2, 3, 11, 5, generator=g)
+    keep = torch.rand(2, 3, 11, generator=g) > 0.5
+    keep[1, 2] = False  # an empty segment
+    packed, offsets = reference.pack_ragged(dense, keep)
+    assert packed.shape == (int(keep.sum()), 5) and offsets.tolist()[-1] == int(keep.sum())
+    back, valid = reference.unpack_ragged(packed, offsets, 2, 3)
+    assert torch.equal(valid.sum(-1), keep.sum(-1))
+    assert torch.equal(back[valid], dense[keep])
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_ragged_attention_merged_with_a_tail_equals_dense_over_the_kept_tokens(softcap):
+    g = torch.Generator().manual_seed(4)
+    batch, heads, kv_heads, dim = 2, 8, 2, 16
+    keys = torch.randn(batch, kv_heads, 30, dim, generator=g)
+    values = torch.randn(batch, kv_heads, 30, dim, generator=g)
+    keep = torch.rand(batch, kv_heads, 30, generator=g) > 0.4
+    tail_k, tail_v = torch.randn(batch, kv_heads, 3, dim, generator=g), torch.randn(batch, kv_heads, 3, dim, generator=g)
+    q = torch.randn(batch, heads, 1, dim, generator=g)
+    packed_k, offsets = reference.pack_ragged(keys, keep)
+    packed_v, _ = reference.pack_ragged(values, keep)
+    merged = reference.merge_attention([
+        reference.ragged_attention(q, packed_k, packed_v, offsets, 0.3, softcap),
+        reference.attention_with_lse(q, tail_k, tail_v, None, 0.3, softcap),
+    ])
+    # dense reference: everything, with the dropped tokens masked out
+    full_k, full_v = torch.cat([keys, tail_k], 2), torch.cat([values, tail_v], 2)
+    visible = torch.cat([keep, torch.ones(batch, kv_heads, 3, dtype=torch.bool)], -1)
+    mask = visible.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]
+    torch.testing.assert_close(merged, naive_attention(q, full_k, full_v, mask, 0.3, softcap), rtol=1e-5, atol=1e-5)
