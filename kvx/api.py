@@ -123,14 +123,20 @@ def _cache_injector(base: torch.nn.Module):
         if cache is None and not use_cache:
             state.active_cache = None
             return args, kwargs
+        storage = state.policy.storage
         if cache is None:
-            cache = KVCache(module.config)
+            cache = KVCache(module.config, storage)
             if in_args:
                 args = args[:position] + (cache,) + args[position + 1 :]
             else:
                 kwargs["past_key_values"] = cache
         elif not isinstance(cache, KVCache):
-            KVCache.convert_in_place(cache, module.config)
+            KVCache.convert_in_place(cache, module.config, storage)
+        elif cache.storage != storage:
+            raise ValueError(
+                f"this kvx cache has {cache.storage} storage but policy {state.policy.name} needs {storage}: "
+                f"pass kvx.KVCache(model.config, storage={storage!r}), or none"
+            )
         state.active_cache = cache
         return args, kwargs
 

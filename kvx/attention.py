@@ -18,8 +18,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvx.cache import CompressedLayer, KVCache
+from kvx.cache import CompressedLayer, KVCache, RaggedLayer
 from kvx.kernels import reference
+from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import CompressionView, Phase, Policy
 
 ATTN_IMPLEMENTATION = "kvx"
@@ -56,7 +57,7 @@ def register() -> None:
 
 
 def _phase(layer: CompressedLayer, q_len: int) -> Phase:
-    if layer.past_stored == 0:
+    if layer.past_seen == 0:
         return "prefill"
     return "decode" if q_len == 1 else "extend"
 
@@ -131,23 +132,64 @@ def kvx_attention(
 
     q_len = query.shape[-2]
     mask, valid = _mask_over_storage(layer, attention_mask, q_len, query.shape[1])
-    out = reference.attention(query, key, value, mask, scaling, softcap)
+    if isinstance(layer, RaggedLayer) and layer.has_prefix:
+        out = _attend_with_prefix(query, key, value, mask, layer, scaling, softcap)
+    else:
+        out = reference.attention(query, key, value, mask, scaling, softcap)
     layer.set_valid(valid)
+    layer.count_real(None if valid is None else valid[:, 0, -q_len:], query.shape[0], q_len)
+    _compress(context, layer, query, mask, scaling, softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None):
+    """Attention over a ragged layer: its packed per-head prefix and its dense tail, merged."""
+    q_len = query.shape[-2]
+    if mask is None and q_len > 1:
+        mask = reference.causal_mask(q_len, key.shape[-2], query.device)
+    tail = reference.attention_with_lse(query, key, value, mask, scaling, softcap)
+    if q_len == 1:
+        prefix = ragged_decode_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
+    else:
+        prefix = reference.ragged_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
+    return reference.merge_attention([prefix, tail]).to(query.dtype)
+
+
+def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None) -> None:
+    """Ask the policy what to keep, and drop the rest from storage."""
+    policy = context.state.policy
+    keys, values, valid = layer.dense_view() if isinstance(layer, RaggedLayer) else (layer.keys, layer.values, layer.valid)
+    if valid is None:
+        valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    if isinstance(layer, RaggedLayer) and layer.has_prefix:
+        mask = _mask_with_prefix(layer, mask, query, keys.shape[2], valid)
     view = CompressionView(
         query=query,
-        keys=layer.keys,
-        values=layer.values,
-        valid=valid if valid is not None else torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=key.device),
+        keys=keys,
+        values=values,
+        valid=valid,
         attention_mask=mask,
-        phase=_phase(layer, q_len),
+        phase=_phase(layer, query.shape[-2]),
         layer_idx=context.layer_idx,
         scaling=scaling,
         softcap=softcap,
         num_seen=layer.seen,
         num_layers=len(context.state.active_cache.layers),
         state=layer.state,
+        seen_per_row=layer.real_seen.to(keys.device),
     )
-    keep = context.state.policy.select(view)
+    keep = policy.select_mask(view)
     if keep is not None:
-        layer.keep(keep)
-    return out.transpose(1, 2).contiguous(), None
+        layer.keep_mask(keep)
+
+
+def _mask_with_prefix(layer: RaggedLayer, tail_mask, query, num_keys: int, valid) -> torch.Tensor:
+    """The new queries' mask over a ragged layer's dense view: every real prefix token, then the tail."""
+    batch, heads, q_len = query.shape[:3]
+    kv_heads = valid.shape[1]
+    prefix_len = num_keys - layer.keys.shape[-2]
+    prefix_cols = reference.expand_kv_heads(valid[..., :prefix_len], heads // kv_heads)[:, :, None, :]
+    prefix_cols = prefix_cols.expand(batch, heads, q_len, prefix_len)
+    if tail_mask is None:
+        tail_mask = reference.causal_mask(q_len, layer.keys.shape[-2], query.device)
+    return torch.cat([prefix_cols, tail_mask.expand(batch, heads, q_len, -1)], dim=-1)

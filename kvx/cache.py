@@ -27,6 +27,8 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from kvx.policy import mask_to_indices
+
 
 class CompressedLayer(CacheLayerMixin):
     """KV storage of one full-attention layer, compressed by a policy.
@@ -47,6 +49,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.valid: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
+        self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row (CPU)
         self.seen = 0
         self.past_stored = 0
         self.past_seen = 0
@@ -81,15 +84,22 @@ class CompressedLayer(CacheLayerMixin):
         """Whether any token seen before the latest update is no longer stored."""
         return self.past_stored != self.past_seen
 
-    def keep(self, indices: torch.Tensor) -> None:
-        """Keep only the tokens at ``indices [B, Hkv, K]`` (ascending); free the rest."""
+    def keep_mask(self, keep: torch.Tensor) -> None:
+        """Keep only the tokens marked in ``keep [B, Hkv, S]``; free the rest. Rows or heads that
+        keep fewer than the most get padding slots on the left, marked invalid."""
+        indices, slot_valid = mask_to_indices(keep)
         gather_index = indices[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, gather_index)
         self.values = self.values.gather(2, gather_index)
-        if self.valid is not None:
-            self.set_valid(self.valid.gather(2, indices))
+        valid = slot_valid if self.valid is None else self.valid.gather(2, indices) & slot_valid
+        self.set_valid(valid)
         for name, stat in self.state.items():
             self.state[name] = stat.gather(2, indices)
+
+    def count_real(self, new_valid: torch.Tensor | None, batch: int, new_tokens: int) -> None:
+        """Add the real (non-padding) tokens of the latest update, ``new_valid [B, q]``, per row."""
+        added = torch.full((batch,), new_tokens, dtype=torch.long) if new_valid is None else new_valid.sum(-1).cpu()
+        self.real_seen = added if self.real_seen is None else self.real_seen + added
 
     def set_valid(self, valid: torch.Tensor | None) -> None:
         """Record which stored slots hold real tokens (None or all True: every slot)."""
@@ -116,7 +126,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = None
+        self.keys = self.values = self.valid = self.real_seen = None
         self.state = {}
         self.is_initialized = False
         self.seen = self.past_stored = self.past_seen = 0
@@ -133,6 +143,8 @@ class CompressedLayer(CacheLayerMixin):
             if self.valid is not None:
                 self.valid = fn(self.valid)
             self.state = {name: fn(stat) for name, stat in self.state.items()}
+            if self.real_seen is not None:
+                self.real_seen = fn(self.real_seen.to(self.keys.device)).cpu()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -144,8 +156,75 @@ class CompressedLayer(CacheLayerMixin):
         self._select_batch(lambda t: t[indices, ...])
 
 
+class RaggedLayer(CompressedLayer):
+    """KV storage where each KV head keeps its own number of tokens (head-wise budgets).
+
+    Two parts: a *prefix* packed per (row, KV head) segment, with no padding to the longest head
+    (``prefix_keys/prefix_values [N, D]``, ``prefix_offsets [B * Hkv + 1]``, see
+    ``kvx.kernels.reference.pack_ragged``), and a dense *tail* (``keys/values [B, Hkv, T, D]``,
+    inherited) of the tokens appended since the last compression. Attention reads both and merges
+    them by log-sum-exp; a compression re-packs everything into the prefix.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.prefix_keys: torch.Tensor | None = None
+        self.prefix_values: torch.Tensor | None = None
+        self.prefix_offsets: torch.Tensor | None = None
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_offsets is not None
+
+    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything stored as ``(keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T])``, the
+        prefix padded to its longest head (a transient view for scoring)."""
+        from kvx.kernels.reference import unpack_ragged
+
+        batch, kv_heads, tail = self.keys.shape[:3]
+        tail_valid = self.valid if self.valid is not None else self.keys.new_ones(batch, kv_heads, tail, dtype=torch.bool)
+        if not self.has_prefix:
+            return self.keys, self.values, tail_valid
+        keys, valid = unpack_ragged(self.prefix_keys, self.prefix_offsets, batch, kv_heads)
+        values, _ = unpack_ragged(self.prefix_values, self.prefix_offsets, batch, kv_heads)
+        return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2), torch.cat([valid, tail_valid], -1)
+
+    def repack(self, keep: torch.Tensor) -> None:
+        """Keep the tokens marked in ``keep [B, Hkv, P + T]`` (a mask over :meth:`dense_view`),
+        packed per head; the tail starts empty again."""
+        from kvx.kernels.reference import pack_ragged
+
+        keys, values, valid = self.dense_view()
+        keep = keep & valid
+        self.prefix_keys, self.prefix_offsets = pack_ragged(keys, keep)
+        self.prefix_values, _ = pack_ragged(values, keep)
+        self.keys, self.values = keys[..., :0, :].clone(), values[..., :0, :].clone()
+        self.valid = None
+
+    def keep_mask(self, keep: torch.Tensor) -> None:
+        self.repack(keep)
+
+    def kept_per_head(self) -> torch.Tensor:
+        kept = super().kept_per_head()
+        if self.has_prefix:
+            kept = kept + self.prefix_offsets.diff().reshape(kept.shape).cpu()
+        return kept
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefix_keys = self.prefix_values = self.prefix_offsets = None
+
+    def _select_batch(self, fn) -> None:
+        if self.has_prefix:
+            raise NotImplementedError(
+                "beam search and batch re-ordering are not supported yet with head-wise (ragged) budgets"
+            )
+        super()._select_batch(fn)
+
+
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
-    tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid")]
+    tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid", "prefix_keys", "prefix_values",
+                                                  "prefix_offsets")]
     return [t for t in tensors + list(getattr(layer, "state", {}).values()) if t is not None]
 
 
@@ -169,6 +248,11 @@ def cache_nbytes(cache: Cache | None) -> int:
     return 0 if cache is None else _held_bytes([t for layer in cache.layers for t in _layer_tensors(layer)])
 
 
+def _kv_bytes(layer: CacheLayerMixin) -> int:
+    names = ("keys", "values", "prefix_keys", "prefix_values")
+    return _held_bytes([t for t in (getattr(layer, n, None) for n in names) if t is not None])
+
+
 class SlidingWindowLayer(DynamicSlidingWindowLayer):
     """transformers' sliding-window layer, minus one leak: after a long prefill it would keep a
     view of the whole prompt's keys/values alive; this copies the window out instead."""
@@ -185,12 +269,13 @@ class LayerStats:
     """What one cache layer holds. ``kept_min``/``kept_max`` range over rows and KV heads."""
 
     layer: int
-    kind: str  # "compressed" (policy applies) or "sliding(W)" (the model's own window)
+    kind: str  # "compressed" or "ragged" (policy applies), "sliding(W)" (the model's own window)
     seen: int
     stored: int
     kept_min: int
     kept_max: int
     nbytes: int
+    kv_bytes: int = 0  # keys and values alone (nbytes adds bookkeeping: padding masks, offsets, stats)
     kept_per_head: list[list[int]] | None = None  # [B][Hkv], given where heads differ
 
     def as_dict(self) -> dict[str, Any]:
@@ -209,13 +294,19 @@ class KVCache(Cache):
     by hand: ``kvx.KVCache(model.config)``.
     """
 
-    def __init__(self, config: PretrainedConfig):
+    STORAGES = ("dense", "ragged")
+
+    def __init__(self, config: PretrainedConfig, storage: str = "dense"):
+        if storage not in self.STORAGES:
+            raise ValueError(f"unknown KV storage {storage!r}; choose from {', '.join(self.STORAGES)}")
+        self.storage = storage
+        full_layer = RaggedLayer if storage == "ragged" else CompressedLayer
         config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers: list[CacheLayerMixin] = []
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             if layer_type == "full_attention":
-                layers.append(CompressedLayer())
+                layers.append(full_layer())
             elif layer_type in ("sliding_attention", "chunked_attention"):
                 layers.append(SlidingWindowLayer(**kwargs))
             else:
@@ -226,7 +317,7 @@ class KVCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def convert_in_place(cls, cache: Any, config: PretrainedConfig) -> KVCache:
+    def convert_in_place(cls, cache: Any, config: PretrainedConfig, storage: str = "dense") -> KVCache:
         """Turn an empty ``DynamicCache`` (what ``generate()`` builds, or what a caller made and
         will pass again) into a kvx cache, keeping the object, so every reference to it sees the
         compressed cache. Anything else raises."""
@@ -242,7 +333,7 @@ class KVCache(Cache):
             )
         cache.__dict__.clear()
         cache.__class__ = cls
-        cls.__init__(cache, config)
+        cls.__init__(cache, config, storage)
         return cache
 
     def nbytes(self) -> int:
@@ -259,9 +350,13 @@ class KVCache(Cache):
             kept = layer.kept_per_head()
             low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
             per_head = kept.tolist() if low != high else None
-            return LayerStats(idx, "compressed", layer.seen, stored, low, high, layer_nbytes(layer), per_head)
+            kind = "ragged" if isinstance(layer, RaggedLayer) else "compressed"
+            if isinstance(layer, RaggedLayer) and layer.has_prefix:
+                stored += int(layer.prefix_offsets.diff().reshape(kept.shape).max())
+            return LayerStats(idx, kind, layer.seen, stored, low, high, layer_nbytes(layer), _kv_bytes(layer), per_head)
         seen = layer.get_seq_length()
-        return LayerStats(idx, f"sliding({layer.sliding_window})", seen, stored, stored, stored, layer_nbytes(layer))
+        return LayerStats(idx, f"sliding({layer.sliding_window})", seen, stored, stored, stored, layer_nbytes(layer),
+                          _kv_bytes(layer))
 
     def format_stats(self) -> str:
         """The per-layer stats as an aligned text table."""

@@ -42,7 +42,8 @@ class CompressionView:
         layer_idx: index of the decoder layer.
         scaling: the softmax scale the model used.
         softcap: attention logit soft-capping of the model (Gemma 2), or None.
-        num_seen: tokens this layer has been given in total (stored or evicted).
+        num_seen: tokens this layer has been given in total (stored or evicted), padding included.
+        seen_per_row: ``[B]`` real tokens each row has given this layer (None: ``num_seen`` each).
         num_layers: decoder layers of the model.
         state: per-token policy state of this layer, name -> ``[B, Hkv, S]`` tensor; the cache
             keeps it aligned with the stored tokens (zeros for new ones, gathered on eviction).
@@ -60,6 +61,13 @@ class CompressionView:
     num_seen: int = 0
     num_layers: int = 1
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    seen_per_row: torch.Tensor | None = None
+
+    def real_seen(self) -> torch.Tensor:
+        """``[B]`` real (non-padding) tokens each row has given this layer, evicted ones included."""
+        if self.seen_per_row is not None:
+            return self.seen_per_row
+        return torch.full((self.keys.shape[0],), self.num_seen, dtype=torch.long, device=self.keys.device)
 
     @property
     def num_stored(self) -> int:
@@ -85,11 +93,28 @@ class Policy:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    storage: ClassVar[str] = "dense"
+    """``dense``: every KV head keeps the same number of tokens; ``ragged``: heads keep their own
+    (the policy gives ``select_mask`` instead of ``select``)."""
+
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        """``keep [B, Hkv, S]`` bool over the stored tokens, or None to keep everything.
+
+        Decisions are per row (a row compresses when *its* real tokens exceed *its* capacity),
+        so a row gets the same result alone as in a padded batch.
+        """
+        raise NotImplementedError
 
     def select(self, view: CompressionView) -> torch.Tensor | None:
-        """Indices ``[B, Hkv, K]`` (ascending along the last dim) of the stored tokens to keep, or
-        None to keep everything."""
-        raise NotImplementedError
+        """Indices ``[B, Hkv, K]`` (ascending) of the tokens to keep, where every row and head keeps
+        the same number (a convenience over :meth:`select_mask`)."""
+        keep = self.select_mask(view)
+        if keep is None:
+            return None
+        indices, slot_valid = mask_to_indices(keep)
+        if not bool(slot_valid.all()):
+            raise ValueError("rows or heads keep different numbers of tokens: use select_mask")
+        return indices
 
     @classmethod
     def options(cls) -> list[dict[str, Any]]:
@@ -120,8 +145,8 @@ class EvictionPolicy(Policy):
     """False where scores are a positional rule rather than an importance (StreamingLLM): such a
     policy cannot drive a head-budget allocation."""
 
-    def capacity(self, view: CompressionView) -> int:
-        """Tokens the layer holds after compression."""
+    def capacity(self, view: CompressionView) -> torch.Tensor:
+        """``[B]`` tokens each row keeps (per KV head) when it compresses."""
         raise NotImplementedError
 
     def observe(self, view: CompressionView) -> None:
@@ -131,29 +156,26 @@ class EvictionPolicy(Policy):
         """``[B, Hkv, S]`` float importance of each stored token (``+inf`` = must keep)."""
         raise NotImplementedError
 
-    def compresses(self, view: CompressionView) -> bool:
-        return view.phase in self.phases
+    def triggered(self, view: CompressionView, real: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+        """Which ``[B, Hkv]`` (row, head) compress now, given their real token counts and capacities."""
+        if view.phase not in self.phases:
+            return torch.zeros_like(real, dtype=torch.bool)
+        return real > capacity
 
-    def select(self, view: CompressionView) -> torch.Tensor | None:
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         self.observe(view)
-        if not self.compresses(view):
-            return None
-        capacity = self.capacity(view)
-        if view.num_stored <= capacity:
+        real = view.valid.sum(-1)  # [B, Hkv]
+        capacity = self.capacity(view).to(real.device)[:, None].expand_as(real)
+        compress = self.triggered(view, real, capacity)
+        if not bool(compress.any()):
             return None
         scores = self.score(view).float().masked_fill(~view.valid, -math.inf)
-        return top_tokens(scores, capacity)
+        count = torch.where(compress, capacity, real)  # rows that do not compress keep all they have
+        return (token_ranks(scores) < count[..., None]) & view.valid
 
 
-def top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices ``[B, Hkv, count]`` (ascending) of the best ``scores [B, Hkv, S]``.
-
-    Ties go to the more recent token, so the choice depends only on positions counted from the
-    newest token: a row picks the same tokens alone as in a left-padded batch.
-    """
-    newest_first = scores.flip(-1)
-    order = newest_first.sort(dim=-1, descending=True, stable=True).indices[..., :count]
-    return (scores.shape[-1] - 1 - order).sort(dim=-1).values
+def capacity_tensor(view: CompressionView, budget: int) -> torch.Tensor:
+    return torch.full((view.keys.shape[0],), budget, dtype=torch.long, device=view.keys.device)
 
 
 @dataclass
@@ -162,10 +184,10 @@ class BudgetedPolicy(EvictionPolicy):
 
     - ``budget``: tokens kept per layer and KV head; a budget at or above what a layer holds is a
       no-op (nothing is scored or evicted);
-    - ``ratio``: when set, replaces ``budget`` with ``ceil((1 - ratio) * tokens seen)``, kvpress's
-      "compression ratio" (0.75 keeps a quarter);
+    - ``ratio``: when set, replaces ``budget`` with ``ceil((1 - ratio) * tokens seen)`` per row,
+      kvpress's "compression ratio" (0.75 keeps a quarter);
     - ``decode_interval``: 0 compresses prompts only; N > 0 also compresses while generating,
-      whenever the layer has grown N tokens past its capacity, so it never holds more than
+      whenever a row has grown N tokens past its capacity, so it never holds more than
       ``capacity + N - 1`` tokens after a step.
     """
 
@@ -180,15 +202,40 @@ class BudgetedPolicy(EvictionPolicy):
                 raise ValueError(f"{self.name}: ratio must be a number in [0, 1), got {self.ratio!r}")
         check_positive_int(self.name, "decode_interval", self.decode_interval, minimum=0)
 
-    def capacity(self, view: CompressionView) -> int:
+    def capacity(self, view: CompressionView) -> torch.Tensor:
         if self.ratio is None:
-            return self.budget
-        return max(1, math.ceil((1 - self.ratio) * view.num_seen))
+            return capacity_tensor(view, self.budget)
+        return torch.ceil((1 - self.ratio) * view.real_seen().double()).long().clamp(min=1)
 
-    def compresses(self, view: CompressionView) -> bool:
+    def triggered(self, view: CompressionView, real: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         if view.phase == "decode":
-            return self.decode_interval > 0 and view.num_stored >= self.capacity(view) + self.decode_interval
-        return view.phase in self.phases
+            if self.decode_interval <= 0:
+                return torch.zeros_like(real, dtype=torch.bool)
+            return real >= capacity + self.decode_interval
+        return super().triggered(view, real, capacity)
+
+
+def token_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every token within its (row, head), best first ``[B, Hkv, S]``.
+
+    Ties go to the more recent token, so ranks depend only on positions counted from the newest
+    token: a row ranks its tokens the same alone as in a left-padded batch.
+    """
+    order = scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks.flip(-1)
+
+
+def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep [B, Hkv, S]`` -> ``(indices [B, Hkv, W], slot_valid [B, Hkv, W])``, ``W`` the largest
+    count; kept tokens in ascending order, right-aligned (left-padded with invalid slots) like a
+    left-padded batch."""
+    positions = torch.arange(1, keep.shape[-1] + 1, device=keep.device)
+    key = torch.where(keep, positions, torch.zeros_like(positions))  # 0 for dropped tokens
+    width = int(keep.sum(-1).max())
+    ordered = key.sort(dim=-1).values[..., keep.shape[-1] - width :]
+    return (ordered - 1).clamp(min=0), ordered > 0
 
 
 def check_positive_int(policy: str, name: str, value: Any, minimum: int = 1) -> None:

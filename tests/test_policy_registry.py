@@ -58,16 +58,14 @@ def test_nothing_happens_when_everything_fits():
 
 def test_snapkv_always_keeps_the_window_and_never_padding():
     valid = torch.ones(2, 2, 16, dtype=torch.bool)
-    valid[1, :, :10] = False  # row 1 owns 6 tokens
+    valid[1, :, :10] = False  # row 1 owns 6 tokens: fewer than the budget, it keeps them all
     policy = kvx.policies.SnapKV(budget=8, window=3, kernel_size=3)
     view = _view(valid, query_len=3, heads=4)
     scores = policy.score(view)
     assert torch.isinf(scores[..., -3:]).all()
-    keep = policy.select(view)
-    assert keep.shape == (2, 2, 8)
-    assert (keep[..., -3:] == torch.tensor([13, 14, 15])).all()
-    kept_valid = valid.gather(2, keep)
-    assert kept_valid[1].sum(-1).tolist() == [6, 6]  # all of row 1's tokens, padding slots masked
+    keep = policy.select_mask(view)
+    assert keep[0].sum(-1).tolist() == [8, 8] and keep[0, :, -3:].all()
+    assert torch.equal(keep[1], valid[1])  # all of row 1's tokens, no padding
 
 
 def test_snapkv_gqa_reduction_changes_scores():

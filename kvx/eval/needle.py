@@ -230,7 +230,7 @@ class NeedleRunner:
 def _kept_tokens(cache) -> int:
     """Fewest real tokens any full-attention layer holds at the end (all of them when dense)."""
     if isinstance(cache, kvx.KVCache):
-        kept = [s["kept_min"] for s in cache.stats() if s["kind"] == "compressed"]
+        kept = [s["kept_min"] for s in cache.stats() if s["kind"] in ("compressed", "ragged")]
         return min(kept) if kept else 0
     return cache.get_seq_length()
 

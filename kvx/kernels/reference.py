@@ -147,10 +147,12 @@ def pack_ragged(dense: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def unpack_ragged(packed: torch.Tensor, offsets: torch.Tensor, batch: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_ragged`, padded to the longest segment: ``([B, Hkv, P, ...], valid [B, Hkv, P])``."""
+    """Inverse of :func:`pack_ragged`, left-padded to the longest segment: ``([B, Hkv, P, ...],
+    valid [B, Hkv, P])``. Right-aligned like a left-padded batch, so positions counted from the
+    newest token do not depend on how long the other segments are."""
     counts = offsets.diff()
     longest = int(counts.max()) if counts.numel() else 0
-    valid = torch.arange(longest, device=packed.device)[None, :] < counts[:, None]  # [B*Hkv, P]
+    valid = torch.arange(longest, device=packed.device)[None, :] >= longest - counts[:, None]  # [B*Hkv, P]
     dense = packed.new_zeros(batch * kv_heads, longest, *packed.shape[1:])
     dense[valid] = packed
     return dense.reshape(batch, kv_heads, longest, *packed.shape[1:]), valid.reshape(batch, kv_heads, longest)

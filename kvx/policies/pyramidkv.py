@@ -21,6 +21,7 @@ from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
     EvictionPolicy,
+    capacity_tensor,
     check_positive_int,
     make_policy,
     option,
@@ -52,6 +53,8 @@ class PyramidKV(BudgetedPolicy):
         if isinstance(self.schedule, (list, tuple)):
             for budget in self.schedule:
                 check_positive_int(self.name, "each schedule entry", budget)
+            if self.ratio is not None:
+                raise ValueError("pyramidkv: a schedule list gives absolute budgets; it cannot be combined with ratio")
         elif self.schedule not in SCHEDULES:
             raise ValueError(f"pyramidkv: schedule must be one of {', '.join(SCHEDULES)} or a list; got {self.schedule!r}")
         self._scorer = self._build_scorer()
@@ -87,9 +90,12 @@ class PyramidKV(BudgetedPolicy):
         high = 2 * budget - low
         return [max(self.window, round(high - (high - low) * i / (num_layers - 1))) for i in range(num_layers)]
 
-    def capacity(self, view: CompressionView) -> int:
-        average = super().capacity(view)
-        return self.layer_budgets(view.num_layers, average)[view.layer_idx]
+    def capacity(self, view: CompressionView) -> torch.Tensor:
+        budget = self.layer_budgets(view.num_layers, self.budget)[view.layer_idx]
+        if self.ratio is None or isinstance(self.schedule, (list, tuple)):
+            return capacity_tensor(view, budget)
+        average = super().capacity(view)  # [B], from the ratio
+        return (average.double() * budget / self.budget).round().long().clamp(min=self.window)
 
     def observe(self, view: CompressionView) -> None:
         self._scorer.observe(view)

@@ -16,7 +16,15 @@ from typing import ClassVar
 
 import torch
 
-from kvx.policy import CompressionView, EvictionPolicy, Phase, check_positive_int, option, register_policy
+from kvx.policy import (
+    CompressionView,
+    EvictionPolicy,
+    Phase,
+    capacity_tensor,
+    check_positive_int,
+    option,
+    register_policy,
+)
 
 
 @register_policy
@@ -37,8 +45,8 @@ class StreamingLLM(EvictionPolicy):
 
     scores_rank_tokens: ClassVar[bool] = False
 
-    def capacity(self, view: CompressionView) -> int:
-        return self.sink + self.window
+    def capacity(self, view: CompressionView) -> torch.Tensor:
+        return capacity_tensor(view, self.sink + self.window)
 
     def score(self, view: CompressionView) -> torch.Tensor:
         valid = view.valid  # [B, Hkv, S]

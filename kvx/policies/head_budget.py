@@ -1,0 +1,107 @@
+"""Head-wise budgets (AdaKV): one budget per layer, shared among its KV heads by score.
+
+Paper: Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
+Efficient LLM Inference" (2024).
+
+A layer keeps ``n_kv_heads x budget`` tokens in total, chosen by the scores of ``scorer`` across
+all its heads at once, so focused heads give their share to heads that spread their attention.
+Each head keeps at least ``floor x budget`` of its best tokens (AdaKV's safeguard), plus what the
+scorer forces (its window). Heads end up with different token counts, so storage is ragged: each
+head holds exactly its own tokens, packed, with no padding and no masking of stored keys, and
+decode attention reads that storage directly (``kvx.kernels.ragged_decode``).
+
+Scorers that keep running statistics (h2o, keyformer) are not supported here yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvx.policy import (
+    BudgetedPolicy,
+    CompressionView,
+    EvictionPolicy,
+    make_policy,
+    option,
+    policy_class,
+    register_policy,
+    token_ranks,
+)
+
+STATELESS_SCORERS = ("snapkv", "tova", "knorm")
+
+
+@register_policy
+@dataclass
+class HeadBudget(BudgetedPolicy):
+    """A layer's budget shared among its KV heads by score, ragged storage (Feng et al., 2024)."""
+
+    name: ClassVar[str] = "head_budget"
+    summary: ClassVar[str] = "one budget per layer shared among KV heads by score; ragged storage (AdaKV, Feng et al., 2024)"
+    storage: ClassVar[str] = "ragged"
+
+    scorer: Any = option("snapkv", f"policy whose scores rank tokens: {', '.join(STATELESS_SCORERS)}, or an object")
+    window: int = option(32, "the scorer's window (snapkv observation window), kept by every head")
+    floor: float = option(0.2, "each KV head keeps at least floor x budget of its best tokens, in [0, 1]")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
+            raise ValueError(f"head_budget: floor must be a number in [0, 1], got {self.floor!r}")
+        self._scorer = self._build_scorer()
+
+    def _build_scorer(self) -> EvictionPolicy:
+        if isinstance(self.scorer, str):
+            cls = policy_class(self.scorer)
+            if not issubclass(cls, EvictionPolicy) or not cls.scores_rank_tokens:
+                raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens; "
+                                f"use one of {', '.join(STATELESS_SCORERS)}")
+            if cls.name not in STATELESS_SCORERS:
+                raise ValueError(f"head_budget: scorer {self.scorer!r} keeps running statistics, which ragged storage "
+                                 f"does not carry yet; use one of {', '.join(STATELESS_SCORERS)}")
+            options = {"window": self.window} if cls.name == "snapkv" else {}
+            return make_policy(cls.name, budget=max(self.window, 1), **options)
+        if not isinstance(self.scorer, EvictionPolicy) or not self.scorer.scores_rank_tokens:
+            raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens")
+        return self.scorer
+
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its
+        heads, exceed ``Hkv x capacity``; None when no row does."""
+        real = view.valid.sum(-1).sum(-1)  # [B] over all heads
+        kv_heads = view.valid.shape[1]
+        capacity = self.capacity(view).to(real.device)
+        total = kv_heads * capacity
+        if view.phase == "decode":
+            if self.decode_interval <= 0:
+                return None
+            compress = real >= total + kv_heads * self.decode_interval
+        elif view.phase in self.phases:
+            compress = real > total
+        else:
+            return None
+        if not bool(compress.any()):
+            return None
+        scores = self._scorer.score(view).float().masked_fill(~view.valid, -math.inf)
+        keep = allocate_head_budgets(scores, capacity, self.floor)
+        return torch.where(compress[:, None, None], keep, view.valid)
+
+
+def allocate_head_budgets(scores: torch.Tensor, capacity: torch.Tensor, floor: float) -> torch.Tensor:
+    """Keep-mask ``[B, Hkv, S]``: per row ``b``, ``Hkv x capacity[b]`` tokens (fewer if fewer are
+    real), each head at least its ``floor x capacity[b]`` best, the rest the best scores of the
+    whole layer. Ties go to the more recent token."""
+    batch, kv_heads, length = scores.shape
+    real = scores > -math.inf
+    guaranteed = (token_ranks(scores) < (floor * capacity).long()[:, None, None]) & real
+    # rank every other token across the whole layer (newest first on ties), per row
+    rest = scores.masked_fill(guaranteed, -math.inf).flip(-1).reshape(batch, kv_heads * length)
+    order = rest.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    remaining = kv_heads * capacity - guaranteed.reshape(batch, -1).sum(-1)  # [B]
+    picked = (ranks < remaining[:, None]) & (rest > -math.inf)
+    return guaranteed | picked.reshape(batch, kv_heads, length).flip(-1)

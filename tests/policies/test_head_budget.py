@@ -1,0 +1,91 @@
+"""Head-wise budgets on ragged storage: real per-head counts, exact bytes, the same outputs as
+the dense path where both should agree, rows alone = rows in a padded batch."""
+
+import pytest
+import torch
+
+import kvx
+from kvx.tiny import tiny_model
+
+from conftest import MODEL_TYPES, greedy, left_pad, random_ids
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_floor_one_reproduces_snapkv_through_the_ragged_path(backend, monkeypatch):
+    """With floor=1 each head keeps exactly its own top-k: the same tokens SnapKV keeps, so the
+    ragged storage, its packing, the prefix/tail merge and the decode kernel must give SnapKV's
+    outputs."""
+    pytest.importorskip("triton") if backend == "triton" else None
+    monkeypatch.setenv("KVX_BACKEND", backend)
+    model = tiny_model("llama")
+    ids = random_ids(1, 60, seed=50)
+    with kvx.patched(model, "snapkv", budget=12, window=4):
+        dense_seq, dense_logits, dense_cache = greedy(model, ids, new_tokens=5)
+    with kvx.patched(model, "head_budget", budget=12, window=4, floor=1.0):
+        seq, logits, cache = greedy(model, ids, new_tokens=5)
+    assert all(s["kind"] == "ragged" for s in cache.stats())
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_keep_different_counts_and_bytes_are_exact():
+    model = tiny_model("llama", num_key_value_heads=2, num_attention_heads=4)
+    ids = random_ids(1, 80, seed=51)
+    with kvx.patched(model, "head_budget", budget=16, window=4, floor=0.0):
+        _, _, cache = greedy(model, ids, new_tokens=3)
+    dim = model.config.head_dim
+    uneven = False
+    for s, layer in zip(cache.stats(), cache.layers):
+        kept = torch.tensor(s.get("kept_per_head", [[s["kept_min"]] * 2]))
+        uneven |= s["kept_min"] != s["kept_max"]
+        assert int(kept.sum()) == 2 * 16 + 2 * 2  # the layer's budget over its 2 heads, + 2 decoded tokens per head
+        assert s["kv_bytes"] == int(kept.sum()) * 2 * dim * 4  # (K + V) x dim x fp32, no padding
+        assert s["nbytes"] == s["kv_bytes"] + layer.prefix_offsets.numel() * 8  # + segment offsets
+    assert uneven
+
+
+def test_padded_batch_equals_rows_alone():
+    model = tiny_model("llama", dtype=torch.float64)
+    rows = [random_ids(1, n, seed=n)[0] for n in (45, 30, 9)]
+    ids, mask = left_pad(rows)
+    with kvx.patched(model, "head_budget", budget=12, window=4, decode_interval=2):
+        batch_seq, batch_logits, cache = greedy(model, ids, mask, new_tokens=6)
+        for i, row in enumerate(rows):
+            seq, logits, alone = greedy(model, row[None], new_tokens=6)
+            assert torch.equal(batch_seq[i, -6:], seq[0, -6:])
+            torch.testing.assert_close(batch_logits[:, i], logits[:, 0], rtol=1e-6, atol=1e-6)
+            for in_batch, by_itself in zip(cache.stats(), alone.stats()):
+                per_head = in_batch["kept_per_head"][i] if "kept_per_head" in in_batch else [in_batch["kept_min"]] * 2
+                alone_heads = by_itself.get("kept_per_head", [[by_itself["kept_min"]] * 2])[0]
+                assert per_head == alone_heads  # padding is never stored
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_full_budget_equals_dense(model_type):
+    model = tiny_model(model_type)
+    ids = random_ids(1, 40, seed=52)
+    dense_seq, dense_logits, _ = greedy(model, ids)
+    with kvx.patched(model, "head_budget", budget=1024, decode_interval=1):
+        seq, logits, _ = greedy(model, ids)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"scorer": "streaming_llm"}, TypeError, "has no scores that rank tokens"),
+        ({"scorer": "h2o"}, ValueError, "keeps running statistics"),
+        ({"floor": 1.5}, ValueError, r"floor must be a number in \[0, 1\]"),
+        ({"scorer": "nope"}, ValueError, "unknown policy 'nope'"),
+    ],
+)
+def test_bad_input(options, error, match):
+    with pytest.raises(error, match=match):
+        kvx.make_policy("head_budget", **options)
+
+
+def test_a_dense_cache_is_refused_for_ragged_policies():
+    model = tiny_model("llama")
+    with kvx.patched(model, "head_budget", budget=8), pytest.raises(ValueError, match="needs ragged"):
+        model(random_ids(1, 10), past_key_values=kvx.KVCache(model.config))
