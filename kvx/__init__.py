@@ -8,7 +8,7 @@
 """
 
 from kvx import policies
-from kvx.api import is_patched, patch, patched, policy_of, unpatch
+from kvx.api import compress_context, is_patched, patch, patched, policy_of, prefill, unpatch
 from kvx.cache import KVCache
 from kvx.patches import supported_model_types
 from kvx.policy import CompressionView, EvictionPolicy, Policy, list_policies, make_policy, register_policy
@@ -20,6 +20,7 @@ __all__ = [
     "EvictionPolicy",
     "KVCache",
     "Policy",
+    "compress_context",
     "is_patched",
     "list_policies",
     "make_policy",
@@ -27,6 +28,7 @@ __all__ = [
     "patched",
     "policies",
     "policy_of",
+    "prefill",
     "register_policy",
     "supported_model_types",
     "unpatch",

@@ -28,16 +28,26 @@ from kvx.policy import Policy, make_policy
 STATE_ATTR = "_kvx_state"
 
 
-def patch(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Policy:
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def patch(
+    model: torch.nn.Module, policy: str | Policy, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE, **options: Any
+) -> Policy:
     """Make ``model`` store and attend through ``policy``; returns the policy object.
 
     Args:
         model: a transformers causal LM (or its base model) of a supported architecture.
         policy: a registered name (``kvx.list_policies()``) or a policy object.
+        chunk_size: ``generate()`` feeds prompts longer than this in chunks of this many tokens,
+            and the policy compresses between chunks, so peak memory follows budget + chunk rather
+            than the prompt length (transformers' ``prefill_chunk_size``). None: one piece.
         **options: options of a named policy, e.g. ``budget=1024``.
 
     Patching a patched model replaces its policy.
     """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     adapter = adapter_for(model)
     policy = make_policy(policy, **options)
     modules = adapter.attention_modules(model)
@@ -45,7 +55,14 @@ def patch(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Polic
     if is_patched(model):
         unpatch(model)
     register()
-    state = PatchState(policy, adapter.model_type, model.config._attn_implementation)
+    generation_config = getattr(model, "generation_config", None)
+    state = PatchState(
+        policy, adapter.model_type, model.config._attn_implementation,
+        original_chunk_size=getattr(generation_config, "prefill_chunk_size", None),
+        chunk_size=chunk_size,
+    )
+    if generation_config is not None:
+        generation_config.prefill_chunk_size = chunk_size
     for module in modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
     base = getattr(model, "base_model", model)
@@ -70,6 +87,8 @@ def unpatch(model: torch.nn.Module) -> None:
         if hasattr(module, CONTEXT_ATTR):
             delattr(module, CONTEXT_ATTR)
     model.set_attn_implementation(state.original_attn_implementation)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.prefill_chunk_size = state.original_chunk_size
     state.active_cache = None
     for module in (getattr(model, "base_model", model), model):
         if hasattr(module, STATE_ATTR):
@@ -90,14 +109,70 @@ def policy_of(model: torch.nn.Module) -> Policy | None:
 def patched(model: torch.nn.Module, policy: str | Policy, **options: Any) -> Iterator[Policy]:
     """``with kvx.patched(model, "snapkv", budget=512) as policy: ...``; on exit the model is as it was
     (unpatched, or patched with its previous policy)."""
-    previous = policy_of(model)
+    previous = getattr(model, STATE_ATTR, None)
     try:
         yield patch(model, policy, **options)
     finally:
         if is_patched(model):
             unpatch(model)
         if previous is not None:
-            patch(model, previous)
+            patch(model, previous.policy, chunk_size=previous.chunk_size)
+
+
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    cache: KVCache | None = None,
+):
+    """Run a prompt through a patched model in chunks, compressing between them; returns the
+    output of the last chunk (its ``past_key_values`` is the compressed cache).
+
+    What ``generate()`` does by itself when patched with ``chunk_size``, for forward loops and
+    wrappers that call the model directly. ``attention_mask`` covers the whole prompt (left padding).
+    """
+    state = _state(model)
+    cache = cache if cache is not None else KVCache(model.config, state.policy.storage)
+    step = chunk_size or input_ids.shape[1]
+    out = None
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[1], step):
+            stop = min(start + step, input_ids.shape[1])
+            mask = None if attention_mask is None else attention_mask[:, :stop]
+            position_ids = None if attention_mask is None else _positions(attention_mask)[:, start:stop]
+            out = model(input_ids[:, start:stop], attention_mask=mask, position_ids=position_ids,
+                        past_key_values=cache, logits_to_keep=1)
+    return out
+
+
+def compress_context(
+    model: torch.nn.Module,
+    context_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> KVCache:
+    """Query-aware evaluation's first half: compress the context alone, then freeze the cache so
+    that what comes next (the question, the answer) is appended uncompressed::
+
+        cache = kvx.compress_context(model, context_ids)
+        out = model.generate(torch.cat([context_ids, question_ids], 1), past_key_values=cache, ...)
+    """
+    cache = prefill(model, context_ids, attention_mask, chunk_size).past_key_values
+    cache.frozen = True
+    return cache
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logical positions under left padding, as ``generate()`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _state(model: torch.nn.Module) -> PatchState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by kvx: call kvx.patch(model, policy) first")
+    return state
 
 
 def _past_key_values_position(base: torch.nn.Module) -> int | None:

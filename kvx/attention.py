@@ -34,6 +34,8 @@ class PatchState:
     policy: Policy
     model_type: str
     original_attn_implementation: str
+    original_chunk_size: int | None = None
+    chunk_size: int | None = None
     hook_handles: list[Any] = field(default_factory=list)
     active_cache: KVCache | None = None
 
@@ -156,8 +158,10 @@ def _attend_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: fl
 
 
 def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None) -> None:
-    """Ask the policy what to keep, and drop the rest from storage."""
+    """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen)."""
     policy = context.state.policy
+    if context.state.active_cache.frozen:
+        return
     keys, values, valid = layer.dense_view() if isinstance(layer, RaggedLayer) else (layer.keys, layer.values, layer.valid)
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)

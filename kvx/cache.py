@@ -315,6 +315,7 @@ class KVCache(Cache):
                     "supported layer types: full_attention, sliding_attention, chunked_attention"
                 )
         super().__init__(layers=layers)
+        self.frozen = False  # True: nothing more is evicted (see kvx.compress_context)
 
     @classmethod
     def convert_in_place(cls, cache: Any, config: PretrainedConfig, storage: str = "dense") -> KVCache:

@@ -98,7 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         policies = bench.parse_policy_list(args.policies)
         model = bench.build_model(args.model, device, dtype, max(lengths) + args.new_tokens, args.layers)
         rows = bench.bench_e2e(model, lengths, policies, args.new_tokens, args.repeats, args.warmup,
-                               _progress(not args.quiet))
+                               _progress(not args.quiet), args.chunk_size)
         columns = bench.E2E_COLUMNS
     else:
         ops = [o.strip() for o in args.ops.split(",")] if args.ops else list(bench.KERNELS)
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated, options after ':' joined by ';' (e.g. snapkv:budget=512;window=16)")
     e2e.add_argument("--new-tokens", type=int, default=32, help="decoded tokens timed per run (default 32)")
     e2e.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
+    e2e.add_argument("--chunk-size", type=int, help="policies prefill in chunks of this many tokens, compressing "
+                     "between them (dense runs in one piece)")
     kernels.add_argument("--ops", help=f"comma-separated, from {', '.join(KERNELS)} (default all)")
     kernels.add_argument("--lengths", default="1k,4k", help="key lengths (default 1k,4k)")
     kernels.add_argument("--head-dims", default="64,128", help="head dims (default 64,128)")

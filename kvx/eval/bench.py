@@ -118,7 +118,10 @@ def _slug(text: str) -> str:
 # ---------------------------------------------------------------- end to end
 
 
-def _prefill(model, ids: torch.Tensor):
+def _prefill(model, ids: torch.Tensor, chunk_size: int | None = None):
+    """One prompt through the model: in chunks with compression between them when patched."""
+    if chunk_size and kvx.is_patched(model):
+        return kvx.prefill(model, ids, chunk_size=chunk_size)
     with torch.inference_mode():
         return model(ids, logits_to_keep=1)
 
@@ -142,8 +145,10 @@ def bench_e2e(
     repeats: int = 3,
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
+    chunk_size: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (policy, length); see the module docstring."""
+    """One row per (policy, length); see the module docstring. ``chunk_size``: policies prefill in
+    chunks with compression between them (dense always runs in one piece, as users run it)."""
     device = next(model.parameters()).device
     header = stamp(device)
     rows = []
@@ -154,7 +159,7 @@ def bench_e2e(
         for run in policies:
             if progress:
                 progress(f"{run.label} @ {length}")
-            row = _bench_one(model, ids, run, new_tokens, repeats, warmup)
+            row = _bench_one(model, ids, run, new_tokens, repeats, warmup, chunk_size)
             if run.name == DENSE:
                 baseline = row
             if baseline is not None:
@@ -164,23 +169,26 @@ def bench_e2e(
                 row["peak_vs_dense"] = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] else None
             rows.append({**header, "model": model.config.model_type, "layers": model.config.num_hidden_layers,
                          "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "length": length,
-                         "new_tokens": new_tokens, **row})
+                         "new_tokens": new_tokens, "chunk_size": chunk_size if run.name != DENSE else None, **row})
     return rows
 
 
-def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
+def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup: int,
+               chunk_size: int | None) -> dict[str, Any]:
     device = ids.device
-    patch = kvx.patched(model, run.name, **run.options) if run.name != DENSE else contextlib.nullcontext()
+    chunk_size = chunk_size if run.name != DENSE else None
+    patch = (kvx.patched(model, run.name, chunk_size=chunk_size, **run.options) if run.name != DENSE
+             else contextlib.nullcontext())
     with patch:
-        prefill = time_call(lambda: _prefill(model, ids), device, repeats, warmup)
+        prefill = time_call(lambda: _prefill(model, ids, chunk_size), device, repeats, warmup)
         decode_samples = []
         for i in range(repeats + warmup):
-            out = _prefill(model, ids)
+            out = _prefill(model, ids, chunk_size)
             synchronize(device)
             timing = time_call(lambda: _decode(model, out, new_tokens), device, repeats=1, warmup=0)
             if i >= warmup:
                 decode_samples.append(timing.median)
-        cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids), new_tokens), device)
+        cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids, chunk_size), new_tokens), device)
     decode_s = sorted(decode_samples)[len(decode_samples) // 2]
     return {
         "policy": run.label,
@@ -371,7 +379,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-E2E_COLUMNS = ["policy", "length", "prefill_s", "prefill_speedup", "decode_tok_s", "decode_speedup", "kv_bytes",
+E2E_COLUMNS = ["policy", "length", "chunk_size", "prefill_s", "prefill_speedup", "decode_tok_s", "decode_speedup", "kv_bytes",
                "kv_vs_dense", "peak_bytes", "peak_vs_dense", "peak_rss_bytes"]
 KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
                   "fraction_of_peak", "vs_sdpa", "vs_flash_attn"]

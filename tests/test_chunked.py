@@ -1,0 +1,66 @@
+"""Chunked prefill with compression between chunks, and query-aware (context-only) compression."""
+
+import pytest
+import torch
+
+import kvx
+from kvx.tiny import tiny_model
+
+from conftest import greedy, left_pad, random_ids
+
+
+def test_generate_compresses_between_chunks():
+    model = tiny_model("llama")
+    ids = random_ids(1, 100, seed=60)
+    stored_after_each_forward = []
+    with kvx.patched(model, "snapkv", budget=16, window=4, chunk_size=32):
+        assert model.generation_config.prefill_chunk_size == 32
+        hook = model.model.register_forward_hook(
+            lambda m, a, out: stored_after_each_forward.append(out.past_key_values.stats()[0]["stored"]))
+        _, _, cache = greedy(model, ids, new_tokens=2)
+        hook.remove()
+    assert stored_after_each_forward[:4] == [16, 16, 16, 16]  # 4 chunks: 32, 32, 32, 4 tokens
+    assert cache.get_seq_length() == 101
+    assert model.generation_config.prefill_chunk_size is None  # unpatch restored it
+
+
+def test_chunked_full_budget_equals_dense_with_padding():
+    model = tiny_model("qwen2")
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (70, 41)])
+    dense_seq, dense_logits, _ = greedy(model, ids, mask)
+    with kvx.patched(model, "h2o", budget=1024, chunk_size=16):
+        seq, logits, _ = greedy(model, ids, mask)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_helper_matches_generate_chunks():
+    model = tiny_model("llama")
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (90, 57)])
+    with kvx.patched(model, "snapkv", budget=20, window=4, chunk_size=25):
+        out = kvx.prefill(model, ids, mask, chunk_size=25)
+        _, logits, _ = greedy(model, ids, mask, new_tokens=1)
+    torch.testing.assert_close(out.logits[:, -1], logits[0], rtol=1e-5, atol=1e-5)
+    assert {s["kept_min"] for s in out.past_key_values.stats()} == {20}
+
+
+def test_compress_context_then_append_the_question_uncompressed():
+    model = tiny_model("llama")
+    context, question = random_ids(1, 80, seed=61), random_ids(1, 12, seed=62)
+    with kvx.patched(model, "snapkv", budget=16, window=4):
+        cache = kvx.compress_context(model, context)
+        assert {s["stored"] for s in cache.stats()} == {16}
+        full = torch.cat([context, question], 1)
+        with torch.inference_mode():
+            out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache,
+                                 max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 92 + 3
+    assert {s["stored"] for s in cache.stats()} == {16 + 12 + 2}  # question and answer appended as they are
+
+
+def test_bad_chunk_size_and_unpatched_prefill():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        kvx.patch(model, "snapkv", chunk_size=0)
+    with pytest.raises(ValueError, match="not patched by kvx"):
+        kvx.prefill(model, random_ids(1, 8))
