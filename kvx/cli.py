@@ -51,6 +51,7 @@ def _cmd_needle(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         haystack_text=Path(args.haystack).read_text() if args.haystack else None,
         use_chat_template=False if args.no_chat_template else None,
+        compress=args.compress,
     )
     if args.config:
         config = needle.config_from_yaml(Path(args.config), **settings)
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/needle", help="output directory (default runs/needle)")
     p.add_argument("--haystack", help="text file to use as filler instead of generated text")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has a chat template")
+    p.add_argument("--compress", choices=["prompt", "context"],
+                   help="prompt (default): compress the whole prompt, question included; context: compress the "
+                   "context alone, then append the question uncompressed (query-agnostic compression)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: enough for the answer)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--device", help="e.g. cuda; default: where from_pretrained puts it")

@@ -149,6 +149,7 @@ class Prompt:
     spec: NeedleSpec
     depth: float
     needle_positions: list[int] = field(default_factory=list)  # token index where each needle starts
+    question_start: int = 0  # ids[:question_start] is the context (template head included)
 
     @property
     def length(self) -> int:
@@ -230,9 +231,11 @@ def build_prompt(
         cursor = insert_at[i]
         positions[i] = len(ids)
         ids += needles[i]
-    ids += filler[cursor:] + suffix
+    ids += filler[cursor:]
+    question_start = len(ids)
+    ids += suffix
     assert len(ids) == length, (len(ids), length)
-    return Prompt(ids, spec, depth, positions)
+    return Prompt(ids, spec, depth, positions, question_start)
 
 
 def _filler_ids(

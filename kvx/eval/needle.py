@@ -26,6 +26,7 @@ from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needl
 from kvx.policy import make_policy, policy_class
 
 DENSE = "dense"
+COMPRESS_MODES = ("prompt", "context")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "needle-llama"
 
 
@@ -71,8 +72,11 @@ class NeedleConfig:
     max_new_tokens: int | None = None  # default: enough for the variant's answer
     haystack_text: str | None = None
     use_chat_template: bool = True
+    compress: str = "prompt"  # "prompt": the whole prompt; "context": the context, then the question uncompressed
 
     def __post_init__(self) -> None:
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}; got {self.compress!r}")
         for depth in self.depths:
             if not 0 <= depth <= 100:
                 raise ValueError(f"depth must be within [0, 100] percent, got {depth}")
@@ -200,8 +204,12 @@ class NeedleRunner:
         context = kvx.patched(self.model, run.name, **run.options) if run.name != DENSE else contextlib.nullcontext()
         start = time.perf_counter()
         with context, torch.inference_mode():
+            cache = None
+            if run.name != DENSE and self.config.compress == "context":
+                cache = kvx.compress_context(self.model, ids[:, : prompt.question_start])
             out = self.model.generate(
                 ids,
+                past_key_values=cache,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 do_sample=False,
@@ -216,6 +224,7 @@ class NeedleRunner:
         return {
             "policy": run.label,
             **asdict(cell),
+            "compress": self.config.compress,
             "prompt_tokens": prompt.length,
             "needle_positions": prompt.needle_positions,
             "expected": prompt.spec.expected,

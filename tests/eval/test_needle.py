@@ -126,3 +126,15 @@ def test_bad_input_gets_clear_errors(capsys):
         needle.parse_policies(["snapkv:budget=0"], [])[1].validate()
     assert main(["needle", "--lengths", "1k", "--policy", "nope", "--no-progress"]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+
+
+def test_context_only_compression_appends_the_question(model_dir, tmp_path):
+    model, tok = needle.load_model(str(model_dir))
+    config = _config(lengths=[300], depths=[50], compress="context")
+    rows = needle.NeedleRunner(model, tok, config, tmp_path).run(progress=False)
+    snap = next(r for r in rows if r["policy"] != "dense")
+    prompt = needle.NeedleRunner(model, tok, config, tmp_path).build(needle.Cell(300, 50.0, "single", 0))
+    question = 300 - prompt.question_start
+    assert snap["compress"] == "context" and snap["kept_tokens"] == 64 + question + 4
+    with pytest.raises(ValueError, match="compress must be one of prompt, context"):
+        _config(compress="question")
