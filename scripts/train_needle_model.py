@@ -52,6 +52,15 @@ STAGES = [
     Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4),
     Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=4e-4),
 ]
+# continuation (--curriculum keys): distractors and negatives dominate, so the model must match
+# the asked key instead of copying whichever needle it finds; then back to long contexts
+KEY_WEIGHTS = (0.1, 0.6, 0.05, 0.25)
+KEY_STAGES = [
+    Stage(steps=2000, min_len=128, max_len=512, batch=32, lr=1e-3, variant_weights=KEY_WEIGHTS),
+    Stage(steps=500, min_len=512, max_len=2048, batch=8, lr=5e-4, variant_weights=KEY_WEIGHTS),
+    Stage(steps=300, min_len=2048, max_len=4096, batch=2, lr=3e-4),
+]
+CURRICULA = {"full": STAGES, "keys": KEY_STAGES}
 LM_WEIGHT = 0.2  # auxiliary next-token loss on the non-answer tokens (helps copy circuits form)
 
 MODEL = dict(
@@ -175,6 +184,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--curriculum", choices=sorted(CURRICULA), default="full",
+                        help="full: from scratch; keys: a key-matching continuation of --init-from")
+    parser.add_argument("--init-from", type=Path, help="start from this saved model instead of random weights")
     parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
     args = parser.parse_args()
@@ -193,13 +205,14 @@ def main() -> None:
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **MODEL,
     )
-    model = LlamaForCausalLM(config).to(device)
+    model = (LlamaForCausalLM.from_pretrained(args.init_from) if args.init_from else LlamaForCausalLM(config)).to(device)
+    stages = CURRICULA[args.curriculum]
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "training_log.jsonl").open("w")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}; device {device}")
     log.write(json.dumps({"device": str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"}) + "\n")
     start = time.time()
-    for stage_idx, stage in enumerate(STAGES):
+    for stage_idx, stage in enumerate(stages):
         steps = max(1, round(stage.steps * args.steps_scale))
         optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
         warmup = max(1, steps // 10)
