@@ -146,7 +146,7 @@ nothing else: its whole world is filler sentences, needles and questions.
 - Loss: cross-entropy on the answer tokens, plus {lm_weight} x next-token loss on the other tokens.
 - AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0; per stage a linear warm-up,
   a plateau, then a cosine decay over the last 40% of the stage.
-- Curriculum (lengths in tokens; variant weights single / multikey / multivalue / absent):
+- Curricula, in order (lengths in tokens; variant weights single / multikey / multivalue / absent):
 
 {stages}
 
@@ -158,23 +158,27 @@ nothing else: its whole world is filler sentences, needles and questions.
 """
 
 
-def write_model_card(out: Path, seed: int, scores: str = "Not measured yet.") -> None:
-    """README.md of the saved model: architecture, curriculum, training time, measured scores."""
+def write_model_card(out: Path, seed: int, scores: str, history: list[tuple[str, Path]]) -> None:
+    """README.md of the saved model: architecture, every curriculum it went through (with the log
+    of each), training time, measured scores."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out)
-    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if line.strip()]
-    stage_lines = "\n".join(
-        f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
-        f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
-        for i, st in enumerate(STAGES)
-    )
+    parts, minutes = [], 0.0
+    for name, log_path in history:
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        minutes += max(r.get("minutes", 0) for r in log)
+        parts.append(f"- curriculum `{name}`:\n" + "\n".join(
+            f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
+            f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
+            for i, st in enumerate(CURRICULA[name])
+        ))
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     (out / "README.md").write_text(CARD.format(
         params=params, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim, layers=config.num_hidden_layers, hidden=config.hidden_size, seed=seed,
-        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages=stage_lines,
-        minutes=max(r.get("minutes", 0) for r in log), device=log[0].get("device", "2 CPU cores"), scores=scores,
+        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages="\n".join(parts), minutes=minutes,
+        device="2 CPU cores (shared with other work)", scores=scores,
     ))
 
 
@@ -189,9 +193,12 @@ def main() -> None:
     parser.add_argument("--init-from", type=Path, help="start from this saved model instead of random weights")
     parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
+    parser.add_argument("--history", nargs="*", default=[], metavar="CURRICULUM=LOG",
+                        help="with --card-only: each curriculum the model went through and its training_log.jsonl")
     args = parser.parse_args()
     if args.card_only:
-        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.")
+        history = [(name, Path(path)) for name, path in (item.split("=", 1) for item in args.history)]
+        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.", history)
         return
 
     if args.threads:
@@ -245,7 +252,6 @@ def main() -> None:
         model.save_pretrained(args.out, safe_serialization=True)
         tokenizer.save_pretrained(args.out)
     log.close()
-    write_model_card(args.out, args.seed)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
-from kvx.eval.measure import available_bytes, measure_peak, stamp, synchronize, time_call
+from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, synchronize, time_call
 from kvx.eval.needle import DENSE, PolicyRun
 from kvx.kernels import reference
 
@@ -180,16 +180,17 @@ def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup
     patch = (kvx.patched(model, run.name, chunk_size=chunk_size, **run.options) if run.name != DENSE
              else contextlib.nullcontext())
     with patch:
-        prefill = time_call(lambda: _prefill(model, ids, chunk_size), device, repeats, warmup)
-        decode_samples = []
-        for i in range(repeats + warmup):
-            out = _prefill(model, ids, chunk_size)
-            synchronize(device)
-            timing = time_call(lambda: _decode(model, out, new_tokens), device, repeats=1, warmup=0)
+        prefill_samples, decode_samples = [], []
+        for i in range(repeats + warmup):  # each repetition: a fresh prefill, then decoding on its cache
+            outputs = []
+            prefill = time_call(lambda: outputs.append(_prefill(model, ids, chunk_size)), device, repeats=1, warmup=0)
+            decode = time_call(lambda: _decode(model, outputs[0], new_tokens), device, repeats=1, warmup=0)
             if i >= warmup:
-                decode_samples.append(timing.median)
+                prefill_samples.append(prefill.median)
+                decode_samples.append(decode.median)
         cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids, chunk_size), new_tokens), device)
-    decode_s = sorted(decode_samples)[len(decode_samples) // 2]
+    prefill = Timing.of(prefill_samples)
+    decode_s = Timing.of(decode_samples).median
     return {
         "policy": run.label,
         "prefill_s": prefill.median,
