@@ -219,15 +219,20 @@ class KernelCase:
     kv_len: int
     head_dim: int
 
+    @property
+    def keys_read(self) -> float:
+        """Keys each KV head reads (a ragged cache keeps fewer than ``kv_len`` on average)."""
+        return self.kv_len * (RAGGED_SHARE if self.op == "ragged_decode" else 1.0)
+
     def flops(self) -> float:
-        pairs = self.q_len * self.kv_len
+        pairs = self.q_len * self.keys_read
         if self.op == "attention_prefill":
             pairs = self.q_len * (self.kv_len + 1) / 2  # causal
         return 4.0 * self.batch * self.heads * pairs * self.head_dim
 
     def bytes(self, elem: int) -> float:
         q_and_out = 2 * self.batch * self.heads * self.q_len * self.head_dim
-        kv = 2 * self.batch * self.kv_heads * self.kv_len * self.head_dim
+        kv = 2 * self.batch * self.kv_heads * self.keys_read * self.head_dim
         return float((q_and_out + kv) * elem)
 
 
@@ -253,14 +258,30 @@ def _flash_attn_dense(q, k, v, causal: bool):
     return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
 
 
+def _ragged_decode(q, k, v):
+    """Decode over a head-budget cache holding, per KV head, a different share of the same tokens
+    (from 1/2 to all of them, ~3/4 on average): packed, then read by the ragged kernel."""
+    from kvx.kernels.ragged_decode import ragged_decode_attention
+
+    batch, kv_heads, length = k.shape[:3]
+    share = torch.linspace(0.5, 1.0, kv_heads, device=k.device)[None, :, None]
+    keep = torch.arange(length, device=k.device)[None, None, :] >= (1 - share) * length  # newest tokens
+    keep = keep.expand(batch, -1, -1)
+    packed_k, offsets = reference.pack_ragged(k, keep)
+    packed_v, _ = reference.pack_ragged(v, keep)
+    return lambda: ragged_decode_attention(q, packed_k, packed_v, offsets, q.shape[-1] ** -0.5)
+
+
 KERNELS: dict[str, Callable] = {
-    # op -> (kvx implementation, dense counterpart), both called on (q, k, v)
-    "attention_prefill": lambda q, k, v: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
-    "attention_decode": lambda q, k, v: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
-    "snapkv_scores": lambda q, k, v: reference.window_attention_probs(
+    # op -> a function of (q, k, v) returning the zero-argument call to time (inputs prepared outside it)
+    "attention_prefill": lambda q, k, v: lambda: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
+    "attention_decode": lambda q, k, v: lambda: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
+    "snapkv_scores": lambda q, k, v: lambda: reference.window_attention_probs(
         q, k, reference.causal_mask(q.shape[-2], k.shape[-2], q.device), q.shape[-1] ** -0.5
     ),
+    "ragged_decode": _ragged_decode,
 }
+RAGGED_SHARE = 0.75  # mean share of the tokens each head keeps in the ragged_decode case
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -280,7 +301,7 @@ def kernel_cases(op: str, lengths: list[int], head_dims: list[int], gqa: list[in
             for ratio in gqa:
                 if heads % ratio:
                     continue
-                q_len = {"attention_prefill": length, "attention_decode": 1, "snapkv_scores": 32}[op]
+                q_len = {"attention_prefill": length, "attention_decode": 1, "snapkv_scores": 32, "ragged_decode": 1}[op]
                 cases.append(KernelCase(op, 1, heads, heads // ratio, q_len, length, head_dim))
     return cases
 
@@ -314,7 +335,7 @@ def bench_kernels(
             if progress:
                 progress(f"{op} L={case.kv_len} d={case.head_dim} gqa={case.heads // case.kv_heads}")
             q, k, v = _attention_inputs(case, device, dtype)
-            ours = time_call(lambda: KERNELS[op](q, k, v), device, repeats)
+            ours = time_call(KERNELS[op](q, k, v), device, repeats)
             row = {**header, **case.__dict__, "impl": "kvx", "seconds": ours.median}
             row.update(_rates(case, ours.median, elem, peaks))
             for name, dense_fn in baselines.items():
