@@ -52,12 +52,12 @@ def attention(
         )
     if mask is None and q_len > 1:
         mask = causal_mask(q_len, kv_len, query.device)
-    logits = torch.matmul(query, expand_kv_heads(key, groups).transpose(-1, -2)) * scaling  # [B, H, q, S]
-    logits = torch.tanh(logits / softcap) * softcap
-    if mask is not None:
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, expand_kv_heads(value, groups))
+    return attention_with_lse(query, key, value, mask, scaling, softcap)[0].to(query.dtype)
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping ``tanh(x / c) * c`` (identity when ``c`` is None)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def window_attention_probs(
@@ -80,9 +80,7 @@ def window_attention_probs(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     grouped_query = query.reshape(batch, kv_heads, groups, window, dim).float()
-    logits = torch.matmul(grouped_query, key.float()[:, :, None].transpose(-1, -2)) * scaling  # [B, Hkv, G, w, S]
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = softcapped(torch.matmul(grouped_query, key.float()[:, :, None].transpose(-1, -2)) * scaling, softcap)
     grouped_mask = mask.reshape(mask.shape[0], -1, 1, window, mask.shape[-1])  # heads -> [Hkv|1, G|1]
     if mask.shape[1] == heads:
         grouped_mask = mask.reshape(mask.shape[0], kv_heads, groups, window, mask.shape[-1])
@@ -117,9 +115,7 @@ def attention_column_sums(
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
         q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, Hkv, G, b, S]
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = softcapped(torch.matmul(q, keys.transpose(-1, -2)) * scaling, softcap)  # [B, Hkv, G, b, S]
         visible = causal_mask(stop - start, num_keys - q_len + stop, query.device)[0, 0]  # [b, S']
         visible = torch.nn.functional.pad(visible, (0, num_keys - visible.shape[-1]))  # [b, S]
         mask = visible[None, None, None]
@@ -172,9 +168,7 @@ def attention_with_lse(
     ``out = 0`` and ``lse = -inf``, so they vanish when merged.
     """
     groups = query.shape[1] // key.shape[1]
-    logits = torch.matmul(query.float(), expand_kv_heads(key, groups).float().transpose(-1, -2)) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = softcapped(torch.matmul(query.float(), expand_kv_heads(key, groups).float().transpose(-1, -2)) * scaling, softcap)
     if mask is not None:
         logits = logits.masked_fill(~mask, -torch.inf)
     lse = torch.logsumexp(logits, dim=-1)  # [B, H, q]
