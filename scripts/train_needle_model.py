@@ -52,15 +52,6 @@ STAGES = [
     Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4),
     Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=4e-4),
 ]
-# continuation (--curriculum keys): distractors and negatives dominate, so the model must match
-# the asked key instead of copying whichever needle it finds; then back to long contexts
-KEY_WEIGHTS = (0.1, 0.6, 0.05, 0.25)
-KEY_STAGES = [
-    Stage(steps=2000, min_len=128, max_len=512, batch=32, lr=1e-3, variant_weights=KEY_WEIGHTS),
-    Stage(steps=500, min_len=512, max_len=2048, batch=8, lr=5e-4, variant_weights=KEY_WEIGHTS),
-    Stage(steps=300, min_len=2048, max_len=4096, batch=2, lr=3e-4),
-]
-CURRICULA = {"full": STAGES, "keys": KEY_STAGES}
 LM_WEIGHT = 0.2  # auxiliary next-token loss on the non-answer tokens (helps copy circuits form)
 
 MODEL = dict(
@@ -146,7 +137,7 @@ nothing else: its whole world is filler sentences, needles and questions.
 - Loss: cross-entropy on the answer tokens, plus {lm_weight} x next-token loss on the other tokens.
 - AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0; per stage a linear warm-up,
   a plateau, then a cosine decay over the last 40% of the stage.
-- Curricula, in order (lengths in tokens; variant weights single / multikey / multivalue / absent):
+- Curriculum (lengths in tokens; variant weights single / multikey / multivalue / absent):
 
 {stages}
 
@@ -158,27 +149,23 @@ nothing else: its whole world is filler sentences, needles and questions.
 """
 
 
-def write_model_card(out: Path, seed: int, scores: str, history: list[tuple[str, Path]]) -> None:
-    """README.md of the saved model: architecture, every curriculum it went through (with the log
-    of each), training time, measured scores."""
+def write_model_card(out: Path, seed: int, scores: str) -> None:
+    """README.md of the saved model: architecture, curriculum, training time, measured scores."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out)
-    parts, minutes = [], 0.0
-    for name, log_path in history:
-        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        minutes += max(r.get("minutes", 0) for r in log)
-        parts.append(f"- curriculum `{name}`:\n" + "\n".join(
-            f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
-            f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
-            for i, st in enumerate(CURRICULA[name])
-        ))
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if line.strip()]
+    stages = "\n".join(
+        f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
+        f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
+        for i, st in enumerate(STAGES)
+    )
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     (out / "README.md").write_text(CARD.format(
         params=params, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim, layers=config.num_hidden_layers, hidden=config.hidden_size, seed=seed,
-        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages="\n".join(parts), minutes=minutes,
-        device="2 CPU cores (shared with other work)", scores=scores,
+        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages=stages, minutes=max(r.get("minutes", 0) for r in log),
+        device="2 CPU cores (shared with other work while it ran)", scores=scores,
     ))
 
 
@@ -188,17 +175,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    parser.add_argument("--curriculum", choices=sorted(CURRICULA), default="full",
-                        help="full: from scratch; keys: a key-matching continuation of --init-from")
     parser.add_argument("--init-from", type=Path, help="start from this saved model instead of random weights")
     parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
-    parser.add_argument("--history", nargs="*", default=[], metavar="CURRICULUM=LOG",
-                        help="with --card-only: each curriculum the model went through and its training_log.jsonl")
     args = parser.parse_args()
     if args.card_only:
-        history = [(name, Path(path)) for name, path in (item.split("=", 1) for item in args.history)]
-        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.", history)
+        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.")
         return
 
     if args.threads:
@@ -213,7 +195,7 @@ def main() -> None:
         eos_token_id=tokenizer.eos_token_id, **MODEL,
     )
     model = (LlamaForCausalLM.from_pretrained(args.init_from) if args.init_from else LlamaForCausalLM(config)).to(device)
-    stages = CURRICULA[args.curriculum]
+    stages = STAGES
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "training_log.jsonl").open("w")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}; device {device}")
@@ -252,6 +234,7 @@ def main() -> None:
         model.save_pretrained(args.out, safe_serialization=True)
         tokenizer.save_pretrained(args.out)
     log.close()
+    write_model_card(args.out, args.seed, "Not measured yet: run kvx needle on it.")
 
 
 if __name__ == "__main__":
