@@ -4,7 +4,7 @@ Paper: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inferenc
 Language Models" (NeurIPS 2023).
 
 Every token's attention received from every query so far is accumulated (at prefill without a
-T x T matrix: ``attention_column_sums`` works a block of queries at a time); the ``recent``
+T x T matrix: ``attention_column_sums``: a Triton kernel on GPU, a blocked torch reference on CPU); the ``recent``
 newest tokens are always kept. Eviction continues while decoding (``decode_interval`` 1 by
 default), so the cache never exceeds its budget by more than the interval.
 """
@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from kvx.kernels.reference import attention_column_sums
+from kvx.kernels.column_sums import attention_column_sums
 from kvx.policies._scoring import GQA_REDUCTIONS, accumulate, keep_recent, reduce_groups
 from kvx.policy import BudgetedPolicy, CompressionView, check_choice, check_positive_int, option, register_policy
 
