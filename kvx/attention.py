@@ -165,8 +165,10 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
     keys, values, valid = layer.dense_view() if isinstance(layer, RaggedLayer) else (layer.keys, layer.values, layer.valid)
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    mask_rows = None
     if isinstance(layer, RaggedLayer) and layer.has_prefix:
-        mask = _mask_with_prefix(layer, mask, query, keys.shape[2], valid)
+        tail_mask, num_keys = mask, keys.shape[2]
+        mask, mask_rows = None, lambda last: _mask_with_prefix(layer, tail_mask, query, num_keys, valid, last)
     view = CompressionView(
         query=query,
         keys=keys,
@@ -181,19 +183,21 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
         num_layers=len(context.state.active_cache.layers),
         state=layer.state,
         seen_per_row=layer.real_seen.to(keys.device),
+        mask_rows=mask_rows,
     )
     keep = policy.select_mask(view)
     if keep is not None:
         layer.keep_mask(keep)
 
 
-def _mask_with_prefix(layer: RaggedLayer, tail_mask, query, num_keys: int, valid) -> torch.Tensor:
-    """The new queries' mask over a ragged layer's dense view: every real prefix token, then the tail."""
+def _mask_with_prefix(layer: RaggedLayer, tail_mask, query, num_keys: int, valid, last: int) -> torch.Tensor:
+    """The mask of the last ``last`` new queries over a ragged layer's dense view: every real
+    prefix token, then the tail (built on demand: only the rows a policy asks for)."""
     batch, heads, q_len = query.shape[:3]
     kv_heads = valid.shape[1]
-    prefix_len = num_keys - layer.keys.shape[-2]
-    prefix_cols = reference.expand_kv_heads(valid[..., :prefix_len], heads // kv_heads)[:, :, None, :]
-    prefix_cols = prefix_cols.expand(batch, heads, q_len, prefix_len)
+    tail_len = layer.keys.shape[-2]
+    prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
+    prefix_cols = prefix_cols.expand(batch, heads, last, num_keys - tail_len)
     if tail_mask is None:
-        tail_mask = reference.causal_mask(q_len, layer.keys.shape[-2], query.device)
-    return torch.cat([prefix_cols, tail_mask.expand(batch, heads, q_len, -1)], dim=-1)
+        tail_mask = reference.causal_mask(q_len, tail_len, query.device)
+    return torch.cat([prefix_cols, tail_mask[..., -last:, :].expand(batch, heads, last, -1)], dim=-1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -44,6 +45,8 @@ class CompressionView:
         softcap: attention logit soft-capping of the model (Gemma 2), or None.
         num_seen: tokens this layer has been given in total (stored or evicted), padding included.
         seen_per_row: ``[B]`` real tokens each row has given this layer (None: ``num_seen`` each).
+        mask_rows: builds the mask of the last ``n`` new queries on demand, where a full
+            ``attention_mask`` would be large (ragged storage); :meth:`query_mask` uses it.
         num_layers: decoder layers of the model.
         state: per-token policy state of this layer, name -> ``[B, Hkv, S]`` tensor; the cache
             keeps it aligned with the stored tokens (zeros for new ones, gathered on eviction).
@@ -62,6 +65,7 @@ class CompressionView:
     num_layers: int = 1
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     seen_per_row: torch.Tensor | None = None
+    mask_rows: Callable[[int], torch.Tensor] | None = None
 
     def real_seen(self) -> torch.Tensor:
         """``[B]`` real (non-padding) tokens each row has given this layer, evicted ones included."""
@@ -75,6 +79,8 @@ class CompressionView:
 
     def query_mask(self, last: int) -> torch.Tensor:
         """Bool mask ``[B|1, 1|H, last, S]`` of the keys each of the last ``last`` new queries may see."""
+        if self.mask_rows is not None:
+            return self.mask_rows(last)
         if self.attention_mask is not None:
             return self.attention_mask[..., -last:, :]
         num_stored, device = self.num_stored, self.keys.device

@@ -161,19 +161,28 @@ def attention_with_lse(
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
+    block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and the log-sum-exp of its logits, both float32: ``([B, H, q, D], [B, H, q])``.
 
     ``mask``: ``[B|1, 1|H, q, S]`` bool or None (everything visible). Rows that see nothing give
-    ``out = 0`` and ``lse = -inf``, so they vanish when merged.
+    ``out = 0`` and ``lse = -inf``, so they vanish when merged. Computed ``block`` queries at a
+    time: memory ``block x S``, never ``q x S``.
     """
     groups = query.shape[1] // key.shape[1]
-    logits = softcapped(torch.matmul(query.float(), expand_kv_heads(key, groups).float().transpose(-1, -2)) * scaling, softcap)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, -torch.inf)
-    lse = torch.logsumexp(logits, dim=-1)  # [B, H, q]
-    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return torch.matmul(probs, expand_kv_heads(value, groups).float()), lse
+    keys = expand_kv_heads(key, groups).float().transpose(-1, -2)
+    values = expand_kv_heads(value, groups).float()
+    outs, lses = [], []
+    for start in range(0, query.shape[2], block):
+        stop = min(start + block, query.shape[2])
+        logits = softcapped(torch.matmul(query[:, :, start:stop].float(), keys) * scaling, softcap)
+        if mask is not None:
+            rows = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]  # a mask may broadcast over queries
+            logits = logits.masked_fill(~rows, -torch.inf)
+        lse = torch.logsumexp(logits, dim=-1)  # [B, H, b]
+        outs.append(torch.matmul(torch.exp(logits - lse[..., None]).nan_to_num(0.0), values))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

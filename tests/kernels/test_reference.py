@@ -99,3 +99,17 @@ def test_ragged_attention_merged_with_a_tail_equals_dense_over_the_kept_tokens(s
     visible = torch.cat([keep, torch.ones(batch, kv_heads, 3, dtype=torch.bool)], -1)
     mask = visible.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]
     torch.testing.assert_close(merged, naive_attention(q, full_k, full_v, mask, 0.3, softcap), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_rows", [1, 13])
+def test_attention_with_lse_blocks_give_the_same_result(mask_rows):
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 4, 13, 16, generator=g), torch.randn(2, 2, 29, 16, generator=g), torch.randn(2, 2, 29, 16, generator=g)
+    mask = torch.rand(2, 1, mask_rows, 29, generator=g) > 0.3
+    whole = reference.attention_with_lse(q, k, v, mask, 0.25, block=256)
+    blocked = reference.attention_with_lse(q, k, v, mask, 0.25, block=4)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocked[1], whole[1], rtol=1e-6, atol=1e-6)
+    full_mask = mask.expand(2, 4, 13, 29)
+    torch.testing.assert_close(reference.attention(q, k, v, full_mask, 0.25, softcap=2.0),
+                               naive_attention(q, k, v, full_mask, 0.25, softcap=2.0), rtol=1e-5, atol=1e-5)
