@@ -166,7 +166,9 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     mask_rows = None
-    if isinstance(layer, RaggedLayer) and layer.has_prefix:
+    ragged = isinstance(layer, RaggedLayer)
+    state = layer.dense_state() if ragged else layer.state
+    if ragged and layer.has_prefix:
         tail_mask, num_keys = mask, keys.shape[2]
         mask, mask_rows = None, lambda last: _mask_with_prefix(layer, tail_mask, query, num_keys, valid, last)
     view = CompressionView(
@@ -181,12 +183,14 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
         softcap=softcap,
         num_seen=layer.seen,
         num_layers=len(context.state.active_cache.layers),
-        state=layer.state,
+        state=state,
         seen_per_row=layer.real_seen.to(keys.device),
         mask_rows=mask_rows,
     )
     keep = policy.select_mask(view)
-    if keep is not None:
+    if ragged:  # the statistics of a ragged layer were unpacked for the view: pack them back
+        layer.keep_mask(keep, state) if keep is not None else layer.store_state(state)
+    elif keep is not None:
         layer.keep_mask(keep)
 
 

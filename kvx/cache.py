@@ -171,6 +171,7 @@ class RaggedLayer(CompressedLayer):
         self.prefix_keys: torch.Tensor | None = None
         self.prefix_values: torch.Tensor | None = None
         self.prefix_offsets: torch.Tensor | None = None
+        self.prefix_state: dict[str, torch.Tensor] = {}  # per-token policy statistics, packed like the keys
 
     @property
     def has_prefix(self) -> bool:
@@ -189,20 +190,50 @@ class RaggedLayer(CompressedLayer):
         values, _ = unpack_ragged(self.prefix_values, self.prefix_offsets, batch, kv_heads)
         return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2), torch.cat([valid, tail_valid], -1)
 
-    def repack(self, keep: torch.Tensor) -> None:
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The per-token statistics aligned with :meth:`dense_view`: name -> ``[B, Hkv, P + T]``."""
+        from kvx.kernels.reference import unpack_ragged
+
+        if not self.has_prefix:
+            return dict(self.state)
+        batch, kv_heads, tail = self.keys.shape[:3]
+        dense = {}
+        for name in set(self.state) | set(self.prefix_state):
+            prefix = self.prefix_state.get(name)
+            prefix = (unpack_ragged(prefix, self.prefix_offsets, batch, kv_heads)[0] if prefix is not None
+                      else self.keys.new_zeros(batch, kv_heads, int(self.prefix_offsets.diff().max()), dtype=torch.float32))
+            tail_stat = self.state.get(name, prefix.new_zeros(batch, kv_heads, tail))
+            dense[name] = torch.cat([prefix, tail_stat], dim=-1)
+        return dense
+
+    def store_state(self, dense: dict[str, torch.Tensor]) -> None:
+        """Write statistics given over :meth:`dense_view` back into the packed prefix and the tail."""
+        from kvx.kernels.reference import pack_ragged
+
+        tail = self.keys.shape[-2]
+        prefix_valid = self.dense_view()[2][..., : -tail or None] if self.has_prefix else None
+        for name, stat in dense.items():
+            self.state[name] = stat[..., stat.shape[-1] - tail :]
+            if prefix_valid is not None:
+                self.prefix_state[name] = pack_ragged(stat[..., : stat.shape[-1] - tail], prefix_valid)[0]
+
+    def repack(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
         """Keep the tokens marked in ``keep [B, Hkv, P + T]`` (a mask over :meth:`dense_view`),
-        packed per head; the tail starts empty again."""
+        packed per head, with their statistics from ``state``; the tail starts empty again."""
         from kvx.kernels.reference import pack_ragged
 
         keys, values, valid = self.dense_view()
+        state = self.dense_state() if state is None else state
         keep = keep & valid
         self.prefix_keys, self.prefix_offsets = pack_ragged(keys, keep)
         self.prefix_values, _ = pack_ragged(values, keep)
+        self.prefix_state = {name: pack_ragged(stat, keep)[0] for name, stat in state.items()}
+        self.state = {name: stat[..., :0].clone() for name, stat in state.items()}
         self.keys, self.values = keys[..., :0, :].clone(), values[..., :0, :].clone()
         self.valid = None
 
-    def keep_mask(self, keep: torch.Tensor) -> None:
-        self.repack(keep)
+    def keep_mask(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.repack(keep, state)
 
     def kept_per_head(self) -> torch.Tensor:
         kept = super().kept_per_head()
@@ -213,6 +244,7 @@ class RaggedLayer(CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self.prefix_keys = self.prefix_values = self.prefix_offsets = None
+        self.prefix_state = {}
 
     def _select_batch(self, fn) -> None:
         if self.has_prefix:
@@ -225,7 +257,8 @@ class RaggedLayer(CompressedLayer):
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
     tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid", "prefix_keys", "prefix_values",
                                                   "prefix_offsets")]
-    return [t for t in tensors + list(getattr(layer, "state", {}).values()) if t is not None]
+    stats = list(getattr(layer, "state", {}).values()) + list(getattr(layer, "prefix_state", {}).values())
+    return [t for t in tensors + stats if t is not None]
 
 
 def _held_bytes(tensors: list[torch.Tensor]) -> int:

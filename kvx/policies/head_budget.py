@@ -10,7 +10,8 @@ scorer forces (its window). Heads end up with different token counts, so storage
 head holds exactly its own tokens, packed, with no padding and no masking of stored keys, and
 decode attention reads that storage directly (``kvx.kernels.ragged_decode``).
 
-Scorers that keep running statistics (h2o, keyformer) are not supported here yet.
+Scorers that keep running statistics (h2o, keyformer) work too: their per-token statistics are
+packed with the keys.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvx.policy import (
     token_ranks,
 )
 
-STATELESS_SCORERS = ("snapkv", "tova", "knorm")
+SCORER_WINDOW_OPTION = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
 
 
 @register_policy
@@ -44,8 +45,8 @@ class HeadBudget(BudgetedPolicy):
     summary: ClassVar[str] = "one budget per layer shared among KV heads by score; ragged storage (AdaKV, Feng et al., 2024)"
     storage: ClassVar[str] = "ragged"
 
-    scorer: Any = option("snapkv", f"policy whose scores rank tokens: {', '.join(STATELESS_SCORERS)}, or an object")
-    window: int = option(32, "the scorer's window (snapkv observation window), kept by every head")
+    scorer: Any = option("snapkv", "policy whose scores rank tokens (snapkv, h2o, tova, keyformer, knorm), or an object")
+    window: int = option(32, "the scorer's window (observation or recent tokens), kept by every head")
     floor: float = option(0.2, "each KV head keeps at least floor x budget of its best tokens, in [0, 1]")
 
     def __post_init__(self) -> None:
@@ -59,11 +60,9 @@ class HeadBudget(BudgetedPolicy):
             cls = policy_class(self.scorer)
             if not issubclass(cls, EvictionPolicy) or not cls.scores_rank_tokens:
                 raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens; "
-                                f"use one of {', '.join(STATELESS_SCORERS)}")
-            if cls.name not in STATELESS_SCORERS:
-                raise ValueError(f"head_budget: scorer {self.scorer!r} keeps running statistics, which ragged storage "
-                                 f"does not carry yet; use one of {', '.join(STATELESS_SCORERS)}")
-            options = {"window": self.window} if cls.name == "snapkv" else {}
+                                "use e.g. snapkv, h2o, tova, keyformer, knorm")
+            window_option = SCORER_WINDOW_OPTION.get(cls.name)
+            options = {window_option: self.window} if window_option else {}
             return make_policy(cls.name, budget=max(self.window, 1), **options)
         if not isinstance(self.scorer, EvictionPolicy) or not self.scorer.scores_rank_tokens:
             raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens")
@@ -72,6 +71,7 @@ class HeadBudget(BudgetedPolicy):
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its
         heads, exceed ``Hkv x capacity``; None when no row does."""
+        self._scorer.observe(view)  # running statistics (h2o, keyformer) see every forward
         real = view.valid.sum(-1).sum(-1)  # [B] over all heads
         kv_heads = view.valid.shape[1]
         capacity = self.capacity(view).to(real.device)

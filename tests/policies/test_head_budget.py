@@ -75,7 +75,6 @@ def test_full_budget_equals_dense(model_type):
     "options,error,match",
     [
         ({"scorer": "streaming_llm"}, TypeError, "has no scores that rank tokens"),
-        ({"scorer": "h2o"}, ValueError, "keeps running statistics"),
         ({"floor": 1.5}, ValueError, r"floor must be a number in \[0, 1\]"),
         ({"scorer": "nope"}, ValueError, "unknown policy 'nope'"),
     ],
@@ -89,3 +88,21 @@ def test_a_dense_cache_is_refused_for_ragged_policies():
     model = tiny_model("llama")
     with kvx.patched(model, "head_budget", budget=8), pytest.raises(ValueError, match="needs ragged"):
         model(random_ids(1, 10), past_key_values=kvx.KVCache(model.config))
+
+
+@pytest.mark.parametrize("scorer", ["h2o", "keyformer"])
+def test_stateful_scorers_keep_their_statistics_aligned(scorer):
+    """With floor=1 each head keeps its own top-k: the same tokens the scorer alone keeps, step after
+    step, only if the statistics stay aligned with the packed tokens."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 50, seed=53)
+    options = {"budget": 12, "recent": 4, "decode_interval": 2}
+    with kvx.patched(model, scorer, **options):
+        dense_seq, dense_logits, _ = greedy(model, ids, new_tokens=6)
+    with kvx.patched(model, "head_budget", budget=12, window=4, floor=1.0, scorer=kvx.make_policy(scorer, **options),
+                     decode_interval=2):
+        seq, logits, cache = greedy(model, ids, new_tokens=6)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
+    layer = cache.layers[0]
+    assert set(layer.prefix_state) == {scorer} and layer.prefix_state[scorer].numel() == layer.prefix_keys.shape[0]
