@@ -31,3 +31,24 @@ def accumulate(state: dict[str, torch.Tensor], name: str, scores: torch.Tensor) 
     total = state.get(name)
     state[name] = scores if total is None else total + scores
     return state[name]
+
+
+# the option of each scorer that plays the role of a wrapper's ``window``
+SCORER_WINDOW_OPTION = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
+
+
+def build_scorer(owner: str, scorer, window: int):
+    """The scoring policy a wrapper (PyramidKV, HeadBudget) ranks tokens with: a registered name
+    (built with the wrapper's ``window``) or a policy object. Raises unless its scores rank
+    tokens by importance."""
+    from kvx.policy import EvictionPolicy, make_policy, policy_class
+
+    if isinstance(scorer, str):
+        cls = policy_class(scorer)
+        window_option = SCORER_WINDOW_OPTION.get(cls.name)
+        if issubclass(cls, EvictionPolicy) and cls.scores_rank_tokens:
+            scorer = make_policy(cls.name, budget=window, **({window_option: window} if window_option else {}))
+    if not isinstance(scorer, EvictionPolicy) or not scorer.scores_rank_tokens:
+        raise TypeError(f"{owner}: scorer {scorer!r} does not rank tokens by importance; "
+                        "use e.g. snapkv, h2o, tova, keyformer, knorm")
+    return scorer

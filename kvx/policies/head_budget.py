@@ -22,18 +22,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvx.policies._scoring import build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
     EvictionPolicy,
-    make_policy,
     option,
-    policy_class,
     register_policy,
     token_ranks,
 )
 
-SCORER_WINDOW_OPTION = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
 
 
 @register_policy
@@ -56,17 +54,7 @@ class HeadBudget(BudgetedPolicy):
         self._scorer = self._build_scorer()
 
     def _build_scorer(self) -> EvictionPolicy:
-        if isinstance(self.scorer, str):
-            cls = policy_class(self.scorer)
-            if not issubclass(cls, EvictionPolicy) or not cls.scores_rank_tokens:
-                raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens; "
-                                "use e.g. snapkv, h2o, tova, keyformer, knorm")
-            window_option = SCORER_WINDOW_OPTION.get(cls.name)
-            options = {window_option: self.window} if window_option else {}
-            return make_policy(cls.name, budget=max(self.window, 1), **options)
-        if not isinstance(self.scorer, EvictionPolicy) or not self.scorer.scores_rank_tokens:
-            raise TypeError(f"head_budget: scorer {self.scorer!r} has no scores that rank tokens")
-        return self.scorer
+        return build_scorer(self.name, self.scorer, self.window)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its

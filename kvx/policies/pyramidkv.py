@@ -17,15 +17,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvx.policies._scoring import build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
     EvictionPolicy,
     capacity_tensor,
     check_positive_int,
-    make_policy,
     option,
-    policy_class,
     register_policy,
 )
 
@@ -60,19 +59,7 @@ class PyramidKV(BudgetedPolicy):
         self._scorer = self._build_scorer()
 
     def _build_scorer(self) -> EvictionPolicy:
-        if isinstance(self.scorer, str):
-            cls = policy_class(self.scorer)
-            if not issubclass(cls, EvictionPolicy) or not cls.scores_rank_tokens:
-                raise TypeError(f"pyramidkv: scorer {self.scorer!r} does not rank tokens by importance; "
-                                "use e.g. snapkv, h2o, knorm")
-            window_option = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
-            options = {window_option[self.scorer]: self.window} if self.scorer in window_option else {}
-            scorer = make_policy(self.scorer, budget=self.window, **options)
-        else:
-            scorer = self.scorer
-        if not isinstance(scorer, EvictionPolicy) or not scorer.scores_rank_tokens:
-            raise TypeError(f"pyramidkv: scorer {scorer!r} does not rank tokens by importance; use e.g. snapkv, h2o, knorm")
-        return scorer
+        return build_scorer(self.name, self.scorer, self.window)
 
     def check_model(self, num_layers: int) -> None:
         if isinstance(self.schedule, (list, tuple)) and len(self.schedule) != num_layers:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from kvx.cli import main
 from kvx.eval import needle

@@ -2,7 +2,6 @@
 budget that keeps the needle's neighbourhood scores as dense (StreamingLLM, which drops it, does not)."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvx.eval import needle

@@ -74,7 +74,7 @@ def test_full_budget_equals_dense(model_type):
 @pytest.mark.parametrize(
     "options,error,match",
     [
-        ({"scorer": "streaming_llm"}, TypeError, "has no scores that rank tokens"),
+        ({"scorer": "streaming_llm"}, TypeError, "does not rank tokens by importance"),
         ({"floor": 1.5}, ValueError, r"floor must be a number in \[0, 1\]"),
         ({"scorer": "nope"}, ValueError, "unknown policy 'nope'"),
     ],
