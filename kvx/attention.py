@@ -162,11 +162,11 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
     policy = context.state.policy
     if context.state.active_cache.frozen:
         return
-    keys, values, valid = layer.dense_view() if isinstance(layer, RaggedLayer) else (layer.keys, layer.values, layer.valid)
+    ragged = isinstance(layer, RaggedLayer)
+    keys, values, valid = layer.dense_view() if ragged else (layer.keys, layer.values, layer.valid)
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     mask_rows = None
-    ragged = isinstance(layer, RaggedLayer)
     state = layer.dense_state() if ragged else layer.state
     if ragged and layer.has_prefix:
         tail_mask, num_keys = mask, keys.shape[2]

@@ -208,10 +208,10 @@ class RaggedLayer(CompressedLayer):
 
     def store_state(self, dense: dict[str, torch.Tensor]) -> None:
         """Write statistics given over :meth:`dense_view` back into the packed prefix and the tail."""
-        from kvx.kernels.reference import pack_ragged
+        from kvx.kernels.reference import pack_ragged, ragged_valid
 
         tail = self.keys.shape[-2]
-        prefix_valid = self.dense_view()[2][..., : -tail or None] if self.has_prefix else None
+        prefix_valid = ragged_valid(self.prefix_offsets, *self.keys.shape[:2]) if self.has_prefix and dense else None
         for name, stat in dense.items():
             self.state[name] = stat[..., stat.shape[-1] - tail :]
             if prefix_valid is not None:

@@ -146,12 +146,18 @@ def unpack_ragged(packed: torch.Tensor, offsets: torch.Tensor, batch: int, kv_he
     """Inverse of :func:`pack_ragged`, left-padded to the longest segment: ``([B, Hkv, P, ...],
     valid [B, Hkv, P])``. Right-aligned like a left-padded batch, so positions counted from the
     newest token do not depend on how long the other segments are."""
+    valid = ragged_valid(offsets, batch, kv_heads)
+    dense = packed.new_zeros(batch, kv_heads, valid.shape[-1], *packed.shape[1:])
+    dense[valid] = packed
+    return dense, valid
+
+
+def ragged_valid(offsets: torch.Tensor, batch: int, kv_heads: int) -> torch.Tensor:
+    """``[B, Hkv, P]`` bool: which slots of :func:`unpack_ragged`'s layout hold a token (right-aligned)."""
     counts = offsets.diff()
     longest = int(counts.max()) if counts.numel() else 0
-    valid = torch.arange(longest, device=packed.device)[None, :] >= longest - counts[:, None]  # [B*Hkv, P]
-    dense = packed.new_zeros(batch * kv_heads, longest, *packed.shape[1:])
-    dense[valid] = packed
-    return dense.reshape(batch, kv_heads, longest, *packed.shape[1:]), valid.reshape(batch, kv_heads, longest)
+    valid = torch.arange(longest, device=offsets.device)[None, :] >= longest - counts[:, None]  # [B*Hkv, P]
+    return valid.reshape(batch, kv_heads, longest)
 
 
 def attention_with_lse(
