@@ -91,9 +91,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from kvx.eval import bench
+    from kvx.eval.measure import parse_dtype
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = bench._dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.bench == "e2e":
         lengths = _parse_ints(args.lengths, "--lengths")
         policies = bench.parse_policy_list(args.policies)

@@ -25,7 +25,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
-from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
+from kvx.eval.measure import Timing, parse_dtype, available_bytes, measure_peak, stamp, time_call
 from kvx.eval.needle import DENSE, PolicyRun
 from kvx.kernels import reference
 
@@ -39,13 +39,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-4b": dict(model_type="qwen3", num_hidden_layers=36, hidden_size=2560, intermediate_size=9728,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
-
-
-def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(choices)}")
-    return choices[name]
 
 
 def model_config(spec: str, layers: int | None = None):

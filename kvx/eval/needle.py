@@ -154,7 +154,9 @@ def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto"
             f"no tokenizer could be loaded from {tokenizer_path or path!r} ({err.__class__.__name__}); "
             "pass --tokenizer PATH to a directory that has one"
         ) from None
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    from kvx.eval.measure import parse_dtype
+
+    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     if device:
         model = model.to(device)
