@@ -95,13 +95,14 @@ def attention_column_sums(
     key_valid: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
-    block: int = 256,
+    block: int = 512,
 ) -> torch.Tensor:
     """Attention each key receives, summed over the queries: ``[B, Hkv, G, S]`` float32.
 
     Queries are the last ``q`` positions of the ``S`` keys (causal); a query whose own slot is
-    padding contributes nothing. Computed ``block`` queries at a time, so memory is
-    ``block x S``, never ``q x S`` (H2O's accumulated attention at prefill).
+    padding contributes nothing. Computed ``block`` queries at a time over only the keys that
+    block can see, so memory is ``block x S``, never ``q x S``, and a prompt attending to itself
+    costs half the full matrix (H2O's accumulated attention at prefill).
 
     Args:
         query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
@@ -109,21 +110,28 @@ def attention_column_sums(
     batch, heads, q_len, dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    keys = key.float()[:, :, None]  # [B, Hkv, 1, S, D]
-    valid = key_valid[:, :, None, None, :] if key_valid is not None else None  # [B, Hkv, 1, 1, S]
+    keys = key.float()  # [B, Hkv, S, D]
+    if key_valid is not None and bool(key_valid.all()):
+        key_valid = None  # no padding: skip the masking passes
     sums = query.new_zeros(batch, kv_heads, groups, num_keys, dtype=torch.float32)
+    first_query = num_keys - q_len  # stored position of query 0
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups, stop - start, dim)
-        logits = softcapped(torch.matmul(q, keys.transpose(-1, -2)) * scaling, softcap)  # [B, Hkv, G, b, S]
-        visible = causal_mask(stop - start, num_keys - q_len + stop, query.device)[0, 0]  # [b, S']
-        visible = torch.nn.functional.pad(visible, (0, num_keys - visible.shape[-1]))  # [b, S]
-        mask = visible[None, None, None]
-        if valid is not None:
-            own = valid[..., num_keys - q_len + start : num_keys - q_len + stop].transpose(-1, -2)  # [B,Hkv,1,b,1]
-            mask = mask & valid & own
-        probs = torch.softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)
-        sums += torch.nan_to_num(probs, nan=0.0).sum(dim=-2)
+        rows, seen = stop - start, first_query + stop  # this block's queries see keys [0, seen)
+        # the G query heads of a KV head as one [G * b, D] matrix: a plain batched GEMM, no broadcast
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, dim)
+        logits = torch.matmul(q, keys[:, :, :seen].transpose(-1, -2)).view(batch, kv_heads, groups, rows, seen)
+        logits = softcapped(logits.mul_(scaling), softcap)  # [B, Hkv, G, b, seen]
+        # causal: only the last `rows` columns hold keys later than some query of the block
+        future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
+        logits[..., seen - rows :].masked_fill_(future, -torch.inf)
+        if key_valid is not None:
+            logits.masked_fill_(~key_valid[:, :, None, None, :seen], -torch.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if key_valid is not None:  # padded queries contribute nothing (and may see nothing: NaN rows)
+            own = key_valid[:, :, None, first_query + start : seen, None]  # [B, Hkv, 1, b, 1]
+            probs = probs.nan_to_num_(0.0).mul_(own)
+        sums[..., :seen] += probs.sum(dim=-2)
     return sums
 
 
