@@ -160,10 +160,11 @@ def _attend_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: fl
 def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None) -> None:
     """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen)."""
     policy = context.state.policy
-    if context.state.active_cache.frozen:
+    if context.state.active_cache.frozen or not policy.wants_view(_phase(layer, query.shape[-2])):
         return
     ragged = isinstance(layer, RaggedLayer)
-    keys, values, valid = layer.dense_view() if ragged else (layer.keys, layer.values, layer.valid)
+    dense_view = layer.dense_view() if ragged else None
+    keys, values, valid = dense_view if ragged else (layer.keys, layer.values, layer.valid)
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     mask_rows = None
@@ -189,7 +190,7 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
     )
     keep = policy.select_mask(view)
     if ragged:  # the statistics of a ragged layer were unpacked for the view: pack them back
-        layer.keep_mask(keep, state) if keep is not None else layer.store_state(state)
+        layer.keep_mask(keep, state, dense_view) if keep is not None else layer.store_state(state)
     elif keep is not None:
         layer.keep_mask(keep)
 

@@ -217,12 +217,14 @@ class RaggedLayer(CompressedLayer):
             if prefix_valid is not None:
                 self.prefix_state[name] = pack_ragged(stat[..., : stat.shape[-1] - tail], prefix_valid)[0]
 
-    def repack(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
+    def repack(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None,
+               view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Keep the tokens marked in ``keep [B, Hkv, P + T]`` (a mask over :meth:`dense_view`),
-        packed per head, with their statistics from ``state``; the tail starts empty again."""
+        packed per head, with their statistics from ``state``; the tail starts empty again.
+        ``view``: the :meth:`dense_view` the caller already built (saves building it again)."""
         from kvx.kernels.reference import pack_ragged
 
-        keys, values, valid = self.dense_view()
+        keys, values, valid = self.dense_view() if view is None else view
         state = self.dense_state() if state is None else state
         keep = keep & valid
         self.prefix_keys, self.prefix_offsets = pack_ragged(keys, keep)
@@ -232,8 +234,9 @@ class RaggedLayer(CompressedLayer):
         self.keys, self.values = keys[..., :0, :].clone(), values[..., :0, :].clone()
         self.valid = None
 
-    def keep_mask(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.repack(keep, state)
+    def keep_mask(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None,
+                  view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.repack(keep, state, view)
 
     def kept_per_head(self) -> torch.Tensor:
         kept = super().kept_per_head()

@@ -111,6 +111,12 @@ class Policy:
         """
         raise NotImplementedError
 
+    def wants_view(self, phase: Phase) -> bool:
+        """Whether :meth:`select_mask` reads the view in ``phase``. False is a promise that it would
+        return None without looking (no statistics to update, nothing to evict), so kvx skips
+        building the view: for ragged storage that is a copy of the whole layer per forward."""
+        return True
+
     def select(self, view: CompressionView) -> torch.Tensor | None:
         """Indices ``[B, Hkv, K]`` (ascending) of the tokens to keep, where every row and head keeps
         the same number (a convenience over :meth:`select_mask`)."""
@@ -157,6 +163,13 @@ class EvictionPolicy(Policy):
 
     def observe(self, view: CompressionView) -> None:
         """Called at every forward, before any eviction: update running statistics in ``view.state``."""
+
+    def observes(self) -> bool:
+        """Whether :meth:`observe` keeps running statistics (then every forward needs the view)."""
+        return type(self).observe is not EvictionPolicy.observe
+
+    def wants_view(self, phase: Phase) -> bool:
+        return self.observes() or phase in self.phases
 
     def score(self, view: CompressionView) -> torch.Tensor:
         """``[B, Hkv, S]`` float importance of each stored token (``+inf`` = must keep)."""
@@ -212,6 +225,9 @@ class BudgetedPolicy(EvictionPolicy):
         if self.ratio is None:
             return capacity_tensor(view, self.budget)
         return torch.ceil((1 - self.ratio) * view.real_seen().double()).long().clamp(min=1)
+
+    def wants_view(self, phase: Phase) -> bool:
+        return super().wants_view(phase) or (phase == "decode" and self.decode_interval > 0)
 
     def triggered(self, view: CompressionView, real: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         if view.phase == "decode":

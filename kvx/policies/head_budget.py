@@ -27,6 +27,7 @@ from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
     EvictionPolicy,
+    Phase,
     option,
     register_policy,
     token_ranks,
@@ -55,6 +56,9 @@ class HeadBudget(BudgetedPolicy):
 
     def _build_scorer(self) -> EvictionPolicy:
         return build_scorer(self.name, self.scorer, self.window)
+
+    def wants_view(self, phase: Phase) -> bool:
+        return self._scorer.observes() or super().wants_view(phase)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its

@@ -87,5 +87,8 @@ class PyramidKV(BudgetedPolicy):
     def observe(self, view: CompressionView) -> None:
         self._scorer.observe(view)
 
+    def observes(self) -> bool:
+        return self._scorer.observes()
+
     def score(self, view: CompressionView) -> torch.Tensor:
         return self._scorer.score(view)

@@ -1,0 +1,84 @@
+"""``Policy.wants_view``: where a policy says it will not read the view, kvx skips building it,
+so the promise must hold (``select_mask`` returns None and touches no statistics)."""
+
+import pytest
+import torch
+
+import kvx
+from kvx.cache import RaggedLayer
+from kvx.policy import CompressionView, make_policy
+from kvx.tiny import tiny_model
+
+from conftest import random_ids
+
+# small budgets so every policy would evict whenever it is allowed to
+CONFIGS = [
+    ("streaming_llm", {"sink": 2, "window": 4}),
+    ("snapkv", {"budget": 6, "window": 2}),
+    ("snapkv", {"budget": 6, "window": 2, "decode_interval": 1}),
+    ("h2o", {"budget": 6, "recent": 2}),
+    ("h2o", {"budget": 6, "recent": 2, "decode_interval": 0}),
+    ("tova", {"budget": 6}),
+    ("keyformer", {"budget": 6, "recent": 2, "window": 2}),
+    ("knorm", {"budget": 6, "recent": 2}),
+    ("pyramidkv", {"budget": 6, "window": 2}),
+    ("pyramidkv", {"budget": 6, "window": 2, "scorer": "h2o"}),
+    ("head_budget", {"budget": 6, "window": 2}),
+    ("head_budget", {"budget": 6, "window": 2, "scorer": "keyformer"}),
+]
+
+
+def _view(phase: str) -> CompressionView:
+    g = torch.Generator().manual_seed(7)
+    q_len = 1 if phase == "decode" else 5
+    return CompressionView(
+        query=torch.randn(1, 4, q_len, 8, generator=g),
+        keys=torch.randn(1, 2, 20, 8, generator=g),
+        values=torch.randn(1, 2, 20, 8, generator=g),
+        valid=torch.ones(1, 2, 20, dtype=torch.bool),
+        attention_mask=None,
+        phase=phase,
+        layer_idx=0,
+        scaling=8**-0.5,
+        num_seen=20,
+        num_layers=2,
+    )
+
+
+@pytest.mark.parametrize("name,options", CONFIGS, ids=lambda c: str(c))
+@pytest.mark.parametrize("phase", ["prefill", "extend", "decode"])
+def test_a_policy_that_declines_the_view_would_not_have_used_it(name, options, phase):
+    policy = make_policy(name, **options)
+    view = _view(phase)
+    if policy.wants_view(phase):
+        return  # nothing promised
+    assert policy.select_mask(view) is None
+    assert view.state == {}
+
+
+def test_every_policy_declines_somewhere_or_observes():
+    # the configurations above exercise both answers, so the promise is actually tested
+    answers = {make_policy(n, **o).wants_view("decode") for n, o in CONFIGS}
+    assert answers == {True, False}
+
+
+def test_ragged_decode_skips_the_dense_view_unless_the_policy_needs_it(monkeypatch):
+    calls = []
+    original = RaggedLayer.dense_view
+
+    def counting(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(RaggedLayer, "dense_view", counting)
+    model = tiny_model("llama")
+    ids = random_ids(1, 40, seed=3)
+    for options, decode_views in (({"decode_interval": 0}, 0), ({"decode_interval": 2}, 2 * 4)):
+        # one view per layer and step where the policy may compress; a compression reuses it
+        with kvx.patched(model, "head_budget", budget=8, window=2, **options), torch.inference_mode():
+            cache = model(ids, use_cache=True).past_key_values
+            calls.clear()
+            token = ids[:, -1:]
+            for _ in range(4):
+                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert len(calls) == decode_views  # 2 layers x 4 steps when compressing while decoding
