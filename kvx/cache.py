@@ -250,10 +250,20 @@ class RaggedLayer(CompressedLayer):
         self.prefix_state = {}
 
     def _select_batch(self, fn) -> None:
+        """Re-order or repeat rows (beam search): ``fn`` maps a ``[B, ...]`` tensor to ``[B', ...]``.
+        The prefix is re-packed from the selected rows' segments."""
         if self.has_prefix:
-            raise NotImplementedError(
-                "beam search and batch re-ordering are not supported yet with head-wise (ragged) budgets"
-            )
+            from kvx.kernels.reference import pack_ragged, ragged_valid, unpack_ragged
+
+            batch, kv_heads = self.keys.shape[:2]
+            offsets = self.prefix_offsets
+            valid = fn(ragged_valid(offsets, batch, kv_heads))
+            rows = {name: fn(unpack_ragged(packed, offsets, batch, kv_heads)[0])
+                    for name, packed in (("keys", self.prefix_keys), ("values", self.prefix_values))}
+            self.prefix_state = {name: pack_ragged(fn(unpack_ragged(stat, offsets, batch, kv_heads)[0]), valid)[0]
+                                 for name, stat in self.prefix_state.items()}
+            self.prefix_keys, self.prefix_offsets = pack_ragged(rows["keys"], valid)
+            self.prefix_values = pack_ragged(rows["values"], valid)[0]
         super()._select_batch(fn)
 
 

@@ -2,10 +2,11 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter in tests
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; on a GPU, for real
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvx.tiny import ARCH_OVERRIDES, tiny_model
 

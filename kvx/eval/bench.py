@@ -218,10 +218,13 @@ class KernelCase:
         return self.kv_len * (RAGGED_SHARE if self.op == "ragged_decode" else 1.0)
 
     def flops(self) -> float:
+        """Useful work: ``2 x D`` per (query, key) pair for the logits, as much again where the op
+        also multiplies by V (column sums do not)."""
         pairs = self.q_len * self.keys_read
-        if self.op == "attention_prefill":
+        if self.op in CAUSAL_OPS:
             pairs = self.q_len * (self.kv_len + 1) / 2  # causal
-        return 4.0 * self.batch * self.heads * pairs * self.head_dim
+        per_pair = 2.0 if self.op == "h2o_column_sums" else 4.0
+        return per_pair * self.batch * self.heads * pairs * self.head_dim
 
     def bytes(self, elem: int) -> float:
         q_and_out = 2 * self.batch * self.heads * self.q_len * self.head_dim
@@ -265,6 +268,13 @@ def _ragged_decode(q, k, v):
     return lambda: ragged_decode_attention(q, packed_k, packed_v, offsets, q.shape[-1] ** -0.5)
 
 
+def _column_sums(q, k, v):
+    """H2O's accumulated attention of a whole prompt (the Triton kernel on GPU, the reference on CPU)."""
+    from kvx.kernels.column_sums import attention_column_sums
+
+    return lambda: attention_column_sums(q, k, None, q.shape[-1] ** -0.5)
+
+
 KERNELS: dict[str, Callable] = {
     # op -> a function of (q, k, v) returning the zero-argument call to time (inputs prepared outside it)
     "attention_prefill": lambda q, k, v: lambda: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
@@ -273,7 +283,9 @@ KERNELS: dict[str, Callable] = {
         q, k, reference.causal_mask(q.shape[-2], k.shape[-2], q.device), q.shape[-1] ** -0.5
     ),
     "ragged_decode": _ragged_decode,
+    "h2o_column_sums": _column_sums,
 }
+CAUSAL_OPS = ("attention_prefill", "h2o_column_sums")  # the prompt attends to itself; dense runs causal
 RAGGED_SHARE = 0.75  # mean share of the tokens each head keeps in the ragged_decode case
 
 
@@ -294,7 +306,7 @@ def kernel_cases(op: str, lengths: list[int], head_dims: list[int], gqa: list[in
             for ratio in gqa:
                 if heads % ratio:
                     continue
-                q_len = {"attention_prefill": length, "attention_decode": 1, "snapkv_scores": 32, "ragged_decode": 1}[op]
+                q_len = length if op in CAUSAL_OPS else {"snapkv_scores": 32}.get(op, 1)
                 cases.append(KernelCase(op, 1, heads, heads // ratio, q_len, length, head_dim))
     return cases
 
@@ -332,7 +344,7 @@ def bench_kernels(
             row = {**header, **case.__dict__, "impl": "kvx", "seconds": ours.median}
             row.update(_rates(case, ours.median, elem, peaks))
             for name, dense_fn in baselines.items():
-                causal = op == "attention_prefill"
+                causal = op in CAUSAL_OPS
                 dense = time_call(lambda: dense_fn(q, k, v, causal), device, repeats)
                 row[f"{name}_seconds"] = dense.median
                 row[f"vs_{name}"] = dense.median / ours.median

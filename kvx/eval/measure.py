@@ -49,6 +49,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The short commit of the kvx checkout (``-dirty`` when its code has changes), or
+    ``KVX_COMMIT`` where the tree is a copy without git (e.g. shipped to a GPU machine)."""
+    if os.environ.get("KVX_COMMIT"):
+        return os.environ["KVX_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

@@ -39,11 +39,15 @@ def test_kernel_rows(tmp_path, capsys):
                  "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
     assert next(tmp_path.glob("kernels-*.png")).stat().st_size > 1000
-    assert len(rows) == 4 * 2 * 2
+    assert len(rows) == len(bench.KERNELS) * 2 * 2
+    assert {r["op"] for r in rows} == set(bench.KERNELS)
     for row in rows:
         assert STAMP <= set(row) and row["tflops"] > 0 and row["gbs"] > 0 and row["vs_sdpa"] > 0
         assert 0 < row["fraction_of_peak"] and row["bound"] in ("memory", "compute")
     assert {r["bound"] for r in rows if r["op"] in ("attention_decode", "ragged_decode")} == {"memory"}
+    for row in rows:  # prefill-shaped ops run every query of the prompt; the others 1 or 32
+        expected = row["kv_len"] if row["op"] in bench.CAUSAL_OPS else (32 if row["op"] == "snapkv_scores" else 1)
+        assert row["q_len"] == expected
 
 
 def test_tracker_counts_new_allocations_until_freed():

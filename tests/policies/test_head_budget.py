@@ -17,8 +17,9 @@ def test_floor_one_reproduces_snapkv_through_the_ragged_path(backend, monkeypatc
     outputs."""
     pytest.importorskip("triton") if backend == "triton" else None
     monkeypatch.setenv("KVX_BACKEND", backend)
-    model = tiny_model("llama")
-    ids = random_ids(1, 60, seed=50)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernel runs for real
+    model = tiny_model("llama").to(device)
+    ids = random_ids(1, 60, seed=50).to(device)
     with kvx.patched(model, "snapkv", budget=12, window=4):
         dense_seq, dense_logits, dense_cache = greedy(model, ids, new_tokens=5)
     with kvx.patched(model, "head_budget", budget=12, window=4, floor=1.0):
@@ -106,3 +107,21 @@ def test_stateful_scorers_keep_their_statistics_aligned(scorer):
     torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
     layer = cache.layers[0]
     assert set(layer.prefix_state) == {scorer} and layer.prefix_state[scorer].numel() == layer.prefix_keys.shape[0]
+
+
+@pytest.mark.parametrize("scorer", ["snapkv", "h2o"])
+def test_beam_search_reorders_ragged_storage(scorer):
+    """Beams re-order (and repeat) the packed per-head segments and their statistics: with floor=1
+    head_budget keeps its scorer's tokens, so beam search must give the scorer's own beams."""
+    model = tiny_model("llama")
+    ids = random_ids(2, 40, seed=53)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  num_beams=3, num_return_sequences=2)
+    options = {"snapkv": {"budget": 10, "window": 3}, "h2o": {"budget": 10, "recent": 3, "decode_interval": 2}}[scorer]
+    with kvx.patched(model, scorer, **options), torch.inference_mode():
+        want = model.generate(ids, **kwargs)
+    with kvx.patched(model, "head_budget", budget=10, window=3, floor=1.0, scorer=kvx.make_policy(scorer, **options),
+                     decode_interval=options.get("decode_interval", 0)), torch.inference_mode():
+        got = model.generate(ids, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(got.sequences, want)
+    assert all(s["kind"] == "ragged" for s in got.past_key_values.stats())
