@@ -134,44 +134,61 @@ def kvx_attention(
 
     q_len = query.shape[-2]
     mask, valid = _mask_over_storage(layer, attention_mask, q_len, query.shape[1])
-    if isinstance(layer, RaggedLayer) and layer.has_prefix:
-        out = _attend_with_prefix(query, key, value, mask, layer, scaling, softcap)
-    else:
-        out = reference.attention(query, key, value, mask, scaling, softcap)
     layer.set_valid(valid)
     layer.count_real(None if valid is None else valid[:, 0, -q_len:], query.shape[0], q_len)
-    _compress(context, layer, query, mask, scaling, softcap)
+    dense_view = None
+    if isinstance(layer, RaggedLayer) and layer.has_prefix:
+        if q_len == 1:  # decode: read the packed prefix directly (the ragged kernel), merge with the tail
+            out = _decode_with_prefix(query, key, value, mask, layer, scaling, softcap)
+        else:  # several queries: one pass over the dense view, which the policy then scores on
+            dense_view = layer.dense_view()
+            out = _attend_over_view(query, dense_view, layer.keys.shape[-2], mask, scaling, softcap)
+    else:
+        out = reference.attention(query, key, value, mask, scaling, softcap)
+    _compress(context, layer, query, mask, scaling, softcap, dense_view)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None):
-    """Attention over a ragged layer: its packed per-head prefix and its dense tail, merged."""
-    q_len = query.shape[-2]
-    if mask is None and q_len > 1:
-        mask = reference.causal_mask(q_len, key.shape[-2], query.device)
+def _decode_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None):
+    """One new query per head over a ragged layer: its packed per-head prefix (the ragged decode
+    kernel) and its dense tail, merged by log-sum-exp."""
     tail = reference.attention_with_lse(query, key, value, mask, scaling, softcap)
-    if q_len == 1:
-        prefix = ragged_decode_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
-    else:
-        prefix = reference.ragged_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
+    prefix = ragged_decode_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
     return reference.merge_attention([prefix, tail]).to(query.dtype)
 
 
-def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None) -> None:
-    """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen)."""
+def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None, block: int = 1024):
+    """Several new queries ``[B, H, q, D]`` over a ragged layer's dense view ``(keys, values [B,
+    Hkv, P + T, D], valid [B, Hkv, P + T])``: SDPA ``block`` queries at a time, so the per-head mask
+    is ``block x (P + T)``, never ``q x (P + T)``."""
+    q_len = query.shape[-2]
+    keys, values, valid = view
+    outs = []
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        mask = _view_mask(valid, tail_len, tail_mask, query.shape, start, stop)
+        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap))
+    return torch.cat(outs, dim=2)
+
+
+def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None,
+              dense_view=None) -> None:
+    """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen).
+    ``dense_view``: a ragged layer's :meth:`RaggedLayer.dense_view`, where attention built it already."""
     policy = context.state.policy
     if context.state.active_cache.frozen or not policy.wants_view(_phase(layer, query.shape[-2])):
         return
     ragged = isinstance(layer, RaggedLayer)
-    dense_view = layer.dense_view() if ragged else None
+    if ragged and dense_view is None:
+        dense_view = layer.dense_view()
     keys, values, valid = dense_view if ragged else (layer.keys, layer.values, layer.valid)
     if valid is None:
         valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     mask_rows = None
     state = layer.dense_state() if ragged else layer.state
     if ragged and layer.has_prefix:
-        tail_mask, num_keys = mask, keys.shape[2]
-        mask, mask_rows = None, lambda last: _mask_with_prefix(layer, tail_mask, query, num_keys, valid, last)
+        tail_mask, tail_len, q_len = mask, layer.keys.shape[-2], query.shape[-2]
+        mask, mask_rows = None, lambda last: _view_mask(valid, tail_len, tail_mask, query.shape, q_len - last, q_len)
     view = CompressionView(
         query=query,
         keys=keys,
@@ -195,14 +212,15 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
         layer.keep_mask(keep)
 
 
-def _mask_with_prefix(layer: RaggedLayer, tail_mask, query, num_keys: int, valid, last: int) -> torch.Tensor:
-    """The mask of the last ``last`` new queries over a ragged layer's dense view: every real
-    prefix token, then the tail (built on demand: only the rows a policy asks for)."""
-    batch, heads, q_len = query.shape[:3]
-    kv_heads = valid.shape[1]
-    tail_len = layer.keys.shape[-2]
+def _view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
+    """Mask ``[B, H, stop - start, P + T]`` of new queries ``start:stop`` over a ragged layer's dense
+    view: every real prefix token of the query's KV head, then the tail under ``tail_mask``
+    (``[B|1, 1|H, q, T]``, or None for causal)."""
+    batch, heads, q_len = query_shape[:3]
+    kv_heads, num_keys = valid.shape[1:]
+    rows = stop - start
     prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
-    prefix_cols = prefix_cols.expand(batch, heads, last, num_keys - tail_len)
+    prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
     if tail_mask is None:
-        tail_mask = reference.causal_mask(q_len, tail_len, query.device)
-    return torch.cat([prefix_cols, tail_mask[..., -last:, :].expand(batch, heads, last, -1)], dim=-1)
+        tail_mask = reference.causal_mask(q_len, tail_len, valid.device)
+    return torch.cat([prefix_cols, tail_mask[..., start:stop, :].expand(batch, heads, rows, -1)], dim=-1)

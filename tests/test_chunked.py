@@ -64,3 +64,19 @@ def test_bad_chunk_size_and_unpatched_prefill():
         kvx.patch(model, "snapkv", chunk_size=0)
     with pytest.raises(ValueError, match="not patched by kvx"):
         kvx.prefill(model, random_ids(1, 8))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_chunked_head_budget_floor_one_equals_snapkv_with_padding(model_type):
+    """Chunks after the first attend over a ragged prefix plus the new tokens (the dense view,
+    query block by query block): with floor=1 the head budgets keep SnapKV's tokens, so a padded,
+    chunked head_budget prefill must give SnapKV's outputs (Gemma 2: soft-capping and sliding layers)."""
+    model = tiny_model(model_type)
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (75, 44)])
+    with kvx.patched(model, "snapkv", budget=12, window=4, chunk_size=16):
+        want_seq, want_logits, _ = greedy(model, ids, mask, new_tokens=4)
+    with kvx.patched(model, "head_budget", budget=12, window=4, floor=1.0, chunk_size=16):
+        seq, logits, cache = greedy(model, ids, mask, new_tokens=4)
+    assert any(s["kind"] == "ragged" for s in cache.stats())
+    assert torch.equal(seq, want_seq)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)

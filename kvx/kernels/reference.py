@@ -89,20 +89,25 @@ def window_attention_probs(
     return torch.nan_to_num(probs, nan=0.0)  # rows with nothing visible (padding queries)
 
 
+COLUMN_SUMS_BLOCK_ELEMENTS = 2**21  # float32 logits per query block of attention_column_sums
+
+
 def attention_column_sums(
     query: torch.Tensor,
     key: torch.Tensor,
     key_valid: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
-    block: int = 512,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Attention each key receives, summed over the queries: ``[B, Hkv, G, S]`` float32.
 
     Queries are the last ``q`` positions of the ``S`` keys (causal); a query whose own slot is
     padding contributes nothing. Computed ``block`` queries at a time over only the keys that
     block can see, so memory is ``block x S``, never ``q x S``, and a prompt attending to itself
-    costs half the full matrix (H2O's accumulated attention at prefill).
+    costs half the full matrix (H2O's accumulated attention at prefill). The default block keeps
+    one block's logits near 8 MB, where they stay in the CPU's caches (on 2 cores: 2.4x faster
+    than 512-query blocks at 32K keys).
 
     Args:
         query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
@@ -111,6 +116,8 @@ def attention_column_sums(
     kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     keys = key.float()  # [B, Hkv, S, D]
+    if block is None:
+        block = min(1024, max(8, COLUMN_SUMS_BLOCK_ELEMENTS // (batch * heads * num_keys)))
     if key_valid is not None and bool(key_valid.all()):
         key_valid = None  # no padding: skip the masking passes
     sums = query.new_zeros(batch, kv_heads, groups, num_keys, dtype=torch.float32)
@@ -155,9 +162,15 @@ def unpack_ragged(packed: torch.Tensor, offsets: torch.Tensor, batch: int, kv_he
     valid [B, Hkv, P])``. Right-aligned like a left-padded batch, so positions counted from the
     newest token do not depend on how long the other segments are."""
     valid = ragged_valid(offsets, batch, kv_heads)
-    dense = packed.new_zeros(batch, kv_heads, valid.shape[-1], *packed.shape[1:])
-    dense[valid] = packed
-    return dense, valid
+    longest = valid.shape[-1]
+    if packed.shape[0] == 0:
+        return packed.new_zeros(batch, kv_heads, longest, *packed.shape[1:]), valid
+    # slot p of segment i reads packed row offsets[i] + p - (longest - count[i]): one row gather
+    # (a boolean index_put is several times slower on CPU), then the padding slots are zeroed
+    starts = offsets[:-1] - (longest - offsets.diff())  # [B * Hkv]
+    source = (starts[:, None] + torch.arange(longest, device=offsets.device)).clamp_(0, packed.shape[0] - 1)
+    dense = packed.index_select(0, source.flatten()).reshape(batch, kv_heads, longest, *packed.shape[1:])
+    return dense.masked_fill_(~valid.reshape(*valid.shape, *[1] * (packed.dim() - 1)), 0), valid
 
 
 def ragged_valid(offsets: torch.Tensor, batch: int, kv_heads: int) -> torch.Tensor:

@@ -77,6 +77,11 @@ def test_pack_unpack_round_trip():
     back, valid = reference.unpack_ragged(packed, offsets, 2, 3)
     assert torch.equal(valid.sum(-1), keep.sum(-1))
     assert torch.equal(back[valid], dense[keep])
+    assert not back[~valid].any()  # padding slots are zeros
+    stats, _ = reference.unpack_ragged(reference.pack_ragged(dense[..., 0], keep)[0], offsets, 2, 3)  # [N] stats
+    assert torch.equal(stats[valid], dense[..., 0][keep]) and not stats[~valid].any()
+    empty, empty_valid = reference.unpack_ragged(dense[:0, 0, 0], torch.zeros(7, dtype=torch.long), 2, 3)
+    assert empty.shape == (2, 3, 0, 5) and empty_valid.shape == (2, 3, 0)
 
 
 @pytest.mark.parametrize("softcap", [None, 4.0])

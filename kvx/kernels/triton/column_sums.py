@@ -26,7 +26,7 @@ def row_lse_kernel(
     GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    head = tl.program_id(0).to(tl.int64)  # int64 offsets: heads x length x dim can pass 2^31
     kv_head = head // GROUPS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -60,7 +60,7 @@ def column_sums_kernel(
     GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    head = tl.program_id(0).to(tl.int64)  # int64 offsets: heads x length x dim can pass 2^31
     kv_head = head // GROUPS
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)

@@ -30,7 +30,7 @@ def ragged_decode_kernel(
     SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
 ):
-    segment = tl.program_id(0)
+    segment = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     start = tl.load(OFFSETS + segment)
     end = tl.load(OFFSETS + segment + 1)
