@@ -5,7 +5,7 @@
 #   3. `kvx bench e2e` on Llama-3-8B's shape with 4 layers, 32K-128K tokens, every policy vs dense.
 # Needs torch, triton and transformers on the machine (kvx itself runs from this tree, no install).
 #
-# Usage: KVX_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh OUT_DIR [LENGTHS]
+# Usage: KVX_COMMIT=<commit> bash scripts/gpu_session.sh OUT_DIR [LENGTHS]   (KVX_COMMIT where the tree has no .git)
 # then copy OUT_DIR/{kernels,e2e}-* into docs/benchmarks/ and commit them with the logs' summary.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [LENGTHS]}
