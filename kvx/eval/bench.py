@@ -290,13 +290,16 @@ RAGGED_SHARE = 0.75  # mean share of the tokens each head keeps in the ragged_de
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """The device's achievable peaks, measured now: GEMM FLOP/s and copy bytes/s."""
+    """The device's achievable peaks, measured now: GEMM FLOP/s, and copy bytes/s (read + written)
+    into a buffer allocated beforehand (a fresh allocation would time page faults, not memory:
+    on CPU a clone reads 3x slower than a copy), each buffer larger than the last-level cache."""
     n = 4096 if device.type == "cuda" else 1536
     a = torch.randn(n, n, device=device, dtype=dtype)
     gemm = time_call(lambda: a @ a, device, repeats=5, warmup=2).median
-    big = torch.empty(64 * 2**20 if device.type == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
-    copy = time_call(lambda: big.clone(), device, repeats=5, warmup=2).median
-    return {"peak_tflops": 2 * n**3 / gemm / 1e12, "peak_gbs": 2 * big.numel() / copy / 1e9}
+    src = torch.ones(256 * 2**20 if device.type == "cpu" else 1024 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = time_call(lambda: dst.copy_(src), device, repeats=5, warmup=2).median
+    return {"peak_tflops": 2 * n**3 / gemm / 1e12, "peak_gbs": 2 * src.numel() / copy / 1e9}
 
 
 def kernel_cases(op: str, lengths: list[int], head_dims: list[int], gqa: list[int], heads: int = 32) -> list[KernelCase]:
