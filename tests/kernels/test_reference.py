@@ -85,14 +85,16 @@ def test_pack_unpack_round_trip():
 
 
 @pytest.mark.parametrize("softcap", [None, 4.0])
-def test_ragged_attention_merged_with_a_tail_equals_dense_over_the_kept_tokens(softcap):
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_ragged_attention_merged_with_a_tail_equals_dense_over_the_kept_tokens(softcap, q_len):
     g = torch.Generator().manual_seed(4)
     batch, heads, kv_heads, dim = 2, 8, 2, 16
     keys = torch.randn(batch, kv_heads, 30, dim, generator=g)
     values = torch.randn(batch, kv_heads, 30, dim, generator=g)
     keep = torch.rand(batch, kv_heads, 30, generator=g) > 0.4
+    keep[1, 0] = False  # an empty segment: that head attends to its tail alone
     tail_k, tail_v = torch.randn(batch, kv_heads, 3, dim, generator=g), torch.randn(batch, kv_heads, 3, dim, generator=g)
-    q = torch.randn(batch, heads, 1, dim, generator=g)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
     packed_k, offsets = reference.pack_ragged(keys, keep)
     packed_v, _ = reference.pack_ragged(values, keep)
     merged = reference.merge_attention([
@@ -102,7 +104,7 @@ def test_ragged_attention_merged_with_a_tail_equals_dense_over_the_kept_tokens(s
     # dense reference: everything, with the dropped tokens masked out
     full_k, full_v = torch.cat([keys, tail_k], 2), torch.cat([values, tail_v], 2)
     visible = torch.cat([keep, torch.ones(batch, kv_heads, 3, dtype=torch.bool)], -1)
-    mask = visible.repeat_interleave(heads // kv_heads, 1)[:, :, None, :]
+    mask = visible.repeat_interleave(heads // kv_heads, 1)[:, :, None, :].expand(-1, -1, q_len, -1)
     torch.testing.assert_close(merged, naive_attention(q, full_k, full_v, mask, 0.3, softcap), rtol=1e-5, atol=1e-5)
 
 
@@ -116,5 +118,8 @@ def test_attention_with_lse_blocks_give_the_same_result(mask_rows):
     torch.testing.assert_close(blocked[0], whole[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(blocked[1], whole[1], rtol=1e-6, atol=1e-6)
     full_mask = mask.expand(2, 4, 13, 29)
+    per_head = torch.rand(2, 4, 13, 29, generator=g) > 0.3  # a different mask for each query head (GQA 2)
+    torch.testing.assert_close(reference.attention_with_lse(q, k, v, per_head, 0.25, block=5)[0],
+                               naive_attention(q, k, v, per_head, 0.25), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference.attention(q, k, v, full_mask, 0.25, softcap=2.0),
                                naive_attention(q, k, v, full_mask, 0.25, softcap=2.0), rtol=1e-5, atol=1e-5)
