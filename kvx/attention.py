@@ -99,11 +99,20 @@ def _mask_over_storage(
         valid = torch.cat([new_valid.new_ones(batch, past), new_valid], dim=-1)
         return mask, valid[:, None, :].expand(batch, kv_heads, num_stored)
 
+    valid = torch.cat([past_valid, new_valid[:, None, :].expand(batch, kv_heads, q_len)], dim=-1)
+    if _heads_share_padding(past_valid):  # one mask serves all heads: [B, 1, q, S], not [B, H, q, S]
+        past_cols = past_valid[:, :1, None, :].expand(batch, 1, q_len, past)
+        return torch.cat([past_cols, new_cols.expand(batch, 1, q_len, q_len)], dim=-1), valid
     groups = num_heads // kv_heads
     past_cols = reference.expand_kv_heads(past_valid, groups)[:, :, None, :].expand(batch, num_heads, q_len, past)
     mask = torch.cat([past_cols, new_cols.expand(batch, num_heads, q_len, q_len)], dim=-1)
-    valid = torch.cat([past_valid, new_valid[:, None, :].expand(batch, kv_heads, q_len)], dim=-1)
     return mask, valid
+
+
+def _heads_share_padding(valid: torch.Tensor) -> bool:
+    """Whether every KV head of a row holds its padding in the same slots: the usual case, since
+    heads keep equal counts, right-aligned (``valid [B, Hkv, S]``)."""
+    return bool((valid == valid[:, :1]).all())
 
 
 def kvx_attention(

@@ -80,3 +80,31 @@ def test_chunked_head_budget_floor_one_equals_snapkv_with_padding(model_type):
     assert any(s["kind"] == "ragged" for s in cache.stats())
     assert torch.equal(seq, want_seq)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_chunks_share_one_mask_across_heads(monkeypatch):
+    """After eviction a padded row keeps its padding slots in the same place for every KV head, so
+    the extend-phase mask is [B, 1, q, S], never [B, H, q, S] (H x less memory per chunk), and the
+    outputs are exactly those of the per-head mask."""
+    import kvx.attention as attention
+
+    shapes = []
+    original = attention.reference.attention
+
+    def recording(query, key, value, mask, *args, **kwargs):
+        if mask is not None:
+            shapes.append(tuple(mask.shape))
+        return original(query, key, value, mask, *args, **kwargs)
+
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (70, 33)])
+    with kvx.patched(model, "snapkv", budget=12, window=4, chunk_size=16):
+        monkeypatch.setattr(attention.reference, "attention", recording)
+        shared_seq, shared_logits, _ = greedy(model, ids, mask, new_tokens=4)
+        assert shapes and all(shape[1] == 1 for shape in shapes)
+        monkeypatch.setattr(attention, "_heads_share_padding", lambda valid: False)
+        shapes.clear()
+        per_head_seq, per_head_logits, _ = greedy(model, ids, mask, new_tokens=4)
+        assert any(shape[1] == model.config.num_attention_heads for shape in shapes)
+    assert torch.equal(shared_seq, per_head_seq)
+    torch.testing.assert_close(shared_logits, per_head_logits, rtol=0, atol=0)
