@@ -3,11 +3,10 @@ policy evicts, and padding is never kept as content."""
 
 import pytest
 import torch
+from conftest import greedy, left_pad, random_ids
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import greedy, left_pad, random_ids
 
 COMPRESSING = {"snapkv": {"budget": 16, "window": 4}, "streaming_llm": {"sink": 2, "window": 14}}
 LENGTHS = (37, 24, 7)  # the last row is shorter than the budget

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import greedy, left_pad, random_ids
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import greedy, left_pad, random_ids
 
 
 def test_generate_compresses_between_chunks():

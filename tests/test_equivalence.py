@@ -3,11 +3,10 @@ unpatching restores bit-identical outputs."""
 
 import pytest
 import torch
+from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
 FULL_BUDGET = {
     "snapkv": {"budget": 1024, "window": 8},

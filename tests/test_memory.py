@@ -3,11 +3,10 @@
 
 import pytest
 import torch
+from conftest import random_ids
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import random_ids
 
 PROMPT = 8192
 

@@ -3,12 +3,11 @@ ways a model gets its cache (generate, forward loops, wrappers)."""
 
 import pytest
 import torch
+from conftest import greedy, random_ids
 from transformers import DynamicCache
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import greedy, random_ids
 
 
 def test_successive_generate_calls_equal_fresh_runs():

@@ -25,7 +25,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
-from kvx.eval.measure import Timing, parse_dtype, available_bytes, measure_peak, stamp, time_call
+from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
 from kvx.eval.needle import DENSE, PolicyRun
 from kvx.kernels import reference
 

@@ -34,7 +34,6 @@ from kvx.policy import (
 )
 
 
-
 @register_policy
 @dataclass
 class HeadBudget(BudgetedPolicy):

@@ -4,12 +4,11 @@ given exactly those tokens at their original positions."""
 
 import torch
 import torch.nn.functional as F
+from conftest import random_ids
 from transformers import DynamicCache
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import random_ids
 
 PROMPT = 40
 

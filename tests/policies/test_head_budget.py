@@ -3,11 +3,10 @@ the dense path where both should agree, rows alone = rows in a padded batch."""
 
 import pytest
 import torch
+from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
 import kvx
 from kvx.tiny import tiny_model
-
-from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

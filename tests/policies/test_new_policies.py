@@ -3,12 +3,11 @@
 
 import pytest
 import torch
+from conftest import greedy, random_ids
 
 import kvx
 from kvx.policy import CompressionView
 from kvx.tiny import tiny_model
-
-from conftest import greedy, random_ids
 
 
 def _view(length=20, query_len=4, heads=4, kv_heads=2, phase="prefill", seen=None, layer_idx=0, num_layers=2):

@@ -3,13 +3,12 @@ so the promise must hold (``select_mask`` returns None and touches no statistics
 
 import pytest
 import torch
+from conftest import random_ids
 
 import kvx
 from kvx.cache import RaggedLayer
 from kvx.policy import CompressionView, make_policy
 from kvx.tiny import tiny_model
-
-from conftest import random_ids
 
 # small budgets so every policy would evict whenever it is allowed to
 CONFIGS = [
