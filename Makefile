@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kvx-installed
 endif
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install lint test demo clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 
 install: $(STAMP)
 
-test: install
+lint: install
+	$(PYTHON) -m ruff check kvx tests scripts
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 demo: install

@@ -30,7 +30,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles
 
 
-
 @dataclass
 class Stage:
     steps: int

@@ -47,7 +47,7 @@ def test_streaming_llm_keeps_sinks_and_window_at_original_positions():
     for (k, v), layer in zip(kept, dense.layers):
         torch.testing.assert_close(k, layer.keys[:, :, positions], rtol=0, atol=0)
         torch.testing.assert_close(v, layer.values[:, :, positions], rtol=0, atol=0)
-    expected = _decode_over(model, [(l.keys[:, :, positions], l.values[:, :, positions]) for l in dense.layers], token, PROMPT)
+    expected = _decode_over(model, [(lay.keys[:, :, positions], lay.values[:, :, positions]) for lay in dense.layers], token, PROMPT)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
