@@ -60,6 +60,17 @@ def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Scaled (and soft-capped) float32 logits ``[B, Hkv, G, q, S]`` of ``query [B, H, q, D]`` over
+    ``key [B, Hkv, S, D]``: the ``G`` query heads of a KV head go through one ``[G * q, D]`` GEMM,
+    so KV heads are never expanded (and no broadcasting matmul, several times slower on CPU)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, num_keys = key.shape[1], key.shape[2]
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    logits = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(scaling)
+    return softcapped(logits, softcap).view(batch, kv_heads, heads // kv_heads, q_len, num_keys)
+
+
 def window_attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -79,8 +90,7 @@ def window_attention_probs(
     batch, heads, window, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    grouped_query = query.reshape(batch, kv_heads, groups, window, dim).float()
-    logits = softcapped(torch.matmul(grouped_query, key.float()[:, :, None].transpose(-1, -2)) * scaling, softcap)
+    logits = grouped_logits(query, key, scaling, softcap)  # [B, Hkv, G, w, S]
     grouped_mask = mask.reshape(mask.shape[0], -1, 1, window, mask.shape[-1])  # heads -> [Hkv|1, G|1]
     if mask.shape[1] == heads:
         grouped_mask = mask.reshape(mask.shape[0], kv_heads, groups, window, mask.shape[-1])
@@ -125,10 +135,7 @@ def attention_column_sums(
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
         rows, seen = stop - start, first_query + stop  # this block's queries see keys [0, seen)
-        # the G query heads of a KV head as one [G * b, D] matrix: a plain batched GEMM, no broadcast
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, dim)
-        logits = torch.matmul(q, keys[:, :, :seen].transpose(-1, -2)).view(batch, kv_heads, groups, rows, seen)
-        logits = softcapped(logits.mul_(scaling), softcap)  # [B, Hkv, G, b, seen]
+        logits = grouped_logits(query[:, :, start:stop], keys[:, :, :seen], scaling, softcap)  # [B, Hkv, G, b, seen]
         # causal: only the last `rows` columns hold keys later than some query of the block
         future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
         logits[..., seen - rows :].masked_fill_(future, -torch.inf)
@@ -198,15 +205,13 @@ def attention_with_lse(
     batch, heads, q_len, dim = query.shape
     kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    keys_t = key.float().transpose(-1, -2)  # [B, Hkv, D, S]: KV heads are never expanded
-    values = value.float()
+    keys, values = key.float(), value.float()
     outs, lses = [], []
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
         rows = stop - start
-        # the G query heads of a KV head as one [G * b, D] matrix
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, dim)
-        logits = softcapped(torch.matmul(q, keys_t) * scaling, softcap)  # [B, Hkv, G * b, S]
+        logits = grouped_logits(query[:, :, start:stop], keys, scaling, softcap)
+        logits = logits.view(batch, kv_heads, groups * rows, num_keys)  # [B, Hkv, G * b, S]
         if mask is not None:
             visible = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]  # may broadcast over queries
             visible = visible.expand(batch, heads, rows, num_keys).reshape(batch, kv_heads, groups * rows, num_keys)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from kvx.kernels.reference import softcapped
+from kvx.kernels.reference import grouped_logits
 from kvx.policies._scoring import accumulate, keep_recent
 from kvx.policy import BudgetedPolicy, CompressionView, check_positive_int, option, register_policy
 
@@ -62,10 +62,9 @@ class Keyformer(BudgetedPolicy):
 
     def observe(self, view: CompressionView) -> None:
         window = min(self.window, view.query.shape[-2])
-        batch, heads, _, dim = view.query.shape
+        heads = view.query.shape[1]
         kv_heads, num_keys = view.keys.shape[1], view.keys.shape[2]
-        query = view.query[..., -window:, :].float().reshape(batch, kv_heads, heads // kv_heads, window, dim)
-        logits = softcapped(torch.matmul(query, view.keys.float()[:, :, None].transpose(-1, -2)) * view.scaling, view.softcap)
+        logits = grouped_logits(view.query[..., -window:, :], view.keys, view.scaling, view.softcap)  # [B, Hkv, G, w, S]
         gumbel = -torch.log(-torch.log(hashed_uniform(logits.shape[1:], view.layer_idx, self.seed, logits.device)))
         mask = view.query_mask(window)
         mask = mask.reshape(mask.shape[0], kv_heads if mask.shape[1] == heads else 1, -1, window, num_keys)
