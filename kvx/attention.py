@@ -166,12 +166,16 @@ def _decode_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: fl
     return reference.merge_attention([prefix, tail]).to(query.dtype)
 
 
-def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None, block: int = 1024):
+VIEW_BLOCK_ELEMENTS = 2**25  # mask entries per query block in _attend_over_view (32 MB of bool)
+
+
+def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None):
     """Several new queries ``[B, H, q, D]`` over a ragged layer's dense view ``(keys, values [B,
-    Hkv, P + T, D], valid [B, Hkv, P + T])``: SDPA ``block`` queries at a time, so the per-head mask
-    is ``block x (P + T)``, never ``q x (P + T)``."""
-    q_len = query.shape[-2]
+    Hkv, P + T, D], valid [B, Hkv, P + T])``: SDPA a block of queries at a time, so the per-head
+    mask (and any score matrix SDPA builds for it) is ``block x (P + T)``, never ``q x (P + T)``."""
+    batch, heads, q_len = query.shape[:3]
     keys, values, valid = view
+    block = min(1024, max(16, VIEW_BLOCK_ELEMENTS // (batch * heads * keys.shape[-2])))
     outs = []
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)

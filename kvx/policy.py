@@ -5,7 +5,8 @@ right after attention for the new tokens has been computed (so the tokens being 
 always see the full context they are entitled to), and then frees every token it dropped.
 
 Adding a policy: one file in ``kvx/policies/``, a dataclass deriving from
-:class:`EvictionPolicy`, decorated with :func:`register_policy`.
+:class:`EvictionPolicy`, decorated with :func:`register_policy`. A policy that overrides
+``select_mask`` may also override ``wants_view`` to let kvx skip phases where it never acts.
 """
 
 from __future__ import annotations
@@ -169,7 +170,14 @@ class EvictionPolicy(Policy):
         return type(self).observe is not EvictionPolicy.observe
 
     def wants_view(self, phase: Phase) -> bool:
+        if not self._decides_like_the_library():
+            return True  # a subclass with its own triggered / select_mask may act in any phase
         return self.observes() or phase in self.phases
+
+    def _decides_like_the_library(self) -> bool:
+        cls = type(self)
+        return cls.select_mask is EvictionPolicy.select_mask and cls.triggered in (
+            EvictionPolicy.triggered, BudgetedPolicy.triggered)
 
     def score(self, view: CompressionView) -> torch.Tensor:
         """``[B, Hkv, S]`` float importance of each stored token (``+inf`` = must keep)."""

@@ -170,13 +170,25 @@ def unpack_ragged(packed: torch.Tensor, offsets: torch.Tensor, batch: int, kv_he
     newest token do not depend on how long the other segments are."""
     valid = ragged_valid(offsets, batch, kv_heads)
     longest = valid.shape[-1]
-    dense = packed.new_zeros(batch * kv_heads, longest, *packed.shape[1:])
-    # one contiguous copy per segment (a row gather is 2x slower on CPU, a boolean index_put more)
-    counts = offsets.diff().tolist()
-    for segment, (start, count) in enumerate(zip(offsets[:-1].tolist(), counts)):
+    trailing = packed.shape[1:]
+    if packed.device.type != "cpu" and packed.shape[0]:
+        return _gather_segments(packed, offsets, valid), valid  # a copy per segment = B x Hkv launches
+    # CPU: one contiguous copy per segment (a row gather is 2x slower, a boolean index_put more)
+    dense = packed.new_zeros(batch * kv_heads, longest, *trailing)
+    for segment, (start, count) in enumerate(zip(offsets[:-1].tolist(), offsets.diff().tolist())):
         if count:
             dense[segment, longest - count :] = packed[start : start + count]
-    return dense.reshape(batch, kv_heads, longest, *packed.shape[1:]), valid
+    return dense.reshape(batch, kv_heads, longest, *trailing), valid
+
+
+def _gather_segments(packed: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_ragged`'s layout in one gather: slot p of segment i reads packed row
+    ``offsets[i] + p - (longest - count[i])``; padding slots are zeroed after."""
+    longest, trailing = valid.shape[-1], packed.shape[1:]
+    starts = offsets[:-1] - (longest - offsets.diff())
+    source = (starts[:, None] + torch.arange(longest, device=offsets.device)).clamp_(0, packed.shape[0] - 1)
+    dense = packed.index_select(0, source.flatten()).reshape(*valid.shape, *trailing)
+    return dense.masked_fill_(~valid.reshape(*valid.shape, *[1] * len(trailing)), 0)
 
 
 def ragged_valid(offsets: torch.Tensor, batch: int, kv_heads: int) -> torch.Tensor:

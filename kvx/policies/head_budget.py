@@ -56,8 +56,9 @@ class HeadBudget(BudgetedPolicy):
     def _build_scorer(self) -> EvictionPolicy:
         return build_scorer(self.name, self.scorer, self.window)
 
-    def wants_view(self, phase: Phase) -> bool:
-        return self._scorer.observes() or super().wants_view(phase)
+    def wants_view(self, phase: Phase) -> bool:  # mirrors the triggers of select_mask below
+        return (self._scorer.observes() or phase in self.phases
+                or (phase == "decode" and self.decode_interval > 0))
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its

@@ -78,6 +78,7 @@ def test_pack_unpack_round_trip():
     assert torch.equal(valid.sum(-1), keep.sum(-1))
     assert torch.equal(back[valid], dense[keep])
     assert not back[~valid].any()  # padding slots are zeros
+    assert torch.equal(reference._gather_segments(packed, offsets, valid), back)  # the GPU path, same layout
     stats, _ = reference.unpack_ragged(reference.pack_ragged(dense[..., 0], keep)[0], offsets, 2, 3)  # [N] stats
     assert torch.equal(stats[valid], dense[..., 0][keep]) and not stats[~valid].any()
     empty, empty_valid = reference.unpack_ragged(dense[:0, 0, 0], torch.zeros(7, dtype=torch.long), 2, 3)

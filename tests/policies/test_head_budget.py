@@ -124,3 +124,45 @@ def test_beam_search_reorders_ragged_storage(scorer):
         got = model.generate(ids, return_dict_in_generate=True, **kwargs)
     assert torch.equal(got.sequences, want)
     assert all(s["kind"] == "ragged" for s in got.past_key_values.stats())
+
+
+@pytest.mark.parametrize("operation,rows", [
+    (lambda layer: layer.reorder_cache(torch.tensor([2, 1, 0, 1])), [2, 1, 0, 1]),
+    (lambda layer: layer.batch_repeat_interleave(2), [0, 0, 1, 1, 2, 2]),
+    (lambda layer: layer.batch_select_indices(torch.tensor([1, 2])), [1, 2]),
+])
+def test_batch_operations_move_every_packed_segment_with_its_row(operation, rows):
+    """Row i after the operation holds, head by head, exactly what row rows[i] held: keys, values,
+    statistics, padding and counts (beam search on different beams, an empty segment, a padded tail)."""
+    import copy
+
+    from kvx.cache import RaggedLayer
+
+    g = torch.Generator().manual_seed(3)
+    batch, kv_heads, length, dim, tail = 3, 2, 10, 4, 2
+    layer = RaggedLayer()
+    layer.update(torch.randn(batch, kv_heads, length, dim, generator=g), torch.randn(batch, kv_heads, length, dim, generator=g))
+    layer.count_real(None, batch, length)
+    keep = torch.rand(batch, kv_heads, length, generator=g) > 0.5
+    keep[1, 1] = False  # an empty segment
+    layer.repack(keep, {"h2o": torch.randn(batch, kv_heads, length, generator=g)})
+    layer.update(torch.randn(batch, kv_heads, tail, dim, generator=g), torch.randn(batch, kv_heads, tail, dim, generator=g))
+    layer.state["h2o"] = torch.randn(batch, kv_heads, tail, generator=g)
+    layer.valid = torch.ones(batch, kv_heads, tail, dtype=torch.bool)
+    layer.valid[0, :, 0] = False  # padding in the tail of row 0
+    keys, values, valid = layer.dense_view()
+    stats = layer.dense_state()["h2o"]
+
+    moved = copy.deepcopy(layer)
+    operation(moved)
+    new_keys, new_values, new_valid = moved.dense_view()
+    new_stats = moved.dense_state()["h2o"]
+    assert new_valid.shape[0] == len(rows)
+    for new_row, old_row in enumerate(rows):
+        for head in range(kv_heads):
+            now, before = new_valid[new_row, head], valid[old_row, head]
+            assert int(now.sum()) == int(before.sum())
+            assert torch.equal(new_keys[new_row, head][now], keys[old_row, head][before])
+            assert torch.equal(new_values[new_row, head][now], values[old_row, head][before])
+            assert torch.equal(new_stats[new_row, head][now], stats[old_row, head][before])
+    assert moved.real_seen.tolist() == [layer.real_seen[r].item() for r in rows]

@@ -81,3 +81,34 @@ def test_ragged_decode_skips_the_dense_view_unless_the_policy_needs_it(monkeypat
             for _ in range(4):
                 token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         assert len(calls) == decode_views  # 2 layers x 4 steps when compressing while decoding
+
+
+def test_a_custom_policy_with_its_own_trigger_still_compresses_while_decoding():
+    """The default promise only covers the library's own decisions: a subclass that decides itself
+    when to compress (here: in every phase) is always given the view."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from kvx.policy import EvictionPolicy, capacity_tensor
+
+    @dataclass
+    class NewestOnly(EvictionPolicy):
+        name: ClassVar[str] = "newest_only_test"
+        summary: ClassVar[str] = "test policy"
+        budget: int = 8
+
+        def capacity(self, view):
+            return capacity_tensor(view, self.budget)
+
+        def triggered(self, view, real, capacity):
+            return real > capacity  # prefill, extend and decode alike
+
+        def score(self, view):
+            return torch.arange(view.num_stored, dtype=torch.float).expand(view.valid.shape)
+
+    assert NewestOnly().wants_view("decode")
+    model = tiny_model("llama")
+    with kvx.patched(model, NewestOnly()), torch.inference_mode():
+        out = model.generate(random_ids(1, 20, seed=5), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    assert {s["stored"] for s in out.past_key_values.stats()} == {8}
