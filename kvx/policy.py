@@ -237,6 +237,17 @@ class BudgetedPolicy(EvictionPolicy):
     def wants_view(self, phase: Phase) -> bool:
         return super().wants_view(phase) or (phase == "decode" and self.decode_interval > 0)
 
+    def check_always_kept(self, option_name: str, minimum: int = 0) -> None:
+        """Raise unless option ``option_name`` (tokens every head always keeps: a window, recent
+        tokens) is an int >= ``minimum`` that fits in the budget."""
+        value = getattr(self, option_name)
+        check_positive_int(self.name, option_name, value, minimum=minimum)
+        if self.ratio is None and value > self.budget:
+            raise ValueError(
+                f"{self.name}: {option_name} ({value}) must not exceed budget ({self.budget}): "
+                f"the {option_name} tokens are always kept, so they have to fit in the budget"
+            )
+
     def triggered(self, view: CompressionView, real: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         if view.phase == "decode":
             if self.decode_interval <= 0:

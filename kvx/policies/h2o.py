@@ -18,7 +18,7 @@ import torch
 
 from kvx.kernels.column_sums import attention_column_sums
 from kvx.policies._scoring import GQA_REDUCTIONS, accumulate, keep_recent, reduce_groups
-from kvx.policy import BudgetedPolicy, CompressionView, check_choice, check_positive_int, option, register_policy
+from kvx.policy import BudgetedPolicy, CompressionView, check_choice, option, register_policy
 
 
 @register_policy
@@ -35,9 +35,7 @@ class H2O(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self.name, "recent", self.recent, minimum=0)
-        if self.ratio is None and self.recent > self.budget:
-            raise ValueError(f"h2o: recent ({self.recent}) must not exceed budget ({self.budget})")
+        self.check_always_kept("recent")
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
 
     def observe(self, view: CompressionView) -> None:

@@ -53,10 +53,8 @@ class Keyformer(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self.name, "recent", self.recent, minimum=0)
+        self.check_always_kept("recent")
         check_positive_int(self.name, "window", self.window)
-        if self.ratio is None and self.recent > self.budget:
-            raise ValueError(f"keyformer: recent ({self.recent}) must not exceed budget ({self.budget})")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
             raise ValueError(f"keyformer: tau must be a positive number, got {self.tau!r}")
 

@@ -53,12 +53,7 @@ class SnapKV(BudgetedPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self.name, "window", self.window)
-        if self.ratio is None and self.window > self.budget:
-            raise ValueError(
-                f"snapkv: window ({self.window}) must not exceed budget ({self.budget}): "
-                "the observation window is always kept, so it has to fit in the budget"
-            )
+        self.check_always_kept("window", minimum=1)
         check_positive_int(self.name, "kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"snapkv: kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
