@@ -163,14 +163,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int | None:
+def _proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field: N kB`` line of a /proc file, or None where it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _peak_rss() -> int | None:
+    return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
 @dataclass
@@ -199,10 +204,5 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    available = _proc_kib_field("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
