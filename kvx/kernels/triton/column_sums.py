@@ -20,6 +20,14 @@ def _logits(q, k, scaling, softcap, USE_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(PTR, base, rows, num_rows, dims, D: tl.constexpr):
+    """Rows ``rows`` of the ``[num_rows, D]`` matrix at ``PTR + base`` as a float32 tile
+    ``[len(rows), len(dims)]``, zeros past the matrix."""
+    inside = (rows[:, None] < num_rows) & (dims[None, :] < D)
+    return tl.load(PTR + base + rows[:, None] * D + dims[None, :], mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def row_lse_kernel(
     Q, K, VALID, LSE,  # Q [BH, Q_LEN, D], K [BHkv, S, D], VALID [BHkv, S] int8, LSE [BH, Q_LEN] f32
     scaling, softcap, Q_LEN, S,
@@ -31,8 +39,7 @@ def row_lse_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Q_LEN
-    q = tl.load(Q + head * Q_LEN * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-    q = q.to(tl.float32)
+    q = _load_rows(Q, head * Q_LEN * D, rows, Q_LEN, dims, D)
     query_pos = S - Q_LEN + rows
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -40,9 +47,9 @@ def row_lse_kernel(
     for start in range(0, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
-        k = tl.load(K + kv_head * S * D + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+        k = _load_rows(K, kv_head * S * D, cols, S, dims, D)
         key_valid = tl.load(VALID + kv_head * S + cols, mask=col_ok, other=0) != 0
-        logits = _logits(q, k.to(tl.float32), scaling, softcap, USE_SOFTCAP)
+        logits = _logits(q, k, scaling, softcap, USE_SOFTCAP)
         visible = (cols[None, :] <= query_pos[:, None]) & key_valid[None, :] & col_ok[None, :]
         logits = tl.where(visible, logits, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
@@ -65,19 +72,18 @@ def column_sums_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < S
-    k = tl.load(K + kv_head * S * D + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-    k = k.to(tl.float32)
+    k = _load_rows(K, kv_head * S * D, cols, S, dims, D)
     key_valid = tl.load(VALID + kv_head * S + cols, mask=col_ok, other=0) != 0
     sums = tl.zeros([BLOCK_N], tl.float32)
     first_row = tl.maximum(tl.program_id(1) * BLOCK_N - (S - Q_LEN), 0)  # queries before it cannot see these keys
     for start in range((first_row // BLOCK_M) * BLOCK_M, Q_LEN, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Q_LEN
-        q = tl.load(Q + head * Q_LEN * D + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+        q = _load_rows(Q, head * Q_LEN * D, rows, Q_LEN, dims, D)
         lse = tl.load(LSE + head * Q_LEN + rows, mask=row_ok, other=float("-inf"))
         query_pos = S - Q_LEN + rows
         own_valid = tl.load(VALID + kv_head * S + query_pos, mask=row_ok, other=0) != 0
-        logits = _logits(q.to(tl.float32), k, scaling, softcap, USE_SOFTCAP)
+        logits = _logits(q, k, scaling, softcap, USE_SOFTCAP)
         visible = (cols[None, :] <= query_pos[:, None]) & key_valid[None, :] & col_ok[None, :]
         visible = visible & own_valid[:, None] & row_ok[:, None] & (lse[:, None] > float("-inf"))
         safe_lse = tl.where(lse == float("-inf"), 0.0, lse)
