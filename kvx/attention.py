@@ -188,8 +188,8 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
               dense_view=None) -> None:
     """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen).
     ``dense_view``: a ragged layer's :meth:`RaggedLayer.dense_view`, where attention built it already."""
-    policy = context.state.policy
-    if context.state.active_cache.frozen or not policy.wants_view(_phase(layer, query.shape[-2])):
+    policy, phase = context.state.policy, _phase(layer, query.shape[-2])
+    if context.state.active_cache.frozen or not policy.wants_view(phase):
         return
     ragged = isinstance(layer, RaggedLayer)
     if ragged and dense_view is None:
@@ -208,7 +208,7 @@ def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scalin
         values=values,
         valid=valid,
         attention_mask=mask,
-        phase=_phase(layer, query.shape[-2]),
+        phase=phase,
         layer_idx=context.layer_idx,
         scaling=scaling,
         softcap=softcap,
