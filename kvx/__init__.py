@@ -3,14 +3,14 @@
     import kvx
     kvx.patch(model, "snapkv", budget=1024)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=64, return_dict_in_generate=True)
-    out.past_key_values.nbytes()
+    kvx.cache_of(out).nbytes()      # the compressed cache (out.cache / out.past_key_values, by release)
     kvx.unpatch(model)
 """
 
 from kvx import policies
 from kvx.api import compress_context, is_patched, patch, patched, policy_of, prefill, unpatch
 from kvx.cache import KVCache
-from kvx.patches import supported_model_types
+from kvx.compat import cache_kwargs, cache_of
 from kvx.policy import CompressionView, EvictionPolicy, Policy, list_policies, make_policy, register_policy
 
 __version__ = "0.1.0"
@@ -19,6 +19,8 @@ __all__ = [
     "CompressionView",
     "EvictionPolicy",
     "KVCache",
+    "cache_kwargs",
+    "cache_of",
     "Policy",
     "compress_context",
     "is_patched",
@@ -30,6 +32,5 @@ __all__ = [
     "policy_of",
     "prefill",
     "register_policy",
-    "supported_model_types",
     "unpatch",
 ]

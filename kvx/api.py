@@ -6,9 +6,10 @@ What ``patch`` does, all of it undone by ``unpatch``:
   (additive: no other implementation is touched) and switches the model to it with
   ``model.set_attn_implementation("kvx")``;
 - attaches a small context (policy + layer index) to each attention module;
-- adds forward hooks on the base model that give every forward a :class:`~kvx.cache.KVCache`
-  when it would otherwise build a plain ``DynamicCache``, so ``generate()``, forward loops and
-  wrappers get the compressed cache without asking for it.
+- adds forward hooks on the module that receives the cache (the base model, or the decoder of
+  OPT and the bart family) that give every forward a :class:`~kvx.cache.KVCache` when it would
+  otherwise build a plain ``DynamicCache``, so ``generate()``, forward loops and wrappers get
+  the compressed cache without asking for it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from kvx.attention import ATTN_IMPLEMENTATION, CONTEXT_ATTR, LayerContext, PatchState, register
 from kvx.cache import KVCache
-from kvx.patches import adapter_for
+from kvx.compat import CACHE_ARGUMENT_NAMES, cache_kwargs, cache_of, decoder_config
+from kvx.patches import find_attention
 from kvx.policy import Policy, make_policy
 
 STATE_ATTR = "_kvx_state"
@@ -48,31 +50,30 @@ def patch(
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    adapter = adapter_for(model)
+    found = find_attention(model)
     policy = make_policy(policy, **options)
-    modules = adapter.attention_modules(model)
-    policy.check_model(model.config.get_text_config(decoder=True).num_hidden_layers)
+    policy.check_model(decoder_config(model.config).num_hidden_layers)
     if is_patched(model):
         unpatch(model)
     register()
     generation_config = getattr(model, "generation_config", None)
     state = PatchState(
-        policy, adapter.model_type, model.config._attn_implementation,
+        policy, found.model_type, model.config._attn_implementation,
         original_chunk_size=getattr(generation_config, "prefill_chunk_size", None),
         chunk_size=chunk_size,
     )
     if generation_config is not None:
         generation_config.prefill_chunk_size = chunk_size
-    for module in modules:
+    for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
-    base = getattr(model, "base_model", model)
+    owner = found.cache_owner
     state.hook_handles = [
-        base.register_forward_pre_hook(_cache_injector(base), with_kwargs=True),
-        base.register_forward_hook(_release_cache, always_call=True),
+        owner.register_forward_pre_hook(_cache_injector(owner), with_kwargs=True),
+        owner.register_forward_hook(_release_cache, always_call=True),
     ]
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     setattr(model, STATE_ATTR, state)
-    setattr(base, STATE_ATTR, state)  # the hooks read it from their module (so deepcopy stays consistent)
+    setattr(owner, STATE_ATTR, state)  # the hooks read it from their module (so deepcopy stays consistent)
     return policy
 
 
@@ -90,7 +91,7 @@ def unpatch(model: torch.nn.Module) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.prefill_chunk_size = state.original_chunk_size
     state.active_cache = None
-    for module in (getattr(model, "base_model", model), model):
+    for module in model.modules():
         if hasattr(module, STATE_ATTR):
             delattr(module, STATE_ATTR)
 
@@ -127,7 +128,7 @@ def prefill(
     cache: KVCache | None = None,
 ):
     """Run a prompt through a patched model in chunks, compressing between them; returns the
-    output of the last chunk (its ``past_key_values`` is the compressed cache).
+    output of the last chunk (``kvx.cache_of(output)`` is the compressed cache).
 
     What ``generate()`` does by itself when patched with ``chunk_size``, for forward loops and
     wrappers that call the model directly. ``attention_mask`` covers the whole prompt (left padding).
@@ -142,7 +143,7 @@ def prefill(
             mask = None if attention_mask is None else attention_mask[:, :stop]
             position_ids = None if attention_mask is None else _positions(attention_mask)[:, start:stop]
             out = model(input_ids[:, start:stop], attention_mask=mask, position_ids=position_ids,
-                        past_key_values=cache, logits_to_keep=1)
+                        logits_to_keep=1, **cache_kwargs(cache))
     return out
 
 
@@ -156,9 +157,9 @@ def compress_context(
     that what comes next (the question, the answer) is appended uncompressed::
 
         cache = kvx.compress_context(model, context_ids)
-        out = model.generate(torch.cat([context_ids, question_ids], 1), past_key_values=cache, ...)
+        out = model.generate(torch.cat([context_ids, question_ids], 1), **kvx.cache_kwargs(cache), ...)
     """
-    cache = prefill(model, context_ids, attention_mask, chunk_size).past_key_values
+    cache = cache_of(prefill(model, context_ids, attention_mask, chunk_size))
     cache.frozen = True
     return cache
 
@@ -175,23 +176,30 @@ def _state(model: torch.nn.Module) -> PatchState:
     return state
 
 
-def _past_key_values_position(base: torch.nn.Module) -> int | None:
-    params = list(inspect.signature(base.forward).parameters)
-    return params.index("past_key_values") if "past_key_values" in params else None
+def _given_cache(forward_params: list[str], args: tuple, kwargs: dict) -> tuple[str | int, Any]:
+    """Where a forward call carries its cache: ``(keyword or position, cache or None)``. A caller
+    may use the deprecated name (``past_key_values`` on 5.24): it is read, and written back, there."""
+    for name in CACHE_ARGUMENT_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    name = next(n for n in CACHE_ARGUMENT_NAMES if n in forward_params)
+    position = forward_params.index(name)
+    if position < len(args):
+        return position, args[position]
+    return name, None
 
 
-def _cache_injector(base: torch.nn.Module):
+def _cache_injector(owner: torch.nn.Module):
     """Forward pre-hook: make sure the forward runs on a kvx cache, and publish it to the layers.
 
     The state is read from the hooked module at call time, never captured, so a deep copy of a
     patched model drives its own copy of the state.
     """
-    position = _past_key_values_position(base)
+    forward_params = list(inspect.signature(owner.forward).parameters)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         state: PatchState = getattr(module, STATE_ATTR)
-        in_args = position is not None and position < len(args)
-        cache = args[position] if in_args else kwargs.get("past_key_values")
+        where, cache = _given_cache(forward_params, args, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
@@ -201,10 +209,10 @@ def _cache_injector(base: torch.nn.Module):
         storage = state.policy.storage
         if cache is None:
             cache = KVCache(module.config, storage)
-            if in_args:
-                args = args[:position] + (cache,) + args[position + 1 :]
+            if isinstance(where, int):
+                args = args[:where] + (cache,) + args[where + 1 :]
             else:
-                kwargs["past_key_values"] = cache
+                kwargs[where] = cache
         elif not isinstance(cache, KVCache):
             KVCache.convert_in_place(cache, module.config, storage)
         elif cache.storage != storage:

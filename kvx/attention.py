@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvx.cache import CompressedLayer, KVCache, RaggedLayer
+from kvx.compat import register_attention
 from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import CompressionView, Phase, Policy
@@ -54,8 +53,7 @@ class LayerContext:
 
 def register() -> None:
     """Register kvx's attention and mask functions under ``"kvx"`` (idempotent, additive only)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, kvx_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    register_attention(ATTN_IMPLEMENTATION, kvx_attention)
 
 
 def _phase(layer: CompressedLayer, q_len: int) -> Phase:

@@ -18,15 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
-from transformers.cache_utils import (
+
+from kvx.compat import (
     Cache,
     CacheLayerMixin,
     DynamicCache,
     DynamicSlidingWindowLayer,
-    get_layer_types_and_kwargs,
+    PretrainedConfig,
+    decoder_config,
+    default_cache_layers,
+    is_dense_layer,
+    is_sliding_layer,
 )
-
 from kvx.policy import mask_to_indices
 
 
@@ -268,10 +271,22 @@ class RaggedLayer(CompressedLayer):
 
 
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
+    if not isinstance(layer, (CompressedLayer, DynamicSlidingWindowLayer)):
+        return _tensors_held(layer)
     tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid", "prefix_keys", "prefix_values",
                                                   "prefix_offsets")]
     stats = list(getattr(layer, "state", {}).values()) + list(getattr(layer, "prefix_state", {}).values())
     return [t for t in tensors + stats if t is not None]
+
+
+def _tensors_held(layer: Any) -> list[torch.Tensor]:
+    """Every tensor a cache layer of transformers' own holds, directly or in a list / dict
+    attribute (linear-attention layers keep ``conv_states`` and ``recurrent_states`` dicts)."""
+    found = []
+    for value in vars(layer).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        found.extend(item for item in items if isinstance(item, torch.Tensor))
+    return found
 
 
 def _held_bytes(tensors: list[torch.Tensor]) -> int:
@@ -315,7 +330,7 @@ class LayerStats:
     """What one cache layer holds. ``kept_min``/``kept_max`` range over rows and KV heads."""
 
     layer: int
-    kind: str  # "compressed" or "ragged" (policy applies), "sliding(W)" (the model's own window)
+    kind: str  # "compressed" / "ragged" (policy applies), "sliding(W)" (the model's own window), "model(Class)"
     seen: int
     stored: int
     kept_min: int
@@ -333,7 +348,9 @@ class KVCache(Cache):
 
     Full-attention layers get a :class:`CompressedLayer` that the policy compresses; sliding-window
     layers (Gemma 2/3, Mistral with ``sliding_window``) keep transformers' window layer, which
-    already bounds them to ``sliding_window`` tokens, and are not compressed further.
+    already bounds them to ``sliding_window`` tokens, and are not compressed further. Layers that
+    are not attention (Mamba, gated delta-net, linear attention and convolution layers of hybrid
+    models) keep the cache layer transformers gives them.
 
     ``patch`` makes the model build one of these whenever it would build a cache, so ``generate()``,
     plain forward loops and wrappers such as lm-eval's ``HFLM`` need no change. To create one
@@ -347,19 +364,12 @@ class KVCache(Cache):
             raise ValueError(f"unknown KV storage {storage!r}; choose from {', '.join(self.STORAGES)}")
         self.storage = storage
         full_layer = RaggedLayer if storage == "ragged" else CompressedLayer
-        config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        layers: list[CacheLayerMixin] = []
-        for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
-            if layer_type == "full_attention":
-                layers.append(full_layer())
-            elif layer_type in ("sliding_attention", "chunked_attention"):
-                layers.append(SlidingWindowLayer(**kwargs))
-            else:
-                raise ValueError(
-                    f"layer {idx} has type {layer_type!r}, which kvx does not support; "
-                    "supported layer types: full_attention, sliding_attention, chunked_attention"
-                )
+        layers = [
+            full_layer() if is_dense_layer(layer)
+            else SlidingWindowLayer(sliding_window=layer.sliding_window) if is_sliding_layer(layer)
+            else layer  # not plain attention (linear attention, convolution, shared KV...): transformers' own
+            for layer in default_cache_layers(decoder_config(config))
+        ]
         super().__init__(layers=layers)
         self.frozen = False  # True: nothing more is evicted (see kvx.compress_context)
 
@@ -392,7 +402,8 @@ class KVCache(Cache):
         return [self._layer_stats(idx, layer).as_dict() for idx, layer in enumerate(self.layers)]
 
     def _layer_stats(self, idx: int, layer: CacheLayerMixin) -> LayerStats:
-        stored = 0 if getattr(layer, "keys", None) is None else layer.keys.shape[-2]
+        keys = getattr(layer, "keys", None)
+        stored = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else 0
         if isinstance(layer, CompressedLayer):
             kept = layer.kept_per_head()
             low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
@@ -401,9 +412,12 @@ class KVCache(Cache):
             if isinstance(layer, RaggedLayer) and layer.has_prefix:
                 stored += int(layer.prefix_offsets.diff().reshape(kept.shape).max())
             return LayerStats(idx, kind, layer.seen, stored, low, high, layer_nbytes(layer), _kv_bytes(layer), per_head)
-        seen = layer.get_seq_length()
-        return LayerStats(idx, f"sliding({layer.sliding_window})", seen, stored, stored, stored, layer_nbytes(layer),
-                          _kv_bytes(layer))
+        if isinstance(layer, SlidingWindowLayer):
+            kind = f"sliding({layer.sliding_window})"
+        else:  # a layer transformers keeps for the model (not attention, or attention kvx leaves alone)
+            kind = f"model({type(layer).__name__})"
+        seen = layer.get_seq_length() if hasattr(layer, "get_seq_length") else 0
+        return LayerStats(idx, kind, seen, stored, stored, stored, layer_nbytes(layer), _kv_bytes(layer))
 
     def format_stats(self) -> str:
         """The per-layer stats as an aligned text table."""

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from kvx.patches import ADAPTERS
 from kvx.policy import list_policies
 
 
@@ -23,8 +22,10 @@ def _cmd_policies(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    for model_type, adapter in sorted(ADAPTERS.items()):
-        print(f"{model_type:<12} {adapter.attention_class:<18} {adapter.notes}")
+    from kvx.patches import REFUSED_MODEL_TYPES
+
+    for model_type, reason in sorted(REFUSED_MODEL_TYPES.items()):
+        print(f"{model_type:<12} refused: {reason}")
     return 0
 
 

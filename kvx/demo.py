@@ -13,6 +13,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
+from kvx.compat import cache_of
 from kvx.tiny import tiny_model
 
 DEMO_POLICIES: list[tuple[str, dict]] = [
@@ -44,12 +45,12 @@ def run_demo(prompt_tokens: int = 2048, new_tokens: int = 16) -> list[dict]:
     print(f"tiny random llama: 4 layers, 8 query / 2 KV heads, head dim 64; prompt {prompt_tokens} tokens, "
           f"{new_tokens} new tokens, greedy")
     dense, dense_time = _generate(model, ids, new_tokens)
-    dense_bytes = cache_nbytes(dense.past_key_values)
+    dense_bytes = cache_nbytes(cache_of(dense))
     rows = [dict(policy="dense", kv_bytes=dense_bytes, ratio=1.0, seconds=dense_time, agree=new_tokens)]
     for name, options in DEMO_POLICIES:
         with kvx.patched(model, name, **options) as policy:
             out, seconds = _generate(model, ids, new_tokens)
-        cache = out.past_key_values
+        cache = cache_of(out)
         agree = int((out.sequences[0, -new_tokens:] == dense.sequences[0, -new_tokens:]).sum())
         rows.append(dict(policy=policy.describe(), kv_bytes=cache.nbytes(), ratio=cache.nbytes() / dense_bytes,
                          seconds=seconds, agree=agree))

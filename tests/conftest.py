@@ -1,5 +1,6 @@
 """Shared helpers: tiny models and greedy generation that returns tokens and logits."""
 
+import logging
 import os
 
 import pytest
@@ -8,9 +9,41 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; on a GPU, for real
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kvx import cache_of
 from kvx.tiny import ARCH_OVERRIDES, tiny_model
 
 MODEL_TYPES = sorted(ARCH_OVERRIDES)
+
+
+class _DeprecatedCacheName(logging.Handler):
+    """Collects transformers' log lines saying a deprecated cache name was used."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "past_key_values" in message and "deprecated" in message:
+            self.records.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_cache_name():
+    """Fail a test in which kvx (or the test, through kvx's helpers) reads or passes the cache under
+    a name the installed transformers deprecates: 5.24 logs it once per process, so the once-only
+    memo is cleared around each test."""
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(warning_once, "cache_clear"):
+        warning_once.cache_clear()
+    handler = _DeprecatedCacheName()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.records, f"deprecated cache name used: {handler.records[0]}"
 
 
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
@@ -32,7 +65,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor | None = None, new_token
             output_logits=True,
             pad_token_id=0,
         )
-    return out.sequences, torch.stack(out.logits), out.past_key_values
+    return out.sequences, torch.stack(out.logits), cache_of(out)
 
 
 def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import torch
 from conftest import greedy, left_pad, random_ids
 
 import kvx
+from kvx import cache_of
 from kvx.tiny import tiny_model
 
 COMPRESSING = {"snapkv": {"budget": 16, "window": 4}, "streaming_llm": {"sink": 2, "window": 14}}
@@ -43,7 +44,7 @@ def test_short_row_keeps_only_its_tokens(llama):
             out = llama(ids, attention_mask=mask)
     finally:
         kvx.unpatch(llama)
-    for s in out.past_key_values.stats():
+    for s in cache_of(out).stats():
         assert s["stored"] == 16
         assert [set(h) for h in s["kept_per_head"]] == [{16}, {9}]
 

@@ -5,6 +5,7 @@ import torch
 from conftest import greedy, left_pad, random_ids
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.tiny import tiny_model
 
 
@@ -15,7 +16,7 @@ def test_generate_compresses_between_chunks():
     with kvx.patched(model, "snapkv", budget=16, window=4, chunk_size=32):
         assert model.generation_config.prefill_chunk_size == 32
         hook = model.model.register_forward_hook(
-            lambda m, a, out: stored_after_each_forward.append(out.past_key_values.stats()[0]["stored"]))
+            lambda m, a, out: stored_after_each_forward.append(cache_of(out).stats()[0]["stored"]))
         _, _, cache = greedy(model, ids, new_tokens=2)
         hook.remove()
     assert stored_after_each_forward[:4] == [16, 16, 16, 16]  # 4 chunks: 32, 32, 32, 4 tokens
@@ -40,7 +41,7 @@ def test_prefill_helper_matches_generate_chunks():
         out = kvx.prefill(model, ids, mask, chunk_size=25)
         _, logits, _ = greedy(model, ids, mask, new_tokens=1)
     torch.testing.assert_close(out.logits[:, -1], logits[0], rtol=1e-5, atol=1e-5)
-    assert {s["kept_min"] for s in out.past_key_values.stats()} == {20}
+    assert {s["kept_min"] for s in cache_of(out).stats()} == {20}
 
 
 def test_compress_context_then_append_the_question_uncompressed():
@@ -51,7 +52,7 @@ def test_compress_context_then_append_the_question_uncompressed():
         assert {s["stored"] for s in cache.stats()} == {16}
         full = torch.cat([context, question], 1)
         with torch.inference_mode():
-            out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache,
+            out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(cache),
                                  max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 92 + 3
     assert {s["stored"] for s in cache.stats()} == {16 + 12 + 2}  # question and answer appended as they are

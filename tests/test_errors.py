@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import kvx
 
@@ -57,10 +57,16 @@ def test_options_with_a_policy_object_are_refused(llama):
         kvx.patch(llama, kvx.policies.SnapKV(), budget=3)
 
 
-def test_unsupported_architecture_lists_the_supported_ones():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="does not support model_type 'gpt2'.*gemma2.*llama.*phi3.*qwen3"):
+def test_legacy_attention_code_is_refused_with_its_reason():
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="does not support model_type 'bloom'.*attention interface"):
         kvx.patch(model, "snapkv")
+
+
+def test_gpt2_is_found_without_an_adapter():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    kvx.patch(model, "snapkv")
+    kvx.unpatch(model)
 
 
 def test_unpatching_an_unpatched_model(llama):

@@ -6,6 +6,7 @@ import torch
 from conftest import random_ids
 
 import kvx
+from kvx import cache_of
 from kvx.tiny import tiny_model
 
 PROMPT = 8192
@@ -29,7 +30,7 @@ def setup():
     )
     ids = random_ids(1, PROMPT, seed=30)
     with torch.inference_mode():
-        dense_cache = model(ids, logits_to_keep=1).past_key_values
+        dense_cache = cache_of(model(ids, logits_to_keep=1))
     dense_bytes = stored_tensor_bytes(dense_cache)
     assert dense_bytes == 4 * 2 * 2 * PROMPT * 64 * 4  # layers * (K, V) * kv heads * tokens * dim * fp32
     return model, ids, dense_bytes
@@ -39,7 +40,7 @@ def setup():
 def test_budget_512_holds_at_most_a_fourteenth(setup, policy, options):
     model, ids, dense_bytes = setup
     with kvx.patched(model, policy, **options), torch.inference_mode():
-        cache = model(ids, logits_to_keep=1).past_key_values
+        cache = cache_of(model(ids, logits_to_keep=1))
     assert cache.nbytes() == stored_tensor_bytes(cache)
     assert cache.nbytes() * 14 <= dense_bytes, f"{cache.nbytes()} bytes vs dense {dense_bytes}"
     for s in cache.stats():
@@ -53,7 +54,7 @@ def test_padding_record_does_not_pin_the_prefill_mask():
     model = tiny_model("llama")
     ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (300, 200)])
     with kvx.patched(model, "snapkv"), torch.inference_mode():  # full budget: nothing evicted
-        cache = model(ids, attention_mask=mask).past_key_values
+        cache = cache_of(model(ids, attention_mask=mask))
     layer = cache.layers[0]
     assert layer.valid is not None and layer.valid.untyped_storage().nbytes() == 2 * 2 * 300
     assert cache.nbytes() == stored_tensor_bytes(cache)
@@ -63,7 +64,7 @@ def test_sliding_layers_hold_only_their_window():
     model = tiny_model("gemma2")  # sliding window 16 on layer 0
     ids = random_ids(1, 500, seed=31)
     with kvx.patched(model, "snapkv", budget=32, window=8), torch.inference_mode():
-        cache = model(ids).past_key_values
+        cache = cache_of(model(ids))
     sliding, full = cache.layers
     assert sliding.keys.shape[-2] == 15 and full.keys.shape[-2] == 32
     assert cache.nbytes() == stored_tensor_bytes(cache)  # no hidden views of the 500-token prompt

@@ -7,6 +7,7 @@ from conftest import greedy, random_ids
 from transformers import DynamicCache
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.tiny import tiny_model
 
 
@@ -79,12 +80,12 @@ def test_forward_loop_gets_a_kvx_cache_and_matches_generate(llama):
         gen_seq, gen_logits, _ = greedy(llama, ids, new_tokens=5)
         with torch.inference_mode():
             out = llama(ids)  # what a wrapper such as lm-eval's HFLM does
-            assert isinstance(out.past_key_values, kvx.KVCache)
+            assert isinstance(cache_of(out), kvx.KVCache)
             tokens, logits = [], []
             for _ in range(5):
                 logits.append(out.logits[:, -1])
                 tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-                out = llama(tokens[-1], past_key_values=out.past_key_values)
+                out = llama(tokens[-1], **cache_kwargs(cache_of(out)))
     assert torch.equal(torch.cat(tokens, 1), gen_seq[:, -5:])
     torch.testing.assert_close(torch.stack(logits), gen_logits, rtol=1e-5, atol=1e-5)
 
@@ -95,17 +96,17 @@ def test_forward_without_cache_runs_dense(llama):
         dense = llama(ids, use_cache=False).logits
         with kvx.patched(llama, "snapkv", budget=4, window=2):
             out = llama(ids, use_cache=False)
-    assert out.past_key_values is None
+    assert cache_of(out) is None
     torch.testing.assert_close(out.logits, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_foreign_cache_with_tokens_is_refused(llama):
     ids = random_ids(1, 10, seed=10)
     with torch.inference_mode():
-        cache = llama(ids).past_key_values  # a transformers DynamicCache
+        cache = cache_of(llama(ids))  # a transformers DynamicCache
         with kvx.patched(llama, "snapkv", budget=4, window=2):
             with pytest.raises(ValueError, match="already holds tokens"):
-                llama(ids[:, -1:], past_key_values=cache)
+                llama(ids[:, -1:], **cache_kwargs(cache))
 
 
 def test_other_cache_implementations_are_refused(llama):
@@ -124,15 +125,15 @@ def test_beam_search_and_multiple_return_sequences(llama):
     with kvx.patched(llama, "snapkv", budget=8, window=2):
         out = llama.generate(ids, num_beams=3, num_return_sequences=3, return_dict_in_generate=True, **kwargs)
     assert out.sequences.shape == (6, 35)
-    assert {s["stored"] for s in out.past_key_values.stats()} == {8 + 4}
+    assert {s["stored"] for s in cache_of(out).stats()} == {8 + 4}
 
 
 def test_user_built_cache_is_used(llama):
     ids = random_ids(1, 20, seed=11)
     cache = kvx.KVCache(llama.config)
     with kvx.patched(llama, "snapkv", budget=6, window=2), torch.inference_mode():
-        out = llama(ids, past_key_values=cache)
-    assert out.past_key_values is cache
+        out = llama(ids, **cache_kwargs(cache))
+    assert cache_of(out) is cache
     assert {s["stored"] for s in cache.stats()} == {6}
 
 
@@ -143,9 +144,9 @@ def test_a_reused_dynamic_cache_becomes_the_kvx_cache(llama):
         dense = llama(ids).logits[:, -10:]
         with kvx.patched(llama, "snapkv"):  # full budget
             cache = DynamicCache(config=llama.config)
-            llama(ids[:, :20], past_key_values=cache)
-            out = llama(ids[:, 20:], past_key_values=cache)
-    assert isinstance(cache, kvx.KVCache) and out.past_key_values is cache
+            llama(ids[:, :20], **cache_kwargs(cache))
+            out = llama(ids[:, 20:], **cache_kwargs(cache))
+    assert isinstance(cache, kvx.KVCache) and cache_of(out) is cache
     assert cache.get_seq_length() == 30
     torch.testing.assert_close(out.logits, dense, rtol=1e-5, atol=1e-5)
 
@@ -158,8 +159,8 @@ def test_deepcopy_of_a_patched_model_compresses_on_its_own(llama):
     try:
         clone = copy.deepcopy(llama)
         with torch.inference_mode():
-            clone_cache = clone(ids).past_key_values
-            own_cache = llama(ids).past_key_values
+            clone_cache = cache_of(clone(ids))
+            own_cache = cache_of(llama(ids))
     finally:
         kvx.unpatch(llama)
     assert {s["stored"] for s in clone_cache.stats()} == {8}
@@ -172,6 +173,6 @@ def test_snapkv_compresses_a_prompt_fed_in_chunks(llama):
     with kvx.patched(llama, "snapkv", budget=12, window=4), torch.inference_mode():
         cache = kvx.KVCache(llama.config)
         for chunk in ids.split(16, dim=1):
-            llama(chunk, past_key_values=cache)
+            llama(chunk, **cache_kwargs(cache))
             assert {s["stored"] for s in cache.stats()} == {min(12, cache.get_seq_length())}
     assert cache.get_seq_length() == 64

@@ -25,6 +25,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
+from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
 from kvx.eval.needle import DENSE, PolicyRun
 from kvx.kernels import reference
@@ -121,12 +122,12 @@ def _prefill(model, ids: torch.Tensor, chunk_size: int | None = None):
 
 def _decode(model, out, steps: int):
     """Greedy decode ``steps`` tokens from a prefill output; returns the cache."""
-    cache, logits = out.past_key_values, out.logits
+    cache, logits = cache_of(out), out.logits
     with torch.inference_mode():
         for _ in range(steps):
             token = logits[:, -1:].argmax(-1)
-            step = model(token, past_key_values=cache)
-            cache, logits = step.past_key_values, step.logits
+            step = model(token, **cache_kwargs(cache))
+            cache, logits = cache_of(step), step.logits
     return cache
 
 

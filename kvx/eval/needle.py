@@ -22,6 +22,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
+from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
 from kvx.policy import make_policy, policy_class
 
@@ -211,7 +212,7 @@ class NeedleRunner:
                 cache = kvx.compress_context(self.model, ids[:, : prompt.question_start])
             out = self.model.generate(
                 ids,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 do_sample=False,
@@ -222,7 +223,7 @@ class NeedleRunner:
             )
         seconds = time.perf_counter() - start
         answer = self.tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
-        cache = out.past_key_values
+        cache = cache_of(out)
         return {
             "policy": run.label,
             **asdict(cell),

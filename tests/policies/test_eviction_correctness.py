@@ -8,6 +8,7 @@ from conftest import random_ids
 from transformers import DynamicCache
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.tiny import tiny_model
 
 PROMPT = 40
@@ -25,15 +26,15 @@ def _decode_over(model, kept_kv: list[tuple[torch.Tensor, torch.Tensor]], token:
     for layer_idx, (k, v) in enumerate(kept_kv):
         cache.update(k, v, layer_idx)
     with torch.inference_mode():
-        return model(token, past_key_values=cache, position_ids=torch.tensor([[position]])).logits[:, -1]
+        return model(token, **cache_kwargs(cache), position_ids=torch.tensor([[position]])).logits[:, -1]
 
 
 def _patched_two_steps(model, ids, policy):
     with kvx.patched(model, policy), torch.inference_mode():
         out = model(ids)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        kept = [(layer.keys.clone(), layer.values.clone()) for layer in out.past_key_values.layers]
-        logits = model(token, past_key_values=out.past_key_values).logits[:, -1]
+        kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache_of(out).layers]
+        logits = model(token, **cache_kwargs(cache_of(out))).logits[:, -1]
     return token, kept, logits
 
 
@@ -42,7 +43,7 @@ def test_streaming_llm_keeps_sinks_and_window_at_original_positions():
     ids = random_ids(1, PROMPT, seed=20)
     policy = kvx.policies.StreamingLLM(sink=3, window=9)
     token, kept, logits = _patched_two_steps(model, ids, policy)
-    dense = _dense_prefill(model, ids).past_key_values
+    dense = cache_of(_dense_prefill(model, ids))
     positions = list(range(3)) + list(range(PROMPT - 9, PROMPT))
     for (k, v), layer in zip(kept, dense.layers):
         torch.testing.assert_close(k, layer.keys[:, :, positions], rtol=0, atol=0)
@@ -69,7 +70,7 @@ def test_snapkv_keeps_what_the_eager_attention_rule_picks():
     token, kept, logits = _patched_two_steps(model, ids, policy)
     dense = _dense_prefill(model, ids)
     expected_kv = []
-    for layer_idx, ((k, v), layer) in enumerate(zip(kept, dense.past_key_values.layers)):
+    for layer_idx, ((k, v), layer) in enumerate(zip(kept, cache_of(dense).layers)):
         idx = _snapkv_indices_from_eager(dense.attentions[layer_idx], model.config.num_key_value_heads, 14, 5, 5, "max")
         gather = idx[..., None].expand(-1, -1, -1, k.shape[-1])
         want_k, want_v = layer.keys.gather(2, gather), layer.values.gather(2, gather)

@@ -6,6 +6,7 @@ import torch
 from conftest import MODEL_TYPES, greedy, left_pad, random_ids
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.tiny import tiny_model
 
 
@@ -87,7 +88,7 @@ def test_bad_input(options, error, match):
 def test_a_dense_cache_is_refused_for_ragged_policies():
     model = tiny_model("llama")
     with kvx.patched(model, "head_budget", budget=8), pytest.raises(ValueError, match="needs ragged"):
-        model(random_ids(1, 10), past_key_values=kvx.KVCache(model.config))
+        model(random_ids(1, 10), **cache_kwargs(kvx.KVCache(model.config)))
 
 
 @pytest.mark.parametrize("scorer", ["h2o", "keyformer"])
@@ -123,7 +124,7 @@ def test_beam_search_reorders_ragged_storage(scorer):
                      decode_interval=options.get("decode_interval", 0)), torch.inference_mode():
         got = model.generate(ids, return_dict_in_generate=True, **kwargs)
     assert torch.equal(got.sequences, want)
-    assert all(s["kind"] == "ragged" for s in got.past_key_values.stats())
+    assert all(s["kind"] == "ragged" for s in cache_of(got).stats())
 
 
 @pytest.mark.parametrize("operation,rows", [

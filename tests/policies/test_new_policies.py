@@ -6,6 +6,7 @@ import torch
 from conftest import greedy, random_ids
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.policy import CompressionView
 from kvx.tiny import tiny_model
 
@@ -99,9 +100,9 @@ def test_decode_compression_bounds_the_cache_over_2000_tokens():
     with kvx.patched(model, "h2o", budget=512, recent=16, decode_interval=interval), torch.inference_mode():
         out = model(ids)
         for _ in range(2000):  # greedy decoding, the cache checked after every token
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
-            most = max(most, out.past_key_values.stats()[0]["stored"])
-    assert out.past_key_values.get_seq_length() == 2600
+            out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache_of(out)))
+            most = max(most, cache_of(out).stats()[0]["stored"])
+    assert cache_of(out).get_seq_length() == 2600
     assert 512 < most < 512 + interval
 
 

@@ -6,6 +6,7 @@ import torch
 from conftest import random_ids
 
 import kvx
+from kvx import cache_kwargs, cache_of
 from kvx.cache import RaggedLayer
 from kvx.policy import CompressionView, make_policy
 from kvx.tiny import tiny_model
@@ -75,11 +76,11 @@ def test_ragged_decode_skips_the_dense_view_unless_the_policy_needs_it(monkeypat
     for options, decode_views in (({"decode_interval": 0}, 0), ({"decode_interval": 2}, 2 * 4)):
         # one view per layer and step where the policy may compress; a compression reuses it
         with kvx.patched(model, "head_budget", budget=8, window=2, **options), torch.inference_mode():
-            cache = model(ids, use_cache=True).past_key_values
+            cache = cache_of(model(ids, use_cache=True))
             calls.clear()
             token = ids[:, -1:]
             for _ in range(4):
-                token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model(token, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
         assert len(calls) == decode_views  # 2 layers x 4 steps when compressing while decoding
 
 
@@ -111,4 +112,4 @@ def test_a_custom_policy_with_its_own_trigger_still_compresses_while_decoding():
     with kvx.patched(model, NewestOnly()), torch.inference_mode():
         out = model.generate(random_ids(1, 20, seed=5), max_new_tokens=6, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
-    assert {s["stored"] for s in out.past_key_values.stats()} == {8}
+    assert {s["stored"] for s in cache_of(out).stats()} == {8}

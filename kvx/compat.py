@@ -1,0 +1,177 @@
+"""Every touch point between kvx and transformers internals, for every supported release.
+
+Nothing else in kvx imports from ``transformers`` submodules or reads a field whose name moved
+between releases: it imports from here. What differs, release by release (``MIN_VERSION`` up to
+the newest tested, see ``docs/compat.md``):
+
+- **5.24** renamed the cache argument of every model's ``forward`` (and of ``generate``) from
+  ``past_key_values`` to ``cache``; the old name is still accepted with a warning, but ignored
+  when both are given. Output fields moved the same way (``.cache``; ``.past_key_values`` is a
+  deprecated alias that logs a warning). :func:`cache_argument_name` reads the name from the
+  forward's signature, :func:`cache_of` reads the field an output really has, and
+  :func:`cache_kwargs` builds the keyword for ``model(...)`` / ``generate(...)``.
+- **5.24** passes ``kwargs=...`` to ``Cache.update`` and turned ``is_croppable`` into a
+  property on some layers; kvx's layers accept any extra arguments and declare ``is_croppable``
+  as a plain class attribute, which reads the same either way.
+- **5.19** made ``get_layer_types_and_kwargs`` return one kwargs dict per layer (before: one dict
+  for all layers; before 5.14 the function did not exist). kvx never calls it: it asks
+  transformers for the cache layers it would build itself (:func:`default_cache_layers`), which
+  every release can do, and replaces the ones it compresses.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+MIN_VERSION = Version("5.14.0")
+"""The oldest transformers release kvx supports (``pyproject.toml`` declares the same)."""
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+"""Names a model's forward has taken its cache under: the current one first (5.24 onward)."""
+
+__all__ = [
+    "CACHE_ARGUMENT_NAMES",
+    "Cache",
+    "CacheLayerMixin",
+    "DynamicCache",
+    "DynamicLayer",
+    "DynamicSlidingWindowLayer",
+    "MIN_VERSION",
+    "PretrainedConfig",
+    "TRANSFORMERS_VERSION",
+    "attention_function",
+    "cache_argument_name",
+    "cache_kwargs",
+    "calls_attention_interface",
+    "causal_lm_model_types",
+    "check_version",
+    "decoder_config",
+    "default_cache_layers",
+    "is_dense_layer",
+    "is_pretrained_model",
+    "is_sliding_layer",
+    "cache_of",
+    "register_attention",
+]
+
+
+def check_version() -> None:
+    """Raise an ``ImportError`` naming the installed and the supported releases when too old."""
+    if TRANSFORMERS_VERSION < MIN_VERSION:
+        raise ImportError(
+            f"kvx needs transformers>={MIN_VERSION}, but {transformers.__version__} is installed: "
+            f"pip install -U 'transformers>={MIN_VERSION}'"
+        )
+
+
+# --- the cache argument and output field -------------------------------------------------------
+
+
+def cache_argument_name(forward: Callable) -> str | None:
+    """The name under which ``forward`` takes its cache (``cache`` from 5.24, ``past_key_values``
+    before), or None when it takes none."""
+    params = inspect.signature(forward).parameters
+    return next((name for name in CACHE_ARGUMENT_NAMES if name in params), None)
+
+
+@functools.cache
+def _renamed() -> bool:
+    """Whether this release calls the cache ``cache`` (5.24 on), read from its output classes."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" in BaseModelOutputWithPast.__dataclass_fields__
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Any]:
+    """The keyword that hands ``cache`` to ``model(...)`` or ``model.generate(...)`` on this
+    release, without a deprecation warning: ``{"cache": c}`` from 5.24, ``{"past_key_values": c}``
+    before."""
+    return {"cache" if _renamed() else "past_key_values": cache}
+
+
+def cache_of(output: Any) -> Cache | None:
+    """The cache of a model or ``generate()`` output (``output.cache`` from 5.24,
+    ``output.past_key_values`` before), read without a deprecation warning."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    for name in CACHE_ARGUMENT_NAMES:
+        if name in fields:
+            return getattr(output, name)
+    return None
+
+
+# --- configs, cache layers, registries ---------------------------------------------------------
+
+
+def decoder_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of the text decoder (the model itself for a plain causal LM)."""
+    return config.get_text_config(decoder=True)
+
+
+def default_cache_layers(config: PretrainedConfig) -> list[CacheLayerMixin]:
+    """The layers transformers' own ``DynamicCache(config=...)`` would hold for this model, one per
+    decoder layer: ``DynamicLayer`` for full attention, ``DynamicSlidingWindowLayer`` for sliding
+    and chunked attention, and the model's own kinds for the rest (linear attention, convolution,
+    hybrid, indexed, shared-KV 'dummy' layers...)."""
+    return list(DynamicCache(config=config).layers)
+
+
+def register_attention(name: str, fn: Callable) -> None:
+    """Register an attention function and sdpa's boolean mask function under ``name``. Without the
+    mask registration transformers hands the function no mask at all (padding is lost)."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def attention_function(name: str) -> Callable:
+    """A registered attention function (``"sdpa"``, ``"flash_attention_2"``, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+@functools.cache
+def calls_attention_interface(cls: type) -> bool:
+    """Whether a module class computes attention through transformers' attention registry (its
+    ``forward`` looks up ``ALL_ATTENTION_FUNCTIONS``), so a registered function replaces it."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def causal_lm_model_types() -> list[str]:
+    """Every ``model_type`` in transformers' causal-LM auto mapping."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def is_pretrained_model(module: torch.nn.Module) -> bool:
+    """A transformers model (a causal LM, its base model, or a decoder such as OPT's), not a layer."""
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
+
+
+def is_dense_layer(layer: CacheLayerMixin) -> bool:
+    """A plain full-attention layer (the kind kvx compresses)."""
+    return type(layer) is DynamicLayer
+
+
+def is_sliding_layer(layer: CacheLayerMixin) -> bool:
+    """A plain sliding- or chunked-window layer (the model bounds it; kvx leaves it)."""
+    return type(layer) is DynamicSlidingWindowLayer
+
