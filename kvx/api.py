@@ -23,7 +23,14 @@ import torch
 
 from kvx.attention import ATTN_IMPLEMENTATION, CONTEXT_ATTR, LayerContext, PatchState, register
 from kvx.cache import KVCache
-from kvx.compat import CACHE_ARGUMENT_NAMES, cache_kwargs, cache_of, decoder_config
+from kvx.compat import (
+    CACHE_ARGUMENT_NAMES,
+    CHUNKED_PREFILL_RESUMES_CACHE,
+    TRANSFORMERS_VERSION,
+    cache_kwargs,
+    cache_of,
+    decoder_config,
+)
 from kvx.patches import find_attention
 from kvx.policy import Policy, make_policy
 
@@ -220,10 +227,34 @@ def _cache_injector(owner: torch.nn.Module):
                 f"this kvx cache has {cache.storage} storage but policy {state.policy.name} needs {storage}: "
                 f"pass kvx.KVCache(model.config, storage={storage!r}), or none"
             )
+        else:
+            _check_continues(cache, args, kwargs)
         state.active_cache = cache
         return args, kwargs
 
     return hook
+
+
+def _check_continues(cache: KVCache, args: tuple, kwargs: dict) -> None:
+    """A call that continues a cache places its new tokens after the ones the cache has seen: a
+    row whose first new position is 0 while the cache holds real tokens of it would attend over
+    tokens twice. transformers before 5.21 makes exactly that call when ``generate()`` prefills in
+    chunks on top of a cache that holds tokens."""
+    positions = kwargs.get("position_ids")
+    real_seen = cache.real_tokens_seen()
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or real_seen is None:
+        return
+    restarted = (positions[:, 0].cpu() == 0) & (real_seen > 0)
+    if bool(restarted.any()):
+        hint = "" if CHUNKED_PREFILL_RESUMES_CACHE else (
+            f"; transformers {TRANSFORMERS_VERSION}'s generate() prefills a given cache from its first token again "
+            "when prefill_chunk_size is set (fixed in 5.21): patch with kvx.patch(model, policy, chunk_size=None) "
+            "before generating on top of a cache that holds tokens"
+        )
+        raise ValueError(
+            f"this forward gives position 0 to its first new token, but the kvx cache already holds "
+            f"{int(real_seen.max())} tokens of that row{hint}"
+        )
 
 
 def _release_cache(module: torch.nn.Module, args: tuple, output: Any) -> None:

@@ -113,6 +113,26 @@ def _heads_share_padding(valid: torch.Tensor) -> bool:
     return bool((valid == valid[:, :1]).all())
 
 
+IGNORED_KWARGS = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+    "sliding_window",  # the mask transformers builds for the layer already holds the window
+    "position_embeddings", "is_causal", "dropout", "layer_idx", "logits_to_keep", "token_type_ids",
+})
+"""Keyword arguments the attention function may receive that change nothing it computes."""
+
+
+def _check_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse a tensor argument kvx does not know how to honour (a per-head bias, sparse indices...):
+    ignoring it would give silently different outputs."""
+    unknown = sorted(name for name, value in kwargs.items()
+                     if name not in IGNORED_KWARGS and isinstance(value, torch.Tensor))
+    if unknown:
+        raise ValueError(
+            f"{type(module).__name__} passes {', '.join(unknown)} to its attention function, which kvx cannot "
+            f"honour; unpatch this model (kvx.unpatch) and run it without kvx"
+        )
+
+
 def kvx_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -122,21 +142,25 @@ def kvx_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``query [B, H, q, D]``, ``key/value [B, Hkv, S, D]`` (after
-    ``cache.update``) -> ``(out [B, q, H, D], None)``."""
+    """transformers attention function: ``query [B, H, q, D]``, ``key [B, Hkv, S, D]``, ``value
+    [B, Hkv, S, Dv]`` (after ``cache.update``) -> ``(out [B, q, H, Dv], None)``.
+
+    ``s_aux``: learned attention sinks ``[H]`` (gpt-oss and others), honoured on every path."""
     context: LayerContext | None = getattr(module, CONTEXT_ATTR, None)
     if context is None:
         raise RuntimeError(
             f"kvx attention was called on {type(module).__name__}, which kvx.patch did not set up; "
             "patch the model with kvx.patch(model, policy) instead of setting attn_implementation='kvx' by hand"
         )
+    _check_kwargs(module, kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = context.cache_layer()
-    if not isinstance(layer, CompressedLayer):  # no cache, or a sliding-window layer of the model's own
-        out = reference.attention(query, key, value, attention_mask, scaling, softcap)
+    if not isinstance(layer, CompressedLayer):  # no cache, or a layer kvx leaves to the model (sliding window...)
+        out = reference.attention(query, key, value, attention_mask, scaling, softcap, s_aux)
         return out.transpose(1, 2).contiguous(), None
 
     q_len = query.shape[-2]
@@ -146,28 +170,31 @@ def kvx_attention(
     dense_view = None
     if isinstance(layer, RaggedLayer) and layer.has_prefix:
         if q_len == 1:  # decode: read the packed prefix directly (the ragged kernel), merge with the tail
-            out = _decode_with_prefix(query, key, value, mask, layer, scaling, softcap)
+            out = _decode_with_prefix(query, key, value, mask, layer, scaling, softcap, s_aux)
         else:  # several queries: one pass over the dense view, which the policy then scores on
             dense_view = layer.dense_view()
-            out = _attend_over_view(query, dense_view, layer.keys.shape[-2], mask, scaling, softcap)
+            out = _attend_over_view(query, dense_view, layer.keys.shape[-2], mask, scaling, softcap, s_aux)
     else:
-        out = reference.attention(query, key, value, mask, scaling, softcap)
+        out = reference.attention(query, key, value, mask, scaling, softcap, s_aux)
     _compress(context, layer, query, mask, scaling, softcap, dense_view)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None):
+def _decode_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None,
+                        sinks: torch.Tensor | None = None):
     """One new query per head over a ragged layer: its packed per-head prefix (the ragged decode
-    kernel) and its dense tail, merged by log-sum-exp."""
+    kernel) and its dense tail, merged by log-sum-exp (with the attention sinks, if any)."""
     tail = reference.attention_with_lse(query, key, value, mask, scaling, softcap)
     prefix = ragged_decode_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
-    return reference.merge_attention([prefix, tail]).to(query.dtype)
+    parts = [prefix, tail] if sinks is None else [prefix, tail, reference.sink_part(sinks, tail[0])]
+    return reference.merge_attention(parts).to(query.dtype)
 
 
 VIEW_BLOCK_ELEMENTS = 2**25  # mask entries per query block in _attend_over_view (32 MB of bool)
 
 
-def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None):
+def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None,
+                      sinks: torch.Tensor | None = None):
     """Several new queries ``[B, H, q, D]`` over a ragged layer's dense view ``(keys, values [B,
     Hkv, P + T, D], valid [B, Hkv, P + T])``: SDPA a block of queries at a time, so the per-head
     mask (and any score matrix SDPA builds for it) is ``block x (P + T)``, never ``q x (P + T)``."""
@@ -178,7 +205,7 @@ def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, sof
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
         mask = _view_mask(valid, tail_len, tail_mask, query.shape, start, stop)
-        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap))
+        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap, sinks))
     return torch.cat(outs, dim=2)
 
 

@@ -393,6 +393,11 @@ class KVCache(Cache):
         cls.__init__(cache, config, storage)
         return cache
 
+    def real_tokens_seen(self) -> torch.Tensor | None:
+        """``[B]`` real (non-padding) tokens seen per row, or None before any compressed layer has any."""
+        return next((layer.real_seen for layer in self.layers
+                     if isinstance(layer, CompressedLayer) and layer.real_seen is not None), None)
+
     def nbytes(self) -> int:
         """Bytes actually held by the cache, summed over every stored tensor of every layer."""
         return cache_nbytes(self)

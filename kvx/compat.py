@@ -13,6 +13,10 @@ the newest tested, see ``docs/compat.md``):
 - **5.24** passes ``kwargs=...`` to ``Cache.update`` and turned ``is_croppable`` into a
   property on some layers; kvx's layers accept any extra arguments and declare ``is_croppable``
   as a plain class attribute, which reads the same either way.
+- **5.21** made ``generate()``'s chunked prefill (``prefill_chunk_size``, which ``kvx.patch`` sets)
+  start from the tokens a given cache already holds; before, it fed the whole prompt again on top
+  of them. :data:`CHUNKED_PREFILL_RESUMES_CACHE` says which; kvx's forward hook refuses the
+  inconsistent call with a clear error instead of attending over every token twice.
 - **5.19** made ``get_layer_types_and_kwargs`` return one kwargs dict per layer (before: one dict
   for all layers; before 5.14 the function did not exist). kvx never calls it: it asks
   transformers for the cache layers it would build itself (:func:`default_cache_layers`), which
@@ -38,11 +42,15 @@ MIN_VERSION = Version("5.14.0")
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 
+CHUNKED_PREFILL_RESUMES_CACHE = TRANSFORMERS_VERSION >= Version("5.21.0")
+"""Whether ``generate()`` with ``prefill_chunk_size`` continues a cache that already holds tokens."""
+
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 """Names a model's forward has taken its cache under: the current one first (5.24 onward)."""
 
 __all__ = [
     "CACHE_ARGUMENT_NAMES",
+    "CHUNKED_PREFILL_RESUMES_CACHE",
     "Cache",
     "CacheLayerMixin",
     "DynamicCache",

@@ -6,6 +6,7 @@ from conftest import greedy, left_pad, random_ids
 
 import kvx
 from kvx import cache_kwargs, cache_of
+from kvx.compat import CHUNKED_PREFILL_RESUMES_CACHE
 from kvx.tiny import tiny_model
 
 
@@ -44,10 +45,17 @@ def test_prefill_helper_matches_generate_chunks():
     assert {s["kept_min"] for s in cache_of(out).stats()} == {20}
 
 
-def test_compress_context_then_append_the_question_uncompressed():
+@pytest.mark.parametrize("chunk_size", [None, 4096])
+def test_compress_context_then_append_the_question_uncompressed(chunk_size):
     model = tiny_model("llama")
     context, question = random_ids(1, 80, seed=61), random_ids(1, 12, seed=62)
-    with kvx.patched(model, "snapkv", budget=16, window=4):
+    with kvx.patched(model, "snapkv", budget=16, window=4, chunk_size=chunk_size):
+        if chunk_size is not None and not CHUNKED_PREFILL_RESUMES_CACHE:  # this release prefills the cache again
+            cache = kvx.compress_context(model, context)
+            full = torch.cat([context, question], 1)
+            with pytest.raises(ValueError, match="prefills a given cache from its first token again"):
+                model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(cache), max_new_tokens=3)
+            return
         cache = kvx.compress_context(model, context)
         assert {s["stored"] for s in cache.stats()} == {16}
         full = torch.cat([context, question], 1)

@@ -204,7 +204,11 @@ class NeedleRunner:
         prompt = self.build(cell)
         ids = torch.tensor([prompt.ids], device=self.model.device)
         new_tokens = self.config.max_new_tokens or (8 * len(prompt.spec.expected) + 4)
-        context = kvx.patched(self.model, run.name, **run.options) if run.name != DENSE else contextlib.nullcontext()
+        # generating on top of a compressed context: no chunked prefill there (the question is short,
+        # and transformers before 5.21 would prefill the whole prompt again on top of the cache)
+        chunking = {"chunk_size": None} if self.config.compress == "context" else {}
+        context = (kvx.patched(self.model, run.name, **chunking, **run.options) if run.name != DENSE
+                   else contextlib.nullcontext())
         start = time.perf_counter()
         with context, torch.inference_mode():
             cache = None

@@ -30,17 +30,20 @@ def attention(
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense attention ``[B, H, q, D]`` of ``query [B, H, q, D]`` over ``key/value [B, Hkv, S, D]``.
+    """Dense attention ``[B, H, q, Dv]`` of ``query [B, H, q, D]`` over ``key [B, Hkv, S, D]`` and
+    ``value [B, Hkv, S, Dv]``.
 
     ``mask``: ``[B|1, 1|H, q, S]`` bool, or None for causal attention (bottom-right aligned when
-    ``q < S``). ``softcap``: Gemma 2's logit soft-capping ``tanh(x / c) * c``.
+    ``q < S``). ``softcap``: Gemma 2's logit soft-capping ``tanh(x / c) * c``. ``sinks``: ``[H]``
+    learned attention-sink logits (gpt-oss' ``s_aux``), see :func:`sink_part`.
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     groups = query.shape[1] // key.shape[1]
     if mask is None and 1 < q_len < kv_len:
         mask = causal_mask(q_len, kv_len, query.device)
-    if softcap is None:
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(
             query,
             key,
@@ -52,7 +55,19 @@ def attention(
         )
     if mask is None and q_len > 1:
         mask = causal_mask(q_len, kv_len, query.device)
-    return attention_with_lse(query, key, value, mask, scaling, softcap)[0].to(query.dtype)
+    part = attention_with_lse(query, key, value, mask, scaling, softcap)
+    if sinks is None:
+        return part[0].to(query.dtype)
+    return merge_attention([part, sink_part(sinks, part[0])]).to(query.dtype)
+
+
+def sink_part(sinks: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learned attention sinks (gpt-oss and others: one logit per query head that joins every
+    softmax, with no value) as one more part for :func:`merge_attention`: ``(zeros like
+    out [B, H, q, Dv], lse [B, H, q] = the sink's logit)``."""
+    batch, heads, q_len = like.shape[:3]
+    lse = sinks.float().reshape(1, heads, 1).expand(batch, heads, q_len)
+    return torch.zeros_like(like, dtype=torch.float32), lse
 
 
 def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -208,14 +223,14 @@ def attention_with_lse(
     softcap: float | None = None,
     block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and the log-sum-exp of its logits, both float32: ``([B, H, q, D], [B, H, q])``.
+    """Attention and the log-sum-exp of its logits, both float32: ``([B, H, q, Dv], [B, H, q])``.
 
     ``mask``: ``[B|1, 1|H, q, S]`` bool or None (everything visible). Rows that see nothing give
     ``out = 0`` and ``lse = -inf``, so they vanish when merged. Computed ``block`` queries at a
     time: memory ``block x S``, never ``q x S``.
     """
-    batch, heads, q_len, dim = query.shape
-    kv_heads, num_keys = key.shape[1], key.shape[2]
+    batch, heads, q_len = query.shape[:3]
+    kv_heads, num_keys, dim = key.shape[1], key.shape[2], value.shape[-1]
     groups = heads // kv_heads
     keys, values = key.float(), value.float()
     outs, lses = [], []
