@@ -11,7 +11,13 @@ STAMP := $(VENV)/.kvx-installed
 endif
 TORCH ?= torch==2.13.0
 
-.PHONY: install lint test demo clean
+# The lowest supported transformers release and one in the middle of the range (kvx/compat.py says
+# what differs between them); `make test` runs on whatever pip installs, the newest.
+COMPAT_RELEASES ?= 5.14.1 5.19.0
+COMPAT_TESTS ?= tests/test_equivalence.py tests/test_state.py tests/test_batch.py tests/test_memory.py \
+	tests/test_chunked.py tests/test_compat.py tests/patches/test_coverage.py
+
+.PHONY: install lint test test-compat coverage demo clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,8 +36,27 @@ lint: install
 test: lint
 	$(PYTHON) -m pytest -q
 
+# the fast subset on each release of COMPAT_RELEASES, each in its own environment (.venv-compat/)
+test-compat:
+	@set -e; for release in $(COMPAT_RELEASES); do \
+		env=.venv-compat/transformers-$$release; \
+		if [ ! -f $$env/.kvx-installed ]; then \
+			python3 -m venv $$env; \
+			$$env/bin/python -m pip install -q --upgrade pip; \
+			$$env/bin/python -m pip install -q $(TORCH); \
+			$$env/bin/python -m pip install -q -e ".[dev]" "transformers==$$release"; \
+			touch $$env/.kvx-installed; \
+		fi; \
+		echo "== transformers $$release"; \
+		$$env/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS); \
+	done
+
+# every causal-LM model type of the installed transformers (slower than `make test`)
+coverage: install
+	KVX_COVERAGE=all $(PYTHON) -m pytest -q -s tests/patches/test_coverage.py
+
 demo: install
 	$(PYTHON) -m kvx.cli needle --config configs/needle-demo.yaml --out runs/demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv-compat .pytest_cache *.egg-info

@@ -7,11 +7,15 @@
     kvx.unpatch(model)
 """
 
-from kvx import policies
-from kvx.api import compress_context, is_patched, patch, patched, policy_of, prefill, unpatch
-from kvx.cache import KVCache
-from kvx.compat import cache_kwargs, cache_of
-from kvx.policy import CompressionView, EvictionPolicy, Policy, list_policies, make_policy, register_policy
+from kvx.compat import check_version
+
+check_version()  # a clear ImportError on a transformers release kvx does not support
+
+from kvx import policies  # noqa: E402
+from kvx.api import compress_context, is_patched, patch, patched, policy_of, prefill, unpatch  # noqa: E402
+from kvx.cache import KVCache  # noqa: E402
+from kvx.compat import cache_kwargs, cache_of  # noqa: E402
+from kvx.policy import CompressionView, EvictionPolicy, Policy, list_policies, make_policy, register_policy  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ from kvx.compat import (
     cache_of,
     decoder_config,
 )
-from kvx.patches import find_attention
+from kvx.patches import NO_CHUNKED_PREFILL, find_attention
 from kvx.policy import Policy, make_policy
 
 STATE_ATTR = "_kvx_state"
@@ -41,7 +41,7 @@ DEFAULT_CHUNK_SIZE = 4096
 
 
 def patch(
-    model: torch.nn.Module, policy: str | Policy, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE, **options: Any
+    model: torch.nn.Module, policy: str | Policy, *, chunk_size: int | None | str = "auto", **options: Any
 ) -> Policy:
     """Make ``model`` store and attend through ``policy``; returns the policy object.
 
@@ -50,14 +50,16 @@ def patch(
         policy: a registered name (``kvx.list_policies()``) or a policy object.
         chunk_size: ``generate()`` feeds prompts longer than this in chunks of this many tokens,
             and the policy compresses between chunks, so peak memory follows budget + chunk rather
-            than the prompt length (transformers' ``prefill_chunk_size``). None: one piece.
+            than the prompt length (transformers' ``prefill_chunk_size``). None: one piece. "auto"
+            (the default): ``DEFAULT_CHUNK_SIZE``, or one piece for the few models whose ``generate()``
+            cannot prefill in chunks (``kvx.patches.NO_CHUNKED_PREFILL``; asking them for a chunk size
+            raises).
         **options: options of a named policy, e.g. ``budget=1024``.
 
     Patching a patched model replaces its policy.
     """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     found = find_attention(model)
+    chunk_size = _chunk_size(chunk_size, found.model_type)
     policy = make_policy(policy, **options)
     policy.check_model(decoder_config(model.config).num_hidden_layers)
     if is_patched(model):
@@ -73,6 +75,8 @@ def patch(
         generation_config.prefill_chunk_size = chunk_size
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
+    for module in found.unmanaged:
+        setattr(module, CONTEXT_ATTR, LayerContext(state, None))
     owner = found.cache_owner
     state.hook_handles = [
         owner.register_forward_pre_hook(_cache_injector(owner), with_kwargs=True),
@@ -82,6 +86,20 @@ def patch(
     setattr(model, STATE_ATTR, state)
     setattr(owner, STATE_ATTR, state)  # the hooks read it from their module (so deepcopy stays consistent)
     return policy
+
+
+def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:
+    """Validate ``patch``'s ``chunk_size`` and resolve "auto" for this architecture."""
+    if chunk_size == "auto":
+        return None if model_type in NO_CHUNKED_PREFILL else DEFAULT_CHUNK_SIZE
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
+    if chunk_size is not None and model_type in NO_CHUNKED_PREFILL:
+        raise ValueError(
+            f"chunk_size={chunk_size}: {model_type} cannot prefill in chunks ({NO_CHUNKED_PREFILL[model_type]}); "
+            "pass chunk_size=None"
+        )
+    return chunk_size
 
 
 def unpatch(model: torch.nn.Module) -> None:

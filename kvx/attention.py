@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvx.cache import CompressedLayer, KVCache, RaggedLayer
-from kvx.compat import register_attention
+from kvx.compat import attention_function, register_attention
 from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import CompressionView, Phase, Policy
@@ -44,11 +44,11 @@ class LayerContext:
     """Attached by ``patch`` to each attention module as ``module._kvx_context``."""
 
     state: PatchState
-    layer_idx: int
+    layer_idx: int | None  # None: attention kvx leaves to the model (a vision tower, bidirectional)
 
     def cache_layer(self):
         cache = self.state.active_cache
-        return None if cache is None else cache.layers[self.layer_idx]
+        return None if cache is None or self.layer_idx is None else cache.layers[self.layer_idx]
 
 
 def register() -> None:
@@ -133,6 +133,16 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
         )
 
 
+def _check_stored(module: torch.nn.Module, layer_idx: int, key: torch.Tensor, layer: CompressedLayer) -> None:
+    """The keys a module attends over must be what its cache layer stores: a model that writes to
+    another layer, or caches something else (a latent) and expands it, would be compressed wrongly."""
+    if key.shape[2] != layer.keys.shape[2] or key.shape[1] % layer.keys.shape[1]:  # (GQA expanded after update: ok)
+        raise ValueError(
+            f"kvx does not support this model: {type(module).__name__} (layer {layer_idx}) attends over keys of "
+            f"shape {tuple(key.shape)}, but its cache layer holds {tuple(layer.keys.shape)}"
+        )
+
+
 def kvx_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -155,10 +165,15 @@ def kvx_attention(
             f"kvx attention was called on {type(module).__name__}, which kvx.patch did not set up; "
             "patch the model with kvx.patch(model, policy) instead of setting attn_implementation='kvx' by hand"
         )
+    if context.layer_idx is None:  # not cached token by token: transformers' own SDPA, unchanged
+        return attention_function("sdpa")(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     _check_kwargs(module, kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = context.cache_layer()
+    if isinstance(layer, CompressedLayer):
+        _check_stored(module, context.layer_idx, key, layer)
     if not isinstance(layer, CompressedLayer):  # no cache, or a layer kvx leaves to the model (sliding window...)
         out = reference.attention(query, key, value, attention_mask, scaling, softcap, s_aux)
         return out.transpose(1, 2).contiguous(), None

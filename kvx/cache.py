@@ -91,9 +91,9 @@ class CompressedLayer(CacheLayerMixin):
         """Keep only the tokens marked in ``keep [B, Hkv, S]``; free the rest. Rows or heads that
         keep fewer than the most get padding slots on the left, marked invalid."""
         indices, slot_valid = mask_to_indices(keep)
-        gather_index = indices[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather_index)
-        self.values = self.values.gather(2, gather_index)
+        # keys and values may differ in head dim (MLA: rope + nope key dims vs the value dim)
+        self.keys = self.keys.gather(2, indices[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, indices[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         valid = slot_valid if self.valid is None else self.valid.gather(2, indices) & slot_valid
         self.set_valid(valid)
         for name, stat in self.state.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 from kvx.policy import list_policies
 
@@ -22,10 +23,32 @@ def _cmd_policies(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from kvx.patches import REFUSED_MODEL_TYPES
+    from kvx.compat import TRANSFORMERS_VERSION
+    from kvx.patches import coverage
 
-    for model_type, reason in sorted(REFUSED_MODEL_TYPES.items()):
-        print(f"{model_type:<12} refused: {reason}")
+    if args.verify:
+        outcomes = coverage.check_all(args.model_type or None, progress=not args.no_progress)
+        print(coverage.format_table(outcomes))
+        print(f"\ntransformers {TRANSFORMERS_VERSION}: {coverage.summary(outcomes)}")
+        if args.write:
+            coverage.write_report(outcomes)
+            print(f"written to {coverage.COVERAGE_FILE}")
+        return 1 if any(o.status == coverage.FAILED for o in outcomes) else 0
+    report = coverage.read_report()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    rows = [coverage.Outcome(**row) for row in report["model_types"]]
+    verified = [o.model_type for o in rows if o.status == coverage.VERIFIED]
+    print(f"verified on transformers {report['transformers']} (installed: {TRANSFORMERS_VERSION}); "
+          f"`kvx models --verify` checks the installed release")
+    print(f"\n{len(verified)} verified (full-budget outputs equal the model's, evicting runs bounded):")
+    print(textwrap.fill(", ".join(verified), width=100, initial_indent="  ", subsequent_indent="  "))
+    for status in (coverage.REFUSED, coverage.NOT_BUILT, coverage.FAILED):
+        chosen = [o for o in rows if o.status == status]
+        if chosen:
+            print(f"\n{len(chosen)} {status}:")
+            print(coverage.format_table(chosen))
     return 0
 
 
@@ -123,7 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list the policies with their options and defaults")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_policies)
-    p = sub.add_parser("models", help="list the supported architectures (config.model_type)")
+    p = sub.add_parser(
+        "models", help="the architectures kvx verified, and those it refuses with the reason",
+        description="Without options: the verified, refused and unbuildable model types from kvx's last full "
+                    "check (kvx/patches/coverage.json) and the transformers release it ran on. --verify checks "
+                    "the installed transformers now (a tiny random model per causal-LM type, about a minute).",
+    )
+    p.add_argument("--verify", action="store_true", help="check the installed transformers now")
+    p.add_argument("--write", action="store_true", help="with --verify: save the result as kvx's shipped list")
+    p.add_argument("--json", action="store_true", help="print the shipped list as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("model_type", nargs="*", help="with --verify: only these model types")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("demo", help="patch a tiny random llama; compare dense and compressed KV bytes and outputs")
     p.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length (default 2048)")

@@ -65,6 +65,7 @@ __all__ = [
     "calls_attention_interface",
     "causal_lm_model_types",
     "check_version",
+    "config_field",
     "decoder_config",
     "default_cache_layers",
     "is_dense_layer",
@@ -125,6 +126,16 @@ def cache_of(output: Any) -> Cache | None:
 def decoder_config(config: PretrainedConfig) -> PretrainedConfig:
     """The config of the text decoder (the model itself for a plain causal LM)."""
     return config.get_text_config(decoder=True)
+
+
+def config_field(config: PretrainedConfig, name: str) -> Any:
+    """``config.<name>``, or the first value set in its per-layer configs where the release keeps
+    the field per layer (5.24's heterogeneous configs raise on the global read); None if unset."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - 5.24: AmbiguousGlobalPerLayerAttributeError
+        layers = getattr(config, "per_layer_config", None) or []
+        return next((getattr(layer, name) for layer in layers if getattr(layer, name, None) is not None), None)
 
 
 def default_cache_layers(config: PretrainedConfig) -> list[CacheLayerMixin]:

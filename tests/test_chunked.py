@@ -68,7 +68,7 @@ def test_compress_context_then_append_the_question_uncompressed(chunk_size):
 
 def test_bad_chunk_size_and_unpatched_prefill():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, None or .auto."):
         kvx.patch(model, "snapkv", chunk_size=0)
     with pytest.raises(ValueError, match="not patched by kvx"):
         kvx.prefill(model, random_ids(1, 8))

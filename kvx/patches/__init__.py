@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvx.compat import cache_argument_name, calls_attention_interface, decoder_config, is_pretrained_model
+from kvx.compat import (
+    cache_argument_name,
+    calls_attention_interface,
+    config_field,
+    decoder_config,
+    is_pretrained_model,
+)
 
 REFUSED_MODEL_TYPES: dict[str, str] = {
     "minimax": "MiniMax keeps its lightning-attention state in a cache class of its own, which rejects any other cache",
@@ -23,8 +29,22 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
     "zamba": "one shared attention block serves several layers (layer_idx is not the cache index)",
     "zamba2": "one shared attention block serves several layers (layer_idx is not the cache index)",
     "doge": "attention takes a per-head additive float mask (dynamic mask attention), which kvx does not rebuild",
+    "dory": "looped layers write to cache layer layer_idx + an offset given at call time (layer_idx is not the "
+            "cache index)",
 }
 """Model types kvx refuses, and why (checked before any feature)."""
+
+NO_CHUNKED_PREFILL: dict[str, str] = {
+    "musicgen_melody_decoder": "its own generate() builds no cache before the prefill, which transformers' chunked prefill needs",
+    "recurrent_gemma": "its forward returns no cache, which transformers' chunked prefill reads after each chunk",
+}
+"""Model types whose ``generate()`` cannot prefill in chunks (``kvx.patch``'s ``chunk_size``), and why."""
+
+REFUSED_CONFIG_FIELDS: dict[str, str] = {
+    "kv_lora_rank": "multi-head latent attention (MLA) caches one shared latent and one RoPE key per token, not "
+                    "per-head keys and values; per-token eviction over the latent is not built yet",
+}
+"""Config fields (set, not None) that make a model refused, and why."""
 
 REFUSED_LAYER_TYPES: dict[str, str] = {
     "indexed_attention": "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx would not "
@@ -43,6 +63,7 @@ class Attention:
     model_type: str
     modules: list[torch.nn.Module]
     cache_owner: torch.nn.Module
+    unmanaged: list[torch.nn.Module]  # bidirectional attention (vision / audio towers...): left to the model
 
 
 def find_attention(model: torch.nn.Module) -> Attention:
@@ -53,14 +74,27 @@ def find_attention(model: torch.nn.Module) -> Attention:
     if config is None:
         raise ValueError(f"kvx patches transformers models; {type(model).__name__} has no config")
     _check_refused(model_type, config)
-    modules = _attention_modules(model, model_type)
-    return Attention(model_type, modules, _cache_owner(model, modules, model_type))
+    modules, unindexed, bidirectional = _attention_modules(model, model_type)
+    owner = _cache_owner(model, modules, model_type)
+    inside = {id(m) for m in owner.modules()}
+    stray = [m for m in unindexed if id(m) in inside]
+    if stray:  # modules outside the cache's owner (a vision or audio tower) are not cached: left alone
+        raise ValueError(
+            f"kvx does not support model_type {model_type!r}: attention module {type(stray[0]).__name__} has "
+            f"layer_idx={getattr(stray[0], 'layer_idx', None)!r}, so its cache layer is not known when it is built"
+        )
+    unmanaged = bidirectional + [m for m in unindexed if id(m) not in inside]
+    return Attention(model_type, modules, owner, unmanaged)
 
 
 def _check_refused(model_type: str, config) -> None:
     if model_type in REFUSED_MODEL_TYPES:
         raise ValueError(f"kvx does not support model_type {model_type!r}: {REFUSED_MODEL_TYPES[model_type]}")
-    layer_types = getattr(decoder_config(config), "layer_types", None) or []
+    text = decoder_config(config)
+    for name, reason in REFUSED_CONFIG_FIELDS.items():
+        if config_field(text, name) is not None:
+            raise ValueError(f"kvx does not support model_type {model_type!r}: {reason}")
+    layer_types = config_field(text, "layer_types") or []
     for layer_type in dict.fromkeys(layer_types):
         if layer_type in REFUSED_LAYER_TYPES:
             raise ValueError(
@@ -69,38 +103,52 @@ def _check_refused(model_type: str, config) -> None:
             )
 
 
-def _attention_modules(model: torch.nn.Module, model_type: str) -> list[torch.nn.Module]:
-    """Self-attention modules that go through transformers' attention registry, one per layer."""
+def _attention_modules(model: torch.nn.Module, model_type: str) -> tuple[list, list, list]:
+    """Modules that go through transformers' attention registry: causal self-attention with a layer
+    index (one per layer), causal ones without an index, and bidirectional ones (vision and audio
+    towers, cross-attention over an encoder), which are not cached token by token."""
     by_layer: dict[int, list[torch.nn.Module]] = {}
+    unindexed, bidirectional = [], []
     for module in model.modules():
-        if not calls_attention_interface(type(module)) or _is_cross_attention(module):
+        if not calls_attention_interface(type(module)):
             continue
         layer_idx = getattr(module, "layer_idx", None)
-        if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
-            raise ValueError(
-                f"kvx does not support model_type {model_type!r}: attention module {type(module).__name__} has "
-                f"layer_idx={layer_idx!r}, so its cache layer is not known when it is built"
-            )
-        by_layer.setdefault(layer_idx, []).append(module)
+        if not _is_causal_self_attention(module) or not hasattr(module, "layer_idx"):
+            bidirectional.append(module)  # (without a layer_idx a module cannot address a cache layer either)
+        elif not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
+            unindexed.append(module)
+        else:
+            by_layer.setdefault(layer_idx, []).append(module)
     if not by_layer:
-        raise ValueError(
-            f"kvx does not support model_type {model_type!r} ({type(model).__name__}): no attention module goes "
-            "through transformers' attention interface (legacy attention code, or no attention at all)"
-        )
+        raise ValueError(f"kvx does not support model_type {model_type!r} ({type(model).__name__}): "
+                         + _why_nothing_found(model, unindexed, bidirectional))
     shared = sorted(idx for idx, found in by_layer.items() if len(found) > 1)
     if shared:
         raise ValueError(
             f"kvx does not support model_type {model_type!r}: several attention modules share layer_idx {shared}"
         )
-    return [by_layer[idx][0] for idx in sorted(by_layer)]
+    return [by_layer[idx][0] for idx in sorted(by_layer)], unindexed, bidirectional
 
 
-def _is_cross_attention(module: torch.nn.Module) -> bool:
-    """Encoder-decoder attention (bart-family decoders): it has a layer_idx too, but attends over
-    the encoder's states, which kvx does not compress."""
-    return bool(getattr(module, "is_cross_attention", False)) or (
-        getattr(module, "is_causal", True) is False and getattr(module, "is_decoder", False)
-    )
+def _why_nothing_found(model: torch.nn.Module, unindexed: list, bidirectional: list) -> str:
+    if unindexed:
+        return (f"attention module {type(unindexed[0]).__name__} has layer_idx="
+                f"{getattr(unindexed[0], 'layer_idx', None)!r}, so its "
+                "cache layer is not known when it is built")
+    if bidirectional:
+        hint = "; BERT-style models generate causally with config.is_decoder=True" if getattr(
+            model.config, "is_decoder", None) is False else ""
+        return (f"the only attention modules that go through transformers' attention interface are bidirectional "
+                f"({type(bidirectional[0]).__name__}.is_causal is False), and nothing of theirs is cached token by "
+                f"token{hint}")
+    return ("no attention module goes through transformers' attention interface (legacy attention code, or no "
+            "attention at all)")
+
+
+def _is_causal_self_attention(module: torch.nn.Module) -> bool:
+    """Not cross-attention over an encoder's states, and not bidirectional (``is_causal`` False):
+    decoders' self-attention modules say ``is_causal = True`` or nothing at all."""
+    return not getattr(module, "is_cross_attention", False) and getattr(module, "is_causal", True) is not False
 
 
 def _cache_owner(model: torch.nn.Module, modules: list[torch.nn.Module], model_type: str) -> torch.nn.Module:

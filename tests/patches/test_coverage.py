@@ -1,0 +1,50 @@
+"""Every causal-LM model type of the installed transformers: verified (keep-everything equivalence
+for SnapKV and StreamingLLM, and evicting runs that stay bounded), refused with a reason, or not
+buildable tiny here. Anything else fails, above all a silently different output.
+
+``make test`` checks a fast subset (the architectures kvx is most used on, plus a hybrid, an MLA
+and an attention-sink model, and a decoder-only OPT); ``make coverage`` (``KVX_COVERAGE=all``)
+checks every type and prints the counts.
+"""
+
+import os
+
+import pytest
+
+from kvx.compat import causal_lm_model_types
+from kvx.patches import coverage
+
+FAST = {
+    "llama": coverage.VERIFIED, "mistral": coverage.VERIFIED, "qwen2": coverage.VERIFIED,
+    "qwen3": coverage.VERIFIED, "gemma2": coverage.VERIFIED, "gemma3_text": coverage.VERIFIED,
+    "phi3": coverage.VERIFIED,
+    "qwen3_next": coverage.VERIFIED,  # hybrid: gated delta-net layers keep transformers' own cache layers
+    "gpt_oss": coverage.VERIFIED,  # attention sinks (s_aux)
+    "opt": coverage.VERIFIED,  # the causal LM calls its decoder directly: hooks go on the decoder
+    "deepseek_v3": coverage.REFUSED,  # MLA
+    "bloom": coverage.REFUSED,  # legacy attention code
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAST))
+def test_fast_subset(model_type):
+    if model_type not in causal_lm_model_types():
+        pytest.skip(f"{model_type} is not in this transformers release")
+    outcome = coverage.check_model_type(model_type)
+    assert outcome.status == FAST[model_type], outcome.reason
+    if outcome.status == coverage.REFUSED:
+        assert "kvx does not support model_type" in outcome.reason
+
+
+@pytest.mark.skipif(os.environ.get("KVX_COVERAGE") != "all", reason="the full sweep runs with KVX_COVERAGE=all")
+def test_every_causal_lm_model_type():
+    outcomes = coverage.check_all(progress=False)
+    counts = coverage.summary(outcomes)
+    print("\n" + coverage.format_table(outcomes))
+    print(f"\ncounts: {counts}")
+    failed = [o for o in outcomes if o.status == coverage.FAILED]
+    assert not failed, "\n".join(f"{o.model_type}: {o.reason}" for o in failed)
+    assert counts[coverage.VERIFIED] >= 125
+    for outcome in outcomes:
+        if outcome.status in (coverage.REFUSED, coverage.NOT_BUILT):
+            assert outcome.reason, outcome.model_type
