@@ -139,7 +139,8 @@ def _check_stored(module: torch.nn.Module, layer_idx: int, key: torch.Tensor, la
     if key.shape[2] != layer.keys.shape[2] or key.shape[1] % layer.keys.shape[1]:  # (GQA expanded after update: ok)
         raise ValueError(
             f"kvx does not support this model: {type(module).__name__} (layer {layer_idx}) attends over keys of "
-            f"shape {tuple(key.shape)}, but its cache layer holds {tuple(layer.keys.shape)}"
+            f"shape {tuple(key.shape)}, but its cache layer holds {tuple(layer.keys.shape)} (the module calls its "
+            "attention function more than once per cache update, or attends over keys it did not store there)"
         )
 
 

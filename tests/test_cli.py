@@ -1,6 +1,7 @@
 """The kvx command explains itself."""
 
 import json
+import re
 
 from kvx.cli import main
 
@@ -22,14 +23,14 @@ def test_models(capsys):
     out = capsys.readouterr().out
     verified = out.split(" verified (")[1].split("refused:")[0]
     assert all(name in verified for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"))
-    assert "deepseek_v3  refused    kvx does not support model_type 'deepseek_v3': multi-head latent" in out
+    assert re.search(r"deepseek_v3 +refused +kvx does not support model_type 'deepseek_v3': multi-head latent", out)
     assert "verified on transformers 5." in out
 
 
 def test_models_verify_checks_the_installed_release(capsys):
     assert main(["models", "--verify", "--no-progress", "llama", "bloom"]) == 0
     out = capsys.readouterr().out
-    assert "llama  verified" in out and "bloom  refused" in out and "'verified': 1, 'refused': 1" in out
+    assert re.search(r"llama +verified", out) and re.search(r"bloom +refused", out) and "'verified': 1, 'refused': 1" in out
 
 
 def test_no_command_prints_help(capsys):

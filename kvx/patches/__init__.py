@@ -20,7 +20,10 @@ from kvx.compat import (
     calls_attention_interface,
     config_field,
     decoder_config,
+    default_cache_layers,
+    is_dense_layer,
     is_pretrained_model,
+    is_sliding_layer,
 )
 
 REFUSED_MODEL_TYPES: dict[str, str] = {
@@ -29,6 +32,8 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
     "zamba": "one shared attention block serves several layers (layer_idx is not the cache index)",
     "zamba2": "one shared attention block serves several layers (layer_idx is not the cache index)",
     "doge": "attention takes a per-head additive float mask (dynamic mask attention), which kvx does not rebuild",
+    "diffllama": "differential attention calls the attention function twice per layer on one cache update, and "
+                 "kvx compresses the layer after the first call",
     "dory": "looped layers write to cache layer layer_idx + an offset given at call time (layer_idx is not the "
             "cache index)",
 }
@@ -74,6 +79,7 @@ def find_attention(model: torch.nn.Module) -> Attention:
     if config is None:
         raise ValueError(f"kvx patches transformers models; {type(model).__name__} has no config")
     _check_refused(model_type, config)
+    _check_compressible(model_type, config)
     modules, unindexed, bidirectional = _attention_modules(model, model_type)
     owner = _cache_owner(model, modules, model_type)
     inside = {id(m) for m in owner.modules()}
@@ -101,6 +107,18 @@ def _check_refused(model_type: str, config) -> None:
                 f"kvx does not support model_type {model_type!r}: it has {layer_type!r} layers, and "
                 f"{REFUSED_LAYER_TYPES[layer_type]}"
             )
+
+
+def _check_compressible(model_type: str, config) -> None:
+    """Refuse a model none of whose cache layers kvx compresses or the model bounds by a window:
+    patching it would change nothing while claiming compression."""
+    layers = default_cache_layers(decoder_config(config))
+    if not any(is_dense_layer(layer) or is_sliding_layer(layer) for layer in layers):
+        kinds = ", ".join(dict.fromkeys(type(layer).__name__ for layer in layers))
+        raise ValueError(
+            f"kvx does not support model_type {model_type!r}: none of its cache layers ({kinds}) holds plain "
+            "attention keys and values that kvx could compress (hybrid layers share theirs with a recurrent state)"
+        )
 
 
 def _attention_modules(model: torch.nn.Module, model_type: str) -> tuple[list, list, list]:
