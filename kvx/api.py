@@ -51,8 +51,10 @@ def patch(
         chunk_size: ``generate()`` feeds prompts longer than this in chunks of this many tokens,
             and the policy compresses between chunks, so peak memory follows budget + chunk rather
             than the prompt length (transformers' ``prefill_chunk_size``). None: one piece. "auto"
-            (the default): ``DEFAULT_CHUNK_SIZE``, or one piece for the few models whose ``generate()``
-            cannot prefill in chunks (``kvx.patches.NO_CHUNKED_PREFILL``; asking them for a chunk size
+            (the default): ``DEFAULT_CHUNK_SIZE``, or one piece where ``generate()`` cannot prefill in
+            chunks correctly: on transformers before 5.21 (which prefills a given cache from its first
+            token again; an explicit chunk size still works there for prompts that start a cache) and
+            for the few models in ``kvx.patches.NO_CHUNKED_PREFILL`` (asking them for a chunk size
             raises).
         **options: options of a named policy, e.g. ``budget=1024``.
 
@@ -91,7 +93,7 @@ def patch(
 def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:
     """Validate ``patch``'s ``chunk_size`` and resolve "auto" for this architecture."""
     if chunk_size == "auto":
-        return None if model_type in NO_CHUNKED_PREFILL else DEFAULT_CHUNK_SIZE
+        return DEFAULT_CHUNK_SIZE if CHUNKED_PREFILL_RESUMES_CACHE and model_type not in NO_CHUNKED_PREFILL else None
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
     if chunk_size is not None and model_type in NO_CHUNKED_PREFILL:

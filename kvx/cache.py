@@ -29,6 +29,7 @@ from kvx.compat import (
     default_cache_layers,
     is_dense_layer,
     is_sliding_layer,
+    mask_query_length,
 )
 from kvx.policy import mask_to_indices
 
@@ -120,13 +121,16 @@ class CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        query_length = mask_query_length(query_length)
         # the stored tokens stand in for the last `num_stored` positions; kvx's attention rebuilds
         # the part of the mask over them from `valid`, and uses the rest for the new tokens
         return self.num_stored + query_length, self.seen - self.num_stored
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.10
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.real_seen = None

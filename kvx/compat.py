@@ -21,6 +21,13 @@ the newest tested, see ``docs/compat.md``):
   for all layers; before 5.14 the function did not exist). kvx never calls it: it asks
   transformers for the cache layers it would build itself (:func:`default_cache_layers`), which
   every release can do, and replaces the ones it compresses.
+- **5.10** renamed the layers' ``get_max_cache_shape`` to ``get_max_length``: kvx's layers have both.
+- **5.9** gave hybrid models' linear-attention / Mamba / convolution states cache layers of their
+  own in transformers' cache; before, those models built cache classes of their own, and
+  ``kvx.patches`` refuses them there.
+- **5.4** passes a layer's ``get_mask_sizes`` the number of new tokens (before: their
+  ``cache_position`` tensor): :func:`mask_query_length` reads either.
+- Before **5.3** sliding-window layers and chunked prompts differ: not supported (:data:`MIN_VERSION`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-MIN_VERSION = Version("5.14.0")
+MIN_VERSION = Version("5.3.0")
 """The oldest transformers release kvx supports (``pyproject.toml`` declares the same)."""
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
@@ -71,6 +78,7 @@ __all__ = [
     "is_dense_layer",
     "is_pretrained_model",
     "is_sliding_layer",
+    "mask_query_length",
     "cache_of",
     "register_attention",
 ]
@@ -144,6 +152,12 @@ def default_cache_layers(config: PretrainedConfig) -> list[CacheLayerMixin]:
     and chunked attention, and the model's own kinds for the rest (linear attention, convolution,
     hybrid, indexed, shared-KV 'dummy' layers...)."""
     return list(DynamicCache(config=config).layers)
+
+
+def mask_query_length(query: int | torch.Tensor) -> int:
+    """The new tokens' count a cache layer's ``get_mask_sizes`` is asked about: an int from 5.4
+    on, the new tokens' ``cache_position`` tensor before."""
+    return query if isinstance(query, int) else int(query.shape[0])
 
 
 def register_attention(name: str, fn: Callable) -> None:

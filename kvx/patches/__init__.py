@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvx.compat import (
+    TRANSFORMERS_VERSION,
     cache_argument_name,
     calls_attention_interface,
     config_field,
@@ -54,10 +55,16 @@ REFUSED_CONFIG_FIELDS: dict[str, str] = {
 REFUSED_LAYER_TYPES: dict[str, str] = {
     "indexed_attention": "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx would not "
                          "evict in step",
+    "deepseek_sparse_attention": "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx "
+                                 "would not evict in step",
     "compressed_sparse_attention": "the model compresses its KV itself (DeepSeek-V4 compressed attention)",
     "heavily_compressed_attention": "the model compresses its KV itself (DeepSeek-V4 compressed attention)",
 }
 """Layer types (config ``layer_types``) that make a model refused, and why."""
+
+
+NOT_ATTENTION_LAYER_TYPES = ("linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding")
+"""Layer types that hold a recurrent or convolution state: transformers' own cache layers keep them."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,15 @@ def _check_refused(model_type: str, config) -> None:
 def _check_compressible(model_type: str, config) -> None:
     """Refuse a model none of whose cache layers kvx compresses or the model bounds by a window:
     patching it would change nothing while claiming compression."""
-    layers = default_cache_layers(decoder_config(config))
+    text = decoder_config(config)
+    layers = default_cache_layers(text)
+    for layer_type, layer in zip(config_field(text, "layer_types") or [], layers):
+        if layer_type in NOT_ATTENTION_LAYER_TYPES and (is_dense_layer(layer) or is_sliding_layer(layer)):
+            raise ValueError(
+                f"kvx does not support model_type {model_type!r} on transformers {TRANSFORMERS_VERSION}: this release "
+                f"has no cache layer for its {layer_type!r} layers (the model keeps them in a cache class of its own); "
+                "a newer transformers does"
+            )
     if not any(is_dense_layer(layer) or is_sliding_layer(layer) for layer in layers):
         kinds = ", ".join(dict.fromkeys(type(layer).__name__ for layer in layers))
         raise ValueError(

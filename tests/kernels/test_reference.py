@@ -124,3 +124,23 @@ def test_attention_with_lse_blocks_give_the_same_result(mask_rows):
                                naive_attention(q, k, v, per_head, 0.25), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference.attention(q, k, v, full_mask, 0.25, softcap=2.0),
                                naive_attention(q, k, v, full_mask, 0.25, softcap=2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,dim,value_dim", [(4, 2, 1, 37, 16, 16), (8, 2, 9, 21, 24, 16)])
+def test_attention_with_sinks_matches_a_softmax_with_a_sink_column(heads, kv_heads, q_len, kv_len, dim, value_dim):
+    """gpt-oss' learned sinks: one extra logit per head in every softmax, with no value; keys and
+    values may differ in head dim."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, heads, q_len, dim, generator=g)
+    k = torch.randn(1, kv_heads, kv_len, dim, generator=g)
+    v = torch.randn(1, kv_heads, kv_len, value_dim, generator=g)
+    sinks = torch.randn(heads, generator=g)
+    mask = reference.causal_mask(q_len, kv_len, q.device).expand(1, heads, q_len, kv_len)
+    groups = heads // kv_heads
+    logits = q.double() @ k.repeat_interleave(groups, 1).double().transpose(-1, -2) * dim**-0.5
+    logits = logits.masked_fill(~mask, -torch.inf)
+    with_sink = torch.cat([logits, sinks.double().reshape(1, heads, 1, 1).expand(1, heads, q_len, 1)], -1)
+    expected = with_sink.softmax(-1)[..., :-1] @ v.repeat_interleave(groups, 1).double()
+    got = reference.attention(q, k, v, None, dim**-0.5, sinks=sinks)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, reference.attention(q, k, v, None, dim**-0.5), atol=1e-3)
