@@ -32,9 +32,10 @@ the newest tested, see ``docs/compat.md``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ __all__ = [
     "cache_argument_name",
     "cache_kwargs",
     "calls_attention_interface",
+    "causal_lm_class",
     "causal_lm_model_types",
     "check_version",
     "config_field",
@@ -81,6 +83,7 @@ __all__ = [
     "mask_query_length",
     "cache_of",
     "register_attention",
+    "transformers_log_level",
 ]
 
 
@@ -183,6 +186,26 @@ def calls_attention_interface(cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def causal_lm_class(model_type: str) -> type:
+    """The causal-LM class transformers' auto mapping gives ``model_type``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+@contextlib.contextmanager
+def transformers_log_level(level: str) -> Iterator[None]:
+    """Set transformers' logging verbosity (``"error"``, ``"warning"``...) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(getattr(hf_logging, level.upper()))
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def causal_lm_model_types() -> list[str]:

@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoConfig, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import logging as hf_logging
+
+from kvx.compat import causal_lm_class, transformers_log_level
 
 HIDDEN = 64
 HEADS = 4
@@ -222,11 +221,6 @@ KNOWN_BROKEN: dict[str, str] = {
 }
 
 
-def causal_lm_model_types() -> list[str]:
-    """Every model type in transformers' causal-LM auto mapping, sorted."""
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
 def _is_config_dict(value: Any) -> bool:
     return isinstance(value, dict) and "model_type" in value
 
@@ -384,14 +378,9 @@ def _reason(what: str, exc: Exception) -> str:
 def _quiet() -> Iterator[None]:
     """Silence transformers' warnings and Python warnings about the (unshrunk) default configs, e.g. special token ids
     outside the vocabulary, which the shrinking then fixes."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with transformers_log_level("error"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
@@ -422,10 +411,6 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     return config
 
 
-def _causal_lm_class(model_type: str) -> type:
-    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
-
-
 def _model_config(config: PretrainedConfig, model_class: type) -> PretrainedConfig:
     """The (sub-)config ``model_class`` is built from: like AutoModelForCausalLM.from_config, which takes the text
     config of a composite config where the class wants it, and also the ``decoder`` of MusicGen-style configs."""
@@ -445,7 +430,7 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     try:
         with _quiet():
-            model_class = _causal_lm_class(model_type)
+            model_class = causal_lm_class(model_type)
             model = model_class._from_config(_model_config(config, model_class), dtype=torch.float32)
     except ImportError as exc:
         raise CannotBuildTiny(_reason("missing dependency", exc)) from exc

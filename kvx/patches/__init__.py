@@ -41,7 +41,8 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 """Model types kvx refuses, and why (checked before any feature)."""
 
 NO_CHUNKED_PREFILL: dict[str, str] = {
-    "musicgen_melody_decoder": "its own generate() builds no cache before the prefill, which transformers' chunked prefill needs",
+    "musicgen_melody_decoder": "its own generate() builds no cache before the prefill, which transformers' chunked "
+                               "prefill needs",
     "recurrent_gemma": "its forward returns no cache, which transformers' chunked prefill reads after each chunk",
 }
 """Model types whose ``generate()`` cannot prefill in chunks (``kvx.patch``'s ``chunk_size``), and why."""
@@ -89,13 +90,12 @@ def find_attention(model: torch.nn.Module) -> Attention:
     _check_compressible(model_type, config)
     modules, unindexed, bidirectional = _attention_modules(model, model_type)
     owner = _cache_owner(model, modules, model_type)
+    # causal attention without a layer index: refused inside the module that owns the cache, left
+    # alone outside it (a vision or audio tower is not cached)
     inside = {id(m) for m in owner.modules()}
     stray = [m for m in unindexed if id(m) in inside]
-    if stray:  # modules outside the cache's owner (a vision or audio tower) are not cached: left alone
-        raise ValueError(
-            f"kvx does not support model_type {model_type!r}: attention module {type(stray[0]).__name__} has "
-            f"layer_idx={getattr(stray[0], 'layer_idx', None)!r}, so its cache layer is not known when it is built"
-        )
+    if stray:
+        raise ValueError(f"kvx does not support model_type {model_type!r}: {_no_layer_index(stray[0])}")
     unmanaged = bidirectional + [m for m in unindexed if id(m) not in inside]
     return Attention(model_type, modules, owner, unmanaged)
 
@@ -163,11 +163,14 @@ def _attention_modules(model: torch.nn.Module, model_type: str) -> tuple[list, l
     return [by_layer[idx][0] for idx in sorted(by_layer)], unindexed, bidirectional
 
 
+def _no_layer_index(module: torch.nn.Module) -> str:
+    return (f"attention module {type(module).__name__} has layer_idx={module.layer_idx!r}, so its cache layer is "
+            "not known when it is built")
+
+
 def _why_nothing_found(model: torch.nn.Module, unindexed: list, bidirectional: list) -> str:
     if unindexed:
-        return (f"attention module {type(unindexed[0]).__name__} has layer_idx="
-                f"{getattr(unindexed[0], 'layer_idx', None)!r}, so its "
-                "cache layer is not known when it is built")
+        return _no_layer_index(unindexed[0])
     if bidirectional:
         hint = "; BERT-style models generate causally with config.is_decoder=True" if getattr(
             model.config, "is_decoder", None) is False else ""
