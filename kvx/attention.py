@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from kvx.cache import CompressedLayer, KVCache, RaggedLayer
+from kvx.cache import KVCache
 from kvx.compat import attention_function, register_attention
 from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import CompressionView, Phase, Policy
+from kvx.storage import DenseLayer, RaggedLayer
 
 ATTN_IMPLEMENTATION = "kvx"
 CONTEXT_ATTR = "_kvx_context"
@@ -56,14 +57,14 @@ def register() -> None:
     register_attention(ATTN_IMPLEMENTATION, kvx_attention)
 
 
-def _phase(layer: CompressedLayer, q_len: int) -> Phase:
+def _phase(layer: DenseLayer, q_len: int) -> Phase:
     if layer.past_seen == 0:
         return "prefill"
     return "decode" if q_len == 1 else "extend"
 
 
 def _mask_over_storage(
-    layer: CompressedLayer, given: torch.Tensor | None, q_len: int, num_heads: int
+    layer: DenseLayer, given: torch.Tensor | None, q_len: int, num_heads: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mask for the new queries over the stored keys, and which stored slots are real tokens.
 
@@ -133,7 +134,7 @@ def _check_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
         )
 
 
-def _check_stored(module: torch.nn.Module, layer_idx: int, key: torch.Tensor, layer: CompressedLayer) -> None:
+def _check_stored(module: torch.nn.Module, layer_idx: int, key: torch.Tensor, layer: DenseLayer) -> None:
     """The keys a module attends over must be what its cache layer stores: a model that writes to
     another layer, or caches something else (a latent) and expands it, would be compressed wrongly."""
     if key.shape[2] != layer.keys.shape[2] or key.shape[1] % layer.keys.shape[1]:  # (GQA expanded after update: ok)
@@ -173,9 +174,9 @@ def kvx_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = context.cache_layer()
-    if isinstance(layer, CompressedLayer):
+    if isinstance(layer, DenseLayer):
         _check_stored(module, context.layer_idx, key, layer)
-    if not isinstance(layer, CompressedLayer):  # no cache, or a layer kvx leaves to the model (sliding window...)
+    if not isinstance(layer, DenseLayer):  # no cache, or a layer kvx leaves to the model (sliding window...)
         out = reference.attention(query, key, value, attention_mask, scaling, softcap, s_aux)
         return out.transpose(1, 2).contiguous(), None
 
@@ -225,7 +226,7 @@ def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, sof
     return torch.cat(outs, dim=2)
 
 
-def _compress(context: LayerContext, layer: CompressedLayer, query, mask, scaling: float, softcap: float | None,
+def _compress(context: LayerContext, layer: DenseLayer, query, mask, scaling: float, softcap: float | None,
               dense_view=None) -> None:
     """Ask the policy what to keep, and drop the rest from storage (not once the cache is frozen).
     ``dense_view``: a ragged layer's :meth:`RaggedLayer.dense_view`, where attention built it already."""

@@ -8,7 +8,8 @@ from conftest import random_ids
 
 import kvx
 from kvx import compat
-from kvx.cache import CompressedLayer, SlidingWindowLayer
+from kvx.cache import SlidingWindowLayer
+from kvx.storage import DenseLayer
 from kvx.tiny import tiny_model
 
 
@@ -49,7 +50,7 @@ def test_generate_output_carries_the_kvx_cache(llama):
 def test_default_cache_layers_follow_the_model_layer_types():
     config = tiny_model("gemma3_text").config
     layers = kvx.KVCache(config).layers
-    assert [type(layer) for layer in layers] == [SlidingWindowLayer, CompressedLayer]
+    assert [type(layer) for layer in layers] == [SlidingWindowLayer, DenseLayer]
     assert len(compat.default_cache_layers(config)) == config.num_hidden_layers
 
 

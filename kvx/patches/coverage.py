@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 import kvx
-from kvx.cache import CompressedLayer, KVCache, SlidingWindowLayer
+from kvx.cache import KVCache, SlidingWindowLayer
 from kvx.compat import TRANSFORMERS_VERSION, cache_of, causal_lm_model_types, decoder_config
+from kvx.storage import DenseLayer
 from kvx.tiny_zoo import CannotBuildTiny, layer_kinds, tiny_model
 
 LOGIT_TOLERANCE = 1e-5
@@ -105,9 +106,9 @@ def _check(model: torch.nn.Module, outcome: Outcome) -> None:
             outcome.status, outcome.reason = FAILED, f"{name} evicting: {problem}"
             return
     kinds = {type(layer) for layer in cache.layers}
-    if not any(issubclass(kind, CompressedLayer) for kind in kinds):
+    if not any(issubclass(kind, DenseLayer) for kind in kinds):
         outcome.notes.append("no layer to compress: every attention layer has the model's own sliding window")
-    elif any(not issubclass(kind, (CompressedLayer, SlidingWindowLayer)) for kind in kinds):
+    elif any(not issubclass(kind, (DenseLayer, SlidingWindowLayer)) for kind in kinds):
         outcome.notes.append("layers that are not plain attention keep transformers' own cache layers")
 
 
@@ -116,7 +117,7 @@ def _eviction_problem(cache: Any, bound: int) -> str:
     if not isinstance(cache, KVCache):
         return f"generate() did not run on a kvx cache ({type(cache).__name__})"
     # layers that saw tokens (mllama's cross-attention layers never do)
-    compressed = [layer for layer in cache.layers if isinstance(layer, CompressedLayer) and layer.seen > 0]
+    compressed = [layer for layer in cache.layers if isinstance(layer, DenseLayer) and layer.seen > 0]
     for layer in compressed:
         kept = int(layer.kept_per_head().max())
         if kept > bound:

@@ -137,7 +137,7 @@ def test_batch_operations_move_every_packed_segment_with_its_row(operation, rows
     statistics, padding and counts (beam search on different beams, an empty segment, a padded tail)."""
     import copy
 
-    from kvx.cache import RaggedLayer
+    from kvx.storage import RaggedLayer
 
     g = torch.Generator().manual_seed(3)
     batch, kv_heads, length, dim, tail = 3, 2, 10, 4, 2

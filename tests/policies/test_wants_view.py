@@ -7,8 +7,8 @@ from conftest import random_ids
 
 import kvx
 from kvx import cache_kwargs, cache_of
-from kvx.cache import RaggedLayer
 from kvx.policy import CompressionView, make_policy
+from kvx.storage import RaggedLayer
 from kvx.tiny import tiny_model
 
 # small budgets so every policy would evict whenever it is allowed to

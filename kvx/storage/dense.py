@@ -1,0 +1,143 @@
+"""Dense storage: every KV head of a row keeps the same slots, ``[B, Hkv, S, D]``.
+
+Evicted tokens are really gone (the tensors are re-gathered and the old ones freed); rows or heads
+that keep fewer tokens than the most get padding slots on the left, marked in ``valid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvx.compat import CacheLayerMixin, mask_query_length
+from kvx.policy import mask_to_indices
+
+
+class DenseLayer(CacheLayerMixin):
+    """KV storage of one full-attention layer, compressed by a policy.
+
+    Attributes:
+        keys, values: ``[B, Hkv, S, D]`` stored tokens in temporal order.
+        valid: ``[B, Hkv, S]`` bool or None (None = every slot holds a real token).
+        state: per-token policy statistics, name -> ``[B, Hkv, S]``, kept aligned with storage.
+        seen: tokens this layer has been given in total (the logical sequence length).
+        past_stored, past_seen: stored / seen counts before the latest ``update``.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        self.valid: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.real_seen: torch.Tensor | None = None  # [B] real tokens seen per row (CPU)
+        self.seen = 0
+        self.past_stored = 0
+        self.past_seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append ``[B, Hkv, q, D]`` new keys/values; return everything stored (new tokens last)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.past_stored, self.past_seen = self.num_stored, self.seen
+        self.seen += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.valid is not None:
+            new_valid = self.valid.new_ones(*self.valid.shape[:2], key_states.shape[-2])
+            self.valid = torch.cat([self.valid, new_valid], dim=-1)
+        for name, stat in self.state.items():
+            self.state[name] = torch.cat([stat, stat.new_zeros(*stat.shape[:2], key_states.shape[-2])], dim=-1)
+        return self.keys, self.values
+
+    @property
+    def num_stored(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def has_evicted(self) -> bool:
+        """Whether any token seen before the latest update is no longer stored."""
+        return self.past_stored != self.past_seen
+
+    def keep_mask(self, keep: torch.Tensor) -> None:
+        """Keep only the tokens marked in ``keep [B, Hkv, S]``; free the rest. Rows or heads that
+        keep fewer than the most get padding slots on the left, marked invalid."""
+        indices, slot_valid = mask_to_indices(keep)
+        # keys and values may differ in head dim (MLA: rope + nope key dims vs the value dim)
+        self.keys = self.keys.gather(2, indices[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, indices[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        valid = slot_valid if self.valid is None else self.valid.gather(2, indices) & slot_valid
+        self.set_valid(valid)
+        for name, stat in self.state.items():
+            self.state[name] = stat.gather(2, indices)
+
+    def count_real(self, new_valid: torch.Tensor | None, batch: int, new_tokens: int) -> None:
+        """Add the real (non-padding) tokens of the latest update, ``new_valid [B, q]``, per row."""
+        added = torch.full((batch,), new_tokens, dtype=torch.long) if new_valid is None else new_valid.sum(-1).cpu()
+        self.real_seen = added if self.real_seen is None else self.real_seen + added
+
+    def set_valid(self, valid: torch.Tensor | None) -> None:
+        """Record which stored slots hold real tokens (None or all True: every slot)."""
+        # a copy: `valid` is often a view of a much larger mask that must not stay alive
+        self.valid = None if valid is None or bool(valid.all()) else valid.clone(memory_format=torch.contiguous_format)
+
+    def kept_per_head(self) -> torch.Tensor:
+        """``[B, Hkv]`` real tokens stored per row and KV head."""
+        if self.keys is None:
+            return torch.zeros(0, 0, dtype=torch.long)
+        if self.valid is None:
+            return torch.full(self.keys.shape[:2], self.num_stored, dtype=torch.long)
+        return self.valid.sum(-1).cpu()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        query_length = mask_query_length(query_length)
+        # the stored tokens stand in for the last `num_stored` positions; kvx's attention rebuilds
+        # the part of the mask over them from `valid`, and uses the rest for the new tokens
+        return self.num_stored + query_length, self.seen - self.num_stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.10
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.real_seen = None
+        self.state = {}
+        self.is_initialized = False
+        self.seen = self.past_stored = self.past_seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "kvx compressed layers cannot be cropped (tokens may already be evicted); "
+            "assisted/speculative decoding is not supported on a kvx-patched model yet"
+        )
+
+    def _select_batch(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            if self.valid is not None:
+                self.valid = fn(self.valid)
+            self.state = {name: fn(stat) for name, stat in self.state.items()}
+            if self.real_seen is not None:
+                self.real_seen = fn(self.real_seen.to(self.keys.device)).cpu()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices, ...])

@@ -1,0 +1,121 @@
+"""Ragged storage: each KV head keeps its own number of tokens, packed with no padding (head-wise
+budgets, e.g. AdaKV)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvx.storage.dense import DenseLayer
+
+
+class RaggedLayer(DenseLayer):
+    """KV storage where each KV head keeps its own number of tokens (head-wise budgets).
+
+    Two parts: a *prefix* packed per (row, KV head) segment, with no padding to the longest head
+    (``prefix_keys/prefix_values [N, D]``, ``prefix_offsets [B * Hkv + 1]``, see
+    ``kvx.kernels.reference.pack_ragged``), and a dense *tail* (``keys/values [B, Hkv, T, D]``,
+    inherited) of the tokens appended since the last compression. Attention reads both and merges
+    them by log-sum-exp; a compression re-packs everything into the prefix.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.prefix_keys: torch.Tensor | None = None
+        self.prefix_values: torch.Tensor | None = None
+        self.prefix_offsets: torch.Tensor | None = None
+        self.prefix_state: dict[str, torch.Tensor] = {}  # per-token policy statistics, packed like the keys
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_offsets is not None
+
+    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything stored as ``(keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T])``, the
+        prefix padded to its longest head (a transient view for scoring)."""
+        from kvx.kernels.reference import unpack_ragged
+
+        batch, kv_heads, tail = self.keys.shape[:3]
+        tail_valid = self.valid if self.valid is not None else self.keys.new_ones(batch, kv_heads, tail, dtype=torch.bool)
+        if not self.has_prefix:
+            return self.keys, self.values, tail_valid
+        keys, valid = unpack_ragged(self.prefix_keys, self.prefix_offsets, batch, kv_heads)
+        values, _ = unpack_ragged(self.prefix_values, self.prefix_offsets, batch, kv_heads)
+        return torch.cat([keys, self.keys], 2), torch.cat([values, self.values], 2), torch.cat([valid, tail_valid], -1)
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The per-token statistics aligned with :meth:`dense_view`: name -> ``[B, Hkv, P + T]``."""
+        from kvx.kernels.reference import unpack_ragged
+
+        if not self.has_prefix:
+            return dict(self.state)
+        batch, kv_heads, tail = self.keys.shape[:3]
+        dense = {}
+        for name in set(self.state) | set(self.prefix_state):
+            prefix = self.prefix_state.get(name)
+            prefix = (unpack_ragged(prefix, self.prefix_offsets, batch, kv_heads)[0] if prefix is not None
+                      else self.keys.new_zeros(batch, kv_heads, int(self.prefix_offsets.diff().max()), dtype=torch.float32))
+            tail_stat = self.state.get(name, prefix.new_zeros(batch, kv_heads, tail))
+            dense[name] = torch.cat([prefix, tail_stat], dim=-1)
+        return dense
+
+    def store_state(self, dense: dict[str, torch.Tensor]) -> None:
+        """Write statistics given over :meth:`dense_view` back into the packed prefix and the tail."""
+        from kvx.kernels.reference import pack_ragged, ragged_valid
+
+        tail = self.keys.shape[-2]
+        prefix_valid = ragged_valid(self.prefix_offsets, *self.keys.shape[:2]) if self.has_prefix and dense else None
+        for name, stat in dense.items():
+            self.state[name] = stat[..., stat.shape[-1] - tail :]
+            if prefix_valid is not None:
+                self.prefix_state[name] = pack_ragged(stat[..., : stat.shape[-1] - tail], prefix_valid)[0]
+
+    def repack(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None,
+               view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Keep the tokens marked in ``keep [B, Hkv, P + T]`` (a mask over :meth:`dense_view`),
+        packed per head, with their statistics from ``state``; the tail starts empty again.
+        ``view``: the :meth:`dense_view` the caller already built (saves building it again)."""
+        from kvx.kernels.reference import pack_ragged
+
+        keys, values, valid = self.dense_view() if view is None else view
+        state = self.dense_state() if state is None else state
+        keep = keep & valid
+        self.prefix_keys, self.prefix_offsets = pack_ragged(keys, keep)
+        self.prefix_values, _ = pack_ragged(values, keep)
+        self.prefix_state = {name: pack_ragged(stat, keep)[0] for name, stat in state.items()}
+        self.state = {name: stat[..., :0].clone() for name, stat in state.items()}
+        self.keys, self.values = keys[..., :0, :].clone(), values[..., :0, :].clone()
+        self.valid = None
+
+    def keep_mask(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None,
+                  view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.repack(keep, state, view)
+
+    def kept_per_head(self) -> torch.Tensor:
+        kept = super().kept_per_head()
+        if self.has_prefix:
+            kept = kept + self.prefix_offsets.diff().reshape(kept.shape).cpu()
+        return kept
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefix_keys = self.prefix_values = self.prefix_offsets = None
+        self.prefix_state = {}
+
+    def _select_batch(self, fn) -> None:
+        """Re-order or repeat rows (beam search): ``fn`` maps a ``[B, ...]`` tensor to ``[B', ...]``.
+        The prefix is re-packed from the selected rows' segments."""
+        if self.has_prefix:
+            from kvx.kernels.reference import pack_ragged, ragged_valid, unpack_ragged
+
+            batch, kv_heads = self.keys.shape[:2]
+            offsets = self.prefix_offsets
+            valid = fn(ragged_valid(offsets, batch, kv_heads))
+            rows = {name: fn(unpack_ragged(packed, offsets, batch, kv_heads)[0])
+                    for name, packed in (("keys", self.prefix_keys), ("values", self.prefix_values))}
+            self.prefix_state = {name: pack_ragged(fn(unpack_ragged(stat, offsets, batch, kv_heads)[0]), valid)[0]
+                                 for name, stat in self.prefix_state.items()}
+            self.prefix_keys, self.prefix_offsets = pack_ragged(rows["keys"], valid)
+            self.prefix_values = pack_ragged(rows["values"], valid)[0]
+        super()._select_batch(fn)
