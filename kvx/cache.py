@@ -30,16 +30,16 @@ from kvx.compat import (
     is_dense_layer,
     is_sliding_layer,
 )
-from kvx.storage import STORAGE_KINDS, DenseLayer, RaggedLayer
+from kvx.storage import STORAGE_KINDS
+from kvx.storage.base import Storage
 
 
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
-    if not isinstance(layer, (DenseLayer, DynamicSlidingWindowLayer)):
-        return _tensors_held(layer)
-    tensors = [getattr(layer, n, None) for n in ("keys", "values", "valid", "prefix_keys", "prefix_values",
-                                                  "prefix_offsets")]
-    stats = list(getattr(layer, "state", {}).values()) + list(getattr(layer, "prefix_state", {}).values())
-    return [t for t in tensors + stats if t is not None]
+    if isinstance(layer, Storage):
+        return layer.held_tensors()
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return [t for t in (layer.keys, layer.values) if t is not None]
+    return _tensors_held(layer)
 
 
 def _tensors_held(layer: Any) -> list[torch.Tensor]:
@@ -73,8 +73,9 @@ def cache_nbytes(cache: Cache | None) -> int:
 
 
 def _kv_bytes(layer: CacheLayerMixin) -> int:
-    names = ("keys", "values", "prefix_keys", "prefix_values")
-    return _held_bytes([t for t in (getattr(layer, n, None) for n in names) if t is not None])
+    if isinstance(layer, Storage):
+        return _held_bytes(layer.kv_tensors())
+    return _held_bytes([t for t in (getattr(layer, n, None) for n in ("keys", "values")) if isinstance(t, torch.Tensor)])
 
 
 class SlidingWindowLayer(DynamicSlidingWindowLayer):
@@ -109,7 +110,7 @@ class LayerStats:
 class KVCache(Cache):
     """A transformers ``Cache`` for a kvx-patched model.
 
-    Full-attention layers get a :class:`DenseLayer` that the policy compresses; sliding-window
+    Full-attention layers get the storage kind of the policy (:mod:`kvx.storage`), which the policy compresses; sliding-window
     layers (Gemma 2/3, Mistral with ``sliding_window``) keep transformers' window layer, which
     already bounds them to ``sliding_window`` tokens, and are not compressed further. Layers that
     are not attention (Mamba, gated delta-net, linear attention and convolution layers of hybrid
@@ -159,7 +160,7 @@ class KVCache(Cache):
     def real_tokens_seen(self) -> torch.Tensor | None:
         """``[B]`` real (non-padding) tokens seen per row, or None before any compressed layer has any."""
         return next((layer.real_seen for layer in self.layers
-                     if isinstance(layer, DenseLayer) and layer.real_seen is not None), None)
+                     if isinstance(layer, Storage) and layer.real_seen is not None), None)
 
     def nbytes(self) -> int:
         """Bytes actually held by the cache, summed over every stored tensor of every layer."""
@@ -172,14 +173,12 @@ class KVCache(Cache):
     def _layer_stats(self, idx: int, layer: CacheLayerMixin) -> LayerStats:
         keys = getattr(layer, "keys", None)
         stored = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else 0
-        if isinstance(layer, DenseLayer):
+        if isinstance(layer, Storage):
             kept = layer.kept_per_head()
             low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
             per_head = kept.tolist() if low != high else None
-            kind = "ragged" if isinstance(layer, RaggedLayer) else "compressed"
-            if isinstance(layer, RaggedLayer) and layer.has_prefix:
-                stored += int(layer.prefix_offsets.diff().reshape(kept.shape).max())
-            return LayerStats(idx, kind, layer.seen, stored, low, high, layer_nbytes(layer), _kv_bytes(layer), per_head)
+            return LayerStats(idx, layer.kind, layer.seen, layer.stored_slots(), low, high, layer_nbytes(layer),
+                              _kv_bytes(layer), per_head)
         if isinstance(layer, SlidingWindowLayer):
             kind = f"sliding({layer.sliding_window})"
         else:  # a layer transformers keeps for the model (not attention, or attention kvx leaves alone)

@@ -94,10 +94,11 @@ def test_padded_chunks_share_one_mask_across_heads(monkeypatch):
     """After eviction a padded row keeps its padding slots in the same place for every KV head, so
     the extend-phase mask is [B, 1, q, S], never [B, H, q, S] (H x less memory per chunk), and the
     outputs are exactly those of the per-head mask."""
-    import kvx.attention as attention
+    import kvx.storage.dense as dense_storage
+    from kvx.kernels import reference
 
     shapes = []
-    original = attention.reference.attention
+    original = reference.attention
 
     def recording(query, key, value, mask, *args, **kwargs):
         if mask is not None:
@@ -107,10 +108,10 @@ def test_padded_chunks_share_one_mask_across_heads(monkeypatch):
     model = tiny_model("llama", dtype=torch.float64)
     ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (70, 33)])
     with kvx.patched(model, "snapkv", budget=12, window=4, chunk_size=16):
-        monkeypatch.setattr(attention.reference, "attention", recording)
+        monkeypatch.setattr(reference, "attention", recording)
         shared_seq, shared_logits, _ = greedy(model, ids, mask, new_tokens=4)
         assert shapes and all(shape[1] == 1 for shape in shapes)
-        monkeypatch.setattr(attention, "_heads_share_padding", lambda valid: False)
+        monkeypatch.setattr(dense_storage, "_heads_share_padding", lambda valid: False)
         shapes.clear()
         per_head_seq, per_head_logits, _ = greedy(model, ids, mask, new_tokens=4)
         assert any(shape[1] == model.config.num_attention_heads for shape in shapes)

@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 
-from kvx.compat import CacheLayerMixin, mask_query_length
+from kvx.compat import mask_query_length
+from kvx.kernels import reference
 from kvx.policy import mask_to_indices
+from kvx.storage.base import ScoringInputs, Storage
 
 
-class DenseLayer(CacheLayerMixin):
+class DenseLayer(Storage):
     """KV storage of one full-attention layer, compressed by a policy.
 
     Attributes:
@@ -25,6 +27,7 @@ class DenseLayer(CacheLayerMixin):
         past_stored, past_seen: stored / seen counts before the latest ``update``.
     """
 
+    kind = "compressed"
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -98,6 +101,48 @@ class DenseLayer(CacheLayerMixin):
             return torch.full(self.keys.shape[:2], self.num_stored, dtype=torch.long)
         return self.valid.sum(-1).cpu()
 
+    # --- the read path (kvx.storage.base.Storage) ---------------------------------------------
+
+    def check_attended(self, module: torch.nn.Module, layer_idx: int, key: torch.Tensor) -> None:
+        """The keys a module attends over must be what this layer stores: a model that writes to
+        another layer, or caches something else (a latent) and expands it, would be compressed wrongly."""
+        if key.shape[2] != self.keys.shape[2] or key.shape[1] % self.keys.shape[1]:  # (GQA expanded after update: ok)
+            raise ValueError(
+                f"kvx does not support this model: {type(module).__name__} (layer {layer_idx}) attends over keys of "
+                f"shape {tuple(key.shape)}, but its cache layer holds {tuple(self.keys.shape)} (the module calls its "
+                "attention function more than once per cache update, or attends over keys it did not store there)"
+            )
+
+    def begin_step(self, given_mask: torch.Tensor | None, q_len: int, num_heads: int) -> torch.Tensor | None:
+        mask, valid = _mask_over_storage(self, given_mask, q_len, num_heads)
+        self.set_valid(valid)
+        self.count_real(None if valid is None else valid[:, 0, -q_len:], self.keys.shape[0], q_len)
+        return mask
+
+    def attend(self, query, key, value, mask, scaling: float, softcap: float | None, sinks=None) -> torch.Tensor:
+        return reference.attention(query, key, value, mask, scaling, softcap, sinks)
+
+    def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
+        valid = self.valid
+        if valid is None:
+            valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
+        return ScoringInputs(self.keys, self.values, valid, self.state, mask)
+
+    def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
+        if keep is not None:
+            self.keep_mask(keep)
+
+    def stored_slots(self) -> int:
+        return self.num_stored
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        tensors = [t for t in (self.keys, self.values, self.valid) if t is not None]
+        return tensors + list(self.state.values())
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -141,3 +186,54 @@ class DenseLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_batch(lambda t: t[indices, ...])
+
+
+def _mask_over_storage(
+    layer: DenseLayer, given: torch.Tensor | None, q_len: int, num_heads: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mask for the new queries over the stored keys, and which stored slots are real tokens.
+
+    Args:
+        layer: the layer after ``update`` (new tokens appended).
+        given: the mask transformers built, ``[B, 1, q, past_stored + q]`` bool or None.
+    Returns:
+        ``(mask [B|1, 1|H, q, S] or None, valid [B, Hkv, S] or None)``; None = nothing masked
+        (beyond plain causal attention for the mask).
+    """
+    batch, kv_heads, num_stored = layer.keys.shape[:3]
+    if not layer.has_evicted and layer.valid is None and (given is None or given.shape[-1] == num_stored):
+        # storage is exactly what a dense cache would hold: transformers' mask is right as is
+        # (at prefill this is where padding is first recorded, from the mask's last query row)
+        valid = None if given is None else given[:, None, 0, -1, :].expand(batch, kv_heads, num_stored)
+        return given, valid
+
+    past = layer.past_stored
+    if given is None:
+        new_cols = reference.causal_mask(q_len, q_len, layer.keys.device)  # [1, 1, q, q]
+        new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=layer.keys.device)
+    else:
+        new_cols = given[..., -q_len:]  # causal + padding among the new tokens
+        new_valid = given[:, 0, -1, -q_len:]
+    past_valid = layer.valid[..., :past] if layer.valid is not None else None
+
+    if past_valid is None:  # every stored token is real: one mask serves all heads
+        if given is None and q_len == 1:
+            return None, None
+        mask = torch.cat([new_cols.new_ones(new_cols.shape[0], 1, q_len, past), new_cols], dim=-1)
+        valid = torch.cat([new_valid.new_ones(batch, past), new_valid], dim=-1)
+        return mask, valid[:, None, :].expand(batch, kv_heads, num_stored)
+
+    valid = torch.cat([past_valid, new_valid[:, None, :].expand(batch, kv_heads, q_len)], dim=-1)
+    if _heads_share_padding(past_valid):  # one mask serves all heads: [B, 1, q, S], not [B, H, q, S]
+        past_cols = past_valid[:, :1, None, :].expand(batch, 1, q_len, past)
+        return torch.cat([past_cols, new_cols.expand(batch, 1, q_len, q_len)], dim=-1), valid
+    groups = num_heads // kv_heads
+    past_cols = reference.expand_kv_heads(past_valid, groups)[:, :, None, :].expand(batch, num_heads, q_len, past)
+    mask = torch.cat([past_cols, new_cols.expand(batch, num_heads, q_len, q_len)], dim=-1)
+    return mask, valid
+
+
+def _heads_share_padding(valid: torch.Tensor) -> bool:
+    """Whether every KV head of a row holds its padding in the same slots: the usual case, since
+    heads keep equal counts, right-aligned (``valid [B, Hkv, S]``)."""
+    return bool((valid == valid[:, :1]).all())

@@ -1,0 +1,45 @@
+"""The method axis: which (query, key) pairs attention computes.
+
+A method asks a storage kind to attend over everything it holds (dense), or over a subset (block-
+sparse prefill, page selection at decode); it never changes what is stored. Adding one: a file in
+``kvx/methods/`` with a subclass of :class:`Method` decorated with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from kvx.storage.base import Storage
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+class Method:
+    """Base of every attention method."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def attend(self, storage: Storage, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float, softcap: float | None,
+               sinks: torch.Tensor | None) -> torch.Tensor:
+        """Attention ``[B, H, q, Dv]`` of ``query [B, H, q, D]`` through ``storage`` (see
+        :meth:`kvx.storage.base.Storage.attend` for the arguments)."""
+        raise NotImplementedError
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method reachable by its ``name``."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method called ``name``, or a ValueError listing the known ones."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown attention method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]

@@ -1,0 +1,109 @@
+"""The storage protocol: what every storage kind does for kvx's attention function.
+
+A storage kind is one transformers cache layer (``CacheLayerMixin``) that holds the tokens a policy
+keeps, in a layout only it knows, and reads them for attention. One attention call goes:
+
+1. the model calls ``update(keys, values)`` (append; return what attention reads as the model
+   sees it),
+2. :meth:`Storage.begin_step` records which new slots are padding and returns the mask of the new
+   queries over what is stored,
+3. the method asks :meth:`Storage.attend` for the output (one new query: decode; several:
+   prefill, chunked prefill, extend),
+4. the selection reads :meth:`Storage.scoring_inputs` and hands back a keep mask, which
+   :meth:`Storage.apply_selection` applies (freeing what is dropped),
+5. :meth:`Storage.end_step` drops anything transient.
+
+Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` KV heads, ``q`` new tokens, ``S`` tokens in the
+scoring view, ``D`` / ``Dv`` key / value head dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvx.compat import CacheLayerMixin
+
+
+@dataclass
+class ScoringInputs:
+    """Everything stored, as a selection policy reads it (see ``kvx.policy.CompressionView``).
+
+    Attributes:
+        keys, values: ``[B, Hkv, S, D|Dv]`` in temporal order, new tokens last.
+        valid: ``[B, Hkv, S]`` bool, False on padding slots.
+        state: per-token policy statistics aligned with ``keys``, name -> ``[B, Hkv, S]``.
+        attention_mask: ``[B|1, 1|H, q, S]`` of the new queries, or None (causal, or see ``mask_rows``).
+        mask_rows: builds the mask of the last ``n`` queries on demand where the whole one is large.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    state: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    mask_rows: Callable[[int], torch.Tensor] | None = None
+
+
+class Storage(CacheLayerMixin):
+    """Base of every storage kind; see the module docstring for the sequence of one call.
+
+    Counters every kind keeps: ``seen`` (tokens given in total: the logical length), ``past_seen``
+    and ``past_stored`` (before the latest update), ``real_seen`` (``[B]`` non-padding tokens per
+    row, CPU).
+    """
+
+    kind: str = "storage"
+    """The name ``stats()`` shows for a layer of this kind."""
+
+    seen: int
+    past_seen: int
+    real_seen: torch.Tensor | None
+
+    def check_attended(self, module: torch.nn.Module, layer_idx: int, key: torch.Tensor) -> None:
+        """Raise a ValueError when ``key [B, H|Hkv, S, D]`` (what the module attends over) is not what
+        this layer stores for it: compressing it would then be wrong."""
+        raise NotImplementedError
+
+    def begin_step(self, given_mask: torch.Tensor | None, q_len: int, num_heads: int) -> torch.Tensor | None:
+        """Record padding among the ``q_len`` new tokens; return the mask ``[B|1, 1|H, q, S]`` of the new
+        queries over what :meth:`attend` reads, or None for plain causal attention.
+        ``given_mask``: the boolean mask transformers built, ``[B, 1, q, past + q]`` or None."""
+        raise NotImplementedError
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Attention ``[B, H, q, Dv]`` of ``query [B, H, q, D]`` over everything stored; ``key`` /
+        ``value`` are what ``update`` returned. ``sinks``: ``[H]`` attention-sink logits or None."""
+        raise NotImplementedError
+
+    def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
+        """Everything stored as a dense view for a selection policy (may be built per call: only asked
+        for when the policy wants it)."""
+        raise NotImplementedError
+
+    def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
+        """Keep the tokens marked in ``keep [B, Hkv, S]`` (a mask over ``inputs``), free the rest, and
+        store the statistics of ``inputs.state``; None keeps everything."""
+        raise NotImplementedError
+
+    def end_step(self) -> None:
+        """Drop what this call built and no later call needs."""
+
+    def kept_per_head(self) -> torch.Tensor:
+        """``[B, Hkv]`` real tokens stored per row and KV head."""
+        raise NotImplementedError
+
+    def stored_slots(self) -> int:
+        """Slots per (row, head) of the widest head: what ``stats()`` reports as stored."""
+        raise NotImplementedError
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds (keys, values and bookkeeping): what its bytes are."""
+        raise NotImplementedError
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold keys and values alone."""
+        raise NotImplementedError
