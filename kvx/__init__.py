@@ -15,6 +15,7 @@ from kvx import policies  # noqa: E402
 from kvx.api import compress_context, is_patched, patch, patched, policy_of, prefill, unpatch  # noqa: E402
 from kvx.cache import KVCache  # noqa: E402
 from kvx.compat import cache_kwargs, cache_of  # noqa: E402
+from kvx.compose import compose  # noqa: E402
 from kvx.policy import CompressionView, EvictionPolicy, Policy, list_policies, make_policy, register_policy  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "KVCache",
     "cache_kwargs",
     "cache_of",
+    "compose",
     "Policy",
     "compress_context",
     "is_patched",

@@ -19,6 +19,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
         print(f"{p['name']}: {p['description']}")
         for opt in p["options"]:
             print(f"    {opt['name']:<16} = {opt['default']!r:<9} {opt['help']}")
+    print("\nkvx.compose(selection, storage) joins one policy per axis, e.g. "
+          "kvx.compose(kvx.make_policy('snapkv', budget=1024), 'ragged') (named snapkv+ragged)")
     return 0
 
 

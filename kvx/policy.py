@@ -100,6 +100,10 @@ class Policy:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    axis: ClassVar[str] = "selection"
+    """Which question the policy answers (``kvx.compose`` joins one per axis): ``selection`` (which
+    tokens each head keeps), ``storage`` (how they are held) or ``method`` (which query-key pairs
+    attention computes)."""
     storage: ClassVar[str] = "dense"
     """``dense``: every KV head keeps the same number of tokens; ``ragged``: heads keep their own
     (the policy gives ``select_mask`` instead of ``select``)."""
@@ -143,6 +147,19 @@ class Policy:
     def describe(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
         return f"{self.name}({opts})"
+
+
+class StoragePolicy(Policy):
+    """A policy that only chooses how kept tokens are stored (a storage kind of ``kvx.storage``),
+    keeping everything by itself; compose it with a selection: ``kvx.compose(snapkv, ragged)``."""
+
+    axis: ClassVar[str] = "storage"
+
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        return None
+
+    def wants_view(self, phase: Phase) -> bool:
+        return False
 
 
 class EvictionPolicy(Policy):

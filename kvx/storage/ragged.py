@@ -3,14 +3,28 @@ budgets, e.g. AdaKV)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
+from kvx.policy import StoragePolicy, register_policy
 from kvx.storage.base import ScoringInputs
 from kvx.storage.dense import DenseLayer
+
+
+@register_policy
+@dataclass
+class RaggedStorage(StoragePolicy):
+    """Store each KV head's tokens packed, with no padding to the longest head: compose with any
+    selection (``kvx.compose(kvx.make_policy("snapkv"), kvx.make_policy("ragged"))``); head budgets
+    (``head_budget``) need it."""
+
+    name: ClassVar[str] = "ragged"
+    summary: ClassVar[str] = "storage: each KV head's tokens packed, no padding (compose with a selection policy)"
+    storage: ClassVar[str] = "ragged"
 
 
 class RaggedLayer(DenseLayer):
