@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default single)")
     p.add_argument("--samples", type=int, help="prompts per cell (default 1)")
     p.add_argument("--distractors", type=int, help="distractor needles for multikey / absent (default 2)")
-    p.add_argument("--policy", action="append", metavar="NAME[:k=v,...]", help="a policy to compare (repeatable)")
+    p.add_argument("--policy", action="append", metavar="NAME[:k=v,...][+NAME...]",
+                   help="a policy to compare (repeatable); '+' composes one policy per axis, e.g. snapkv:budget=256+ragged")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="an option for every listed policy that has it")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
     p.add_argument("--out", default="runs/needle", help="output directory (default runs/needle)")
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--layers", type=int, help="override the number of layers (to fit a large shape)")
     e2e.add_argument("--lengths", default="4k,16k", help="context lengths (default 4k,16k)")
     e2e.add_argument("--policies", default="dense,snapkv,streaming_llm",
-                     help="comma-separated, options after ':' joined by ';' (e.g. snapkv:budget=512;window=16)")
+                     help="comma-separated, options after ':' joined by ';', '+' composes (e.g. "
+                          "snapkv:budget=512;window=16+ragged)")
     e2e.add_argument("--new-tokens", type=int, default=32, help="decoded tokens timed per run (default 32)")
     e2e.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
     e2e.add_argument("--chunk-size", type=int, help="policies prefill in chunks of this many tokens, compressing "

@@ -171,7 +171,7 @@ def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup
                chunk_size: int | None) -> dict[str, Any]:
     device = ids.device
     chunk_size = chunk_size if run.name != DENSE else None
-    patch = (kvx.patched(model, run.name, chunk_size=chunk_size, **run.options) if run.name != DENSE
+    patch = (kvx.patched(model, run.policy(), chunk_size=chunk_size) if run.name != DENSE
              else contextlib.nullcontext())
     with patch:
         prefill_samples, decode_samples = [], []

@@ -24,7 +24,7 @@ import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
-from kvx.policy import make_policy, policy_class
+from kvx.policy import Policy, make_policy, policy_class
 
 DENSE = "dense"
 COMPRESS_MODES = ("prompt", "context")
@@ -33,20 +33,28 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "needle-llam
 
 @dataclass(frozen=True)
 class PolicyRun:
-    """A policy to evaluate: ``dense`` or a registered name, with options. ``label`` names it in results."""
+    """A policy to evaluate: ``dense`` or a registered name, with options, and any policies composed
+    with it (``snapkv:budget=256+ragged``: one per axis, see ``kvx.compose``). ``label`` names it in
+    results."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    composed: tuple[PolicyRun, ...] = ()
 
     @property
     def label(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        own = self.name if not self.options else (
+            self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())))
+        return "+".join([own] + [part.label for part in self.composed])
+
+    def policy(self) -> Policy:
+        """The policy object to patch with (raises with the valid choices on a bad name or option)."""
+        own = make_policy(self.name, **self.options)
+        return kvx.compose(own, *(part.policy() for part in self.composed)) if self.composed else own
 
     def validate(self) -> None:
         if self.name != DENSE:
-            make_policy(self.name, **self.options)  # raises with the valid choices
+            self.policy()
 
 
 @dataclass(frozen=True)
@@ -207,7 +215,7 @@ class NeedleRunner:
         # generating on top of a compressed context: no chunked prefill there (the question is short,
         # and transformers before 5.21 would prefill the whole prompt again on top of the cache)
         chunking = {"chunk_size": None} if self.config.compress == "context" else {}
-        context = (kvx.patched(self.model, run.name, **chunking, **run.options) if run.name != DENSE
+        context = (kvx.patched(self.model, run.policy(), **chunking) if run.name != DENSE
                    else contextlib.nullcontext())
         start = time.perf_counter()
         with context, torch.inference_mode():
@@ -380,25 +388,27 @@ def parse_value(text: str) -> Any:
 def parse_policies(policy_args: list[str], opt_args: list[str], with_dense: bool = True) -> list[PolicyRun]:
     """``--policy NAME[:k=v,...]`` (repeatable) and ``--opt k=v`` (applies to every listed policy
     that has option ``k``) -> runs, dense first unless ``with_dense`` is False."""
-    runs: list[tuple[str, dict[str, Any]]] = []
-    for arg in policy_args:
-        name, _, inline = arg.partition(":")
-        options = dict(_split_option(o) for o in inline.split(",") if o.strip())
-        runs.append((name.strip().lower().replace("-", "_"), options))
+    runs = [[_parse_part(part) for part in arg.split("+")] for arg in policy_args]  # one list of parts per run
     for opt in opt_args:
         key, value = _split_option(opt)
-        takers = [options for name, options in runs if name != DENSE and _has_option(name, key)]
+        takers = [options for parts in runs for name, options in parts if name != DENSE and _has_option(name, key)]
         if not takers:
-            listed = [name for name, _ in runs if name != DENSE] or ["(none)"]
+            listed = [name for parts in runs for name, _ in parts if name != DENSE] or ["(none)"]
             raise ValueError(f"--opt {key}: none of the listed policies ({', '.join(listed)}) has an option {key!r}")
         for options in takers:
             options.setdefault(key, value)
-    result = [PolicyRun(name, options) for name, options in runs]
+    result = [PolicyRun(*parts[0], composed=tuple(PolicyRun(*part) for part in parts[1:])) for parts in runs]
     for run in result:
         run.validate()
     if with_dense and not any(r.name == DENSE for r in result):
         result.insert(0, PolicyRun(DENSE))
     return result
+
+
+def _parse_part(text: str) -> tuple[str, dict[str, Any]]:
+    """``name:k=v,...`` -> ``(name, options)``."""
+    name, _, inline = text.partition(":")
+    return name.strip().lower().replace("-", "_"), dict(_split_option(o) for o in inline.split(",") if o.strip())
 
 
 def _split_option(text: str) -> tuple[str, Any]:

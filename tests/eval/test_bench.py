@@ -16,10 +16,12 @@ STAMP = {"device", "torch", "triton", "transformers", "commit"}
 
 def test_e2e_rows(tmp_path):
     model = tiny_model("llama")
-    policies = bench.parse_policy_list("dense,snapkv:budget=32;window=8,streaming_llm:sink=2;window=30")
-    assert [p.label for p in policies] == ["dense", "snapkv:budget=32,window=8", "streaming_llm:sink=2,window=30"]
+    policies = bench.parse_policy_list("dense,snapkv:budget=32;window=8,streaming_llm:sink=2;window=30,"
+                                       "h2o:budget=32;recent=8+ragged")
+    assert [p.label for p in policies] == ["dense", "snapkv:budget=32,window=8", "streaming_llm:sink=2,window=30",
+                                           "h2o:budget=32,recent=8+ragged"]
     rows = bench.bench_e2e(model, [96, 160], policies, new_tokens=3, repeats=1, warmup=0)
-    assert len(rows) == 6
+    assert len(rows) == 8
     for row in rows:
         assert STAMP <= set(row) and row["prefill_s"] > 0 and row["decode_tok_s"] > 0
         assert row["kv_bytes"] > 0 and row["peak_bytes"] > 0
@@ -30,7 +32,7 @@ def test_e2e_rows(tmp_path):
             assert row["kv_bytes"] < dense[row["length"]]["kv_bytes"]
     paths = bench.write_results(rows, tmp_path, "e2e", bench.E2E_COLUMNS)
     assert [p.suffix for p in paths] == [".json", ".csv", ".md"]
-    assert len(json.loads(paths[0].read_text())) == 6
+    assert len(json.loads(paths[0].read_text())) == 8
     assert "| snapkv:budget=32,window=8 | 160 |" in paths[2].read_text()
 
 

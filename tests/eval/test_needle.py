@@ -137,3 +137,18 @@ def test_context_only_compression_appends_the_question(model_dir, tmp_path):
     assert snap["compress"] == "context" and snap["kept_tokens"] == 64 + question + 4
     with pytest.raises(ValueError, match="compress must be one of prompt, context"):
         _config(compress="question")
+
+
+def test_a_composed_policy_on_the_command_line(model_dir, tmp_path, capsys):
+    """``--policy snapkv:budget=64+ragged``: one run, snapkv's selection on ragged storage; ``--opt``
+    reaches the part that has the option; two selections in one run are refused by name."""
+    out = tmp_path / "run"
+    args = ["needle", "--model", str(model_dir), "--lengths", "300", "--depths", "50", "--policy",
+            "snapkv:budget=64+ragged", "--opt", "window=16", "--out", str(out), "--no-progress", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    rows = needle.load_results(out / "results.jsonl")
+    composed = next(r for r in rows if r["policy"] != "dense")
+    assert composed["policy"] == "snapkv:budget=64,window=16+ragged"
+    assert composed["kept_tokens"] < next(r for r in rows if r["policy"] == "dense")["kept_tokens"]
+    with pytest.raises(ValueError, match="snapkv and h2o both answer the selection axis"):
+        needle.parse_policies(["snapkv+h2o"], [])
