@@ -15,7 +15,8 @@ TORCH ?= torch==2.13.0
 # what differs between them); `make test` runs on whatever pip installs, the newest.
 COMPAT_RELEASES ?= 5.3.0 5.14.1
 COMPAT_TESTS ?= tests/test_equivalence.py tests/test_state.py tests/test_batch.py tests/test_memory.py \
-	tests/test_chunked.py tests/test_compat.py tests/test_compose.py tests/storage tests/patches/test_coverage.py
+	tests/test_chunked.py tests/test_compat.py tests/test_compose.py tests/storage tests/methods \
+	tests/patches/test_coverage.py
 
 .PHONY: install lint test test-compat coverage demo clean
 

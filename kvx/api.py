@@ -75,6 +75,7 @@ def patch(
     )
     if generation_config is not None:
         generation_config.prefill_chunk_size = chunk_size
+    state.method = policy.attention_method() or state.method  # dense unless the policy brings a method
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
     for module in found.unmanaged:

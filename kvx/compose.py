@@ -63,6 +63,9 @@ class Composed(Policy):
     def wants_view(self, phase: Phase) -> bool:
         return self.selection is not None and self.selection.wants_view(phase)
 
+    def attention_method(self) -> Any:
+        return next((m for m in (part.attention_method() for part in self.parts) if m is not None), None)
+
     def check_model(self, num_layers: int) -> None:
         for part in self.parts:
             part.check_model(num_layers)

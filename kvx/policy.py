@@ -141,6 +141,10 @@ class Policy:
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         ]
 
+    def attention_method(self) -> Any:
+        """The ``kvx.methods.Method`` this policy computes attention with, or None for dense."""
+        return None
+
     def check_model(self, num_layers: int) -> None:
         """Raise if the policy cannot serve a model of ``num_layers`` layers (called by ``patch``)."""
 
@@ -154,6 +158,26 @@ class StoragePolicy(Policy):
     keeping everything by itself; compose it with a selection: ``kvx.compose(snapkv, ragged)``."""
 
     axis: ClassVar[str] = "storage"
+
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        return None
+
+    def wants_view(self, phase: Phase) -> bool:
+        return False
+
+
+class MethodPolicy(Policy):
+    """A policy that only chooses which (query, key) pairs attention computes (a method of
+    ``kvx.methods``), storing and keeping everything by itself; compose it with a selection."""
+
+    axis: ClassVar[str] = "method"
+
+    def make_method(self) -> Any:
+        """A new ``kvx.methods.Method`` configured by this policy's options."""
+        raise NotImplementedError
+
+    def attention_method(self) -> Any:
+        return self.make_method()
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         return None
