@@ -38,8 +38,13 @@ def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
     if isinstance(layer, Storage):
         return layer.held_tensors()
     if isinstance(layer, DynamicSlidingWindowLayer):
-        return [t for t in (layer.keys, layer.values) if t is not None]
+        return _keys_values(layer)
     return _tensors_held(layer)
+
+
+def _keys_values(layer: CacheLayerMixin) -> list[torch.Tensor]:
+    """The key and value tensors of a transformers cache layer (none for one that holds no KV)."""
+    return [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
 
 
 def _tensors_held(layer: Any) -> list[torch.Tensor]:
@@ -75,7 +80,7 @@ def cache_nbytes(cache: Cache | None) -> int:
 def _kv_bytes(layer: CacheLayerMixin) -> int:
     if isinstance(layer, Storage):
         return _held_bytes(layer.kv_tensors())
-    return _held_bytes([t for t in (getattr(layer, n, None) for n in ("keys", "values")) if isinstance(t, torch.Tensor)])
+    return _held_bytes(_keys_values(layer))
 
 
 class SlidingWindowLayer(DynamicSlidingWindowLayer):

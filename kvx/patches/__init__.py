@@ -53,13 +53,13 @@ REFUSED_CONFIG_FIELDS: dict[str, str] = {
 }
 """Config fields (set, not None) that make a model refused, and why."""
 
+_INDEXER = "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx would not evict in step"
+_SELF_COMPRESSED = "the model compresses its KV itself (DeepSeek-V4 compressed attention)"
 REFUSED_LAYER_TYPES: dict[str, str] = {
-    "indexed_attention": "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx would not "
-                         "evict in step",
-    "deepseek_sparse_attention": "DeepSeek-style sparse attention picks keys with an indexer whose own cache kvx "
-                                 "would not evict in step",
-    "compressed_sparse_attention": "the model compresses its KV itself (DeepSeek-V4 compressed attention)",
-    "heavily_compressed_attention": "the model compresses its KV itself (DeepSeek-V4 compressed attention)",
+    "indexed_attention": _INDEXER,
+    "deepseek_sparse_attention": _INDEXER,  # its name before 5.14
+    "compressed_sparse_attention": _SELF_COMPRESSED,
+    "heavily_compressed_attention": _SELF_COMPRESSED,
 }
 """Layer types (config ``layer_types``) that make a model refused, and why."""
 

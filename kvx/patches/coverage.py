@@ -68,11 +68,11 @@ def check_model_type(model_type: str, seed: int = 0) -> Outcome:
         _check(model, outcome)
     except ValueError as exc:
         if not any(marker in str(exc) for marker in REFUSAL_MARKERS):
-            raise_failure(outcome, exc)
+            _record_failure(outcome, exc)
         else:
             outcome.status, outcome.reason = REFUSED, str(exc)
     except Exception as exc:  # noqa: BLE001 - every other error is reported as a failure
-        raise_failure(outcome, exc)
+        _record_failure(outcome, exc)
     finally:
         if kvx.is_patched(model):
             kvx.unpatch(model)
@@ -80,7 +80,8 @@ def check_model_type(model_type: str, seed: int = 0) -> Outcome:
     return outcome
 
 
-def raise_failure(outcome: Outcome, exc: Exception) -> None:
+def _record_failure(outcome: Outcome, exc: Exception) -> None:
+    """Mark ``outcome`` failed with the first line of ``exc``."""
     outcome.status, outcome.reason = FAILED, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
 
