@@ -27,6 +27,7 @@ from kvx.compat import (
     CACHE_ARGUMENT_NAMES,
     CHUNKED_PREFILL_RESUMES_CACHE,
     TRANSFORMERS_VERSION,
+    cache_argument_name,
     cache_kwargs,
     cache_of,
     decoder_config,
@@ -204,14 +205,13 @@ def _state(model: torch.nn.Module) -> PatchState:
     return state
 
 
-def _given_cache(forward_params: list[str], args: tuple, kwargs: dict) -> tuple[str | int, Any]:
-    """Where a forward call carries its cache: ``(keyword or position, cache or None)``. A caller
-    may use the deprecated name (``past_key_values`` on 5.24): it is read, and written back, there."""
-    for name in CACHE_ARGUMENT_NAMES:
-        if kwargs.get(name) is not None:
-            return name, kwargs[name]
-    name = next(n for n in CACHE_ARGUMENT_NAMES if n in forward_params)
-    position = forward_params.index(name)
+def _given_cache(name: str, position: int, args: tuple, kwargs: dict) -> tuple[str | int, Any]:
+    """Where a forward call carries its cache: ``(keyword or position, cache or None)``; the forward
+    takes it as ``name`` at ``position``. A caller may use the deprecated name (``past_key_values``
+    on 5.24): it is read, and written back, there."""
+    for keyword in CACHE_ARGUMENT_NAMES:
+        if kwargs.get(keyword) is not None:
+            return keyword, kwargs[keyword]
     if position < len(args):
         return position, args[position]
     return name, None
@@ -223,11 +223,12 @@ def _cache_injector(owner: torch.nn.Module):
     The state is read from the hooked module at call time, never captured, so a deep copy of a
     patched model drives its own copy of the state.
     """
-    forward_params = list(inspect.signature(owner.forward).parameters)
+    name = cache_argument_name(owner.forward)  # find_attention chose an owner that takes one
+    position = list(inspect.signature(owner.forward).parameters).index(name)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         state: PatchState = getattr(module, STATE_ATTR)
-        where, cache = _given_cache(forward_params, args, kwargs)
+        where, cache = _given_cache(name, position, args, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
