@@ -25,10 +25,18 @@ def _cmd_policies(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from kvx.compat import TRANSFORMERS_VERSION
+    from kvx.compat import TRANSFORMERS_VERSION, causal_lm_model_types
     from kvx.patches import coverage
 
+    if not args.verify and (args.write or args.model_type):
+        given = "--write" if args.write else f"model types ({' '.join(args.model_type)})"
+        raise ValueError(f"{given} only work with --verify (which checks the installed transformers now)")
     if args.verify:
+        known = causal_lm_model_types()
+        unknown = [name for name in args.model_type if name not in known]
+        if unknown:
+            raise ValueError(f"unknown model type(s) {', '.join(unknown)}; the causal-LM types of transformers "
+                             f"{TRANSFORMERS_VERSION}: {', '.join(known)}")
         outcomes = coverage.check_all(args.model_type or None, progress=not args.no_progress)
         print(coverage.format_table(outcomes))
         print(f"\ntransformers {TRANSFORMERS_VERSION}: {coverage.summary(outcomes)}")

@@ -33,6 +33,16 @@ def test_models_verify_checks_the_installed_release(capsys):
     assert re.search(r"llama +verified", out) and re.search(r"bloom +refused", out) and "'verified': 1, 'refused': 1" in out
 
 
+def test_models_bad_input_names_the_mistake(capsys):
+    assert main(["models", "--verify", "--no-progress", "lama"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model type(s) lama; the causal-LM types of transformers" in err and "llama" in err
+    assert main(["models", "--write"]) == 2
+    assert "--write only work with --verify" in capsys.readouterr().err
+    assert main(["models", "llama"]) == 2
+    assert "model types (llama) only work with --verify" in capsys.readouterr().err
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "policies" in capsys.readouterr().out
