@@ -32,6 +32,7 @@ from kvx.compat import (
     cache_of,
     decoder_config,
 )
+from kvx.compose import as_composed
 from kvx.patches import NO_CHUNKED_PREFILL, find_attention
 from kvx.policy import Policy, make_policy
 
@@ -64,19 +65,20 @@ def patch(
     found = find_attention(model)
     chunk_size = _chunk_size(chunk_size, found.model_type)
     policy = make_policy(policy, **options)
-    policy.check_model(decoder_config(model.config).num_hidden_layers)
+    axes = as_composed(policy)
+    axes.check_model(decoder_config(model.config).num_hidden_layers)
     if is_patched(model):
         unpatch(model)
     register()
     generation_config = getattr(model, "generation_config", None)
     state = PatchState(
-        policy, found.model_type, model.config._attn_implementation,
+        policy, axes, found.model_type, model.config._attn_implementation,
         original_chunk_size=getattr(generation_config, "prefill_chunk_size", None),
         chunk_size=chunk_size,
     )
     if generation_config is not None:
         generation_config.prefill_chunk_size = chunk_size
-    state.method = policy.attention_method() or state.method  # dense unless the policy brings a method
+    state.method = axes.attention_method() or state.method  # dense unless the policy brings a method
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
     for module in found.unmanaged:
@@ -163,7 +165,7 @@ def prefill(
     wrappers that call the model directly. ``attention_mask`` covers the whole prompt (left padding).
     """
     state = _state(model)
-    cache = cache if cache is not None else KVCache(model.config, state.policy.storage)
+    cache = cache if cache is not None else KVCache(model.config, state.axes.storage)
     step = chunk_size or input_ids.shape[1]
     out = None
     with torch.inference_mode():
@@ -235,7 +237,7 @@ def _cache_injector(owner: torch.nn.Module):
         if cache is None and not use_cache:
             state.active_cache = None
             return args, kwargs
-        storage = state.policy.storage
+        storage = state.axes.storage
         if cache is None:
             cache = KVCache(module.config, storage)
             if isinstance(where, int):

@@ -21,6 +21,7 @@ import torch
 
 from kvx.cache import KVCache
 from kvx.compat import attention_function, register_attention
+from kvx.compose import Composed
 from kvx.kernels import reference
 from kvx.methods import Dense, Method
 from kvx.policy import CompressionView, Phase, Policy
@@ -32,9 +33,11 @@ CONTEXT_ATTR = "_kvx_context"
 
 @dataclass
 class PatchState:
-    """Model-wide state of one patch: the policy, and the cache of the forward in progress."""
+    """Model-wide state of one patch: the policy as given, its axes (the policy as a composition,
+    with the storage a selection needs), and the cache of the forward in progress."""
 
     policy: Policy
+    axes: Composed
     model_type: str
     original_attn_implementation: str
     original_chunk_size: int | None = None
@@ -132,7 +135,7 @@ def kvx_attention(
 def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, softcap: float | None) -> None:
     """Ask the selection policy what to keep, and have the storage drop the rest (not once the cache
     is frozen, and not in a phase where the policy promises to do nothing)."""
-    policy, phase = context.state.policy, _phase(layer, query.shape[-2])
+    policy, phase = context.state.axes, _phase(layer, query.shape[-2])
     if context.state.active_cache.frozen or not policy.wants_view(phase):
         return
     inputs = layer.scoring_inputs(query, mask)

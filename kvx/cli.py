@@ -9,18 +9,53 @@ import textwrap
 
 from kvx.policy import list_policies
 
+AXIS_TITLES = {
+    "selection": "selection (which tokens each KV head keeps)",
+    "storage": "storage (how kept tokens are held; dense unless composed)",
+    "method": "method (which query-key pairs attention computes; dense unless composed)",
+}
+
 
 def _cmd_policies(args: argparse.Namespace) -> int:
+    if args.spec:
+        return _describe_spec(args.spec, args.json)
     policies = list_policies()
     if args.json:
         print(json.dumps(policies, indent=2, default=repr))
         return 0
-    for p in policies:
-        print(f"{p['name']}: {p['description']}")
-        for opt in p["options"]:
-            print(f"    {opt['name']:<16} = {opt['default']!r:<9} {opt['help']}")
-    print("\nkvx.compose(selection, storage) joins one policy per axis, e.g. "
-          "kvx.compose(kvx.make_policy('snapkv', budget=1024), 'ragged') (named snapkv+ragged)")
+    for axis, title in AXIS_TITLES.items():
+        on_axis = [p for p in policies if p["axis"] == axis]
+        print(f"== {title}")
+        if not on_axis:
+            print("    (none registered yet)")
+        for p in on_axis:
+            needs = f" [needs {p['storage']} storage]" if axis == "selection" and p["storage"] != "dense" else ""
+            print(f"{p['name']}: {p['description']}{needs}")
+            for opt in p["options"]:
+                print(f"    {opt['name']:<16} = {opt['default']!r:<9} {opt['help']}")
+        print()
+    print("Compose one policy per axis with '+': kvx policies 'snapkv:budget=1024+ragged' describes one; "
+          "in Python, kvx.compose(kvx.make_policy('snapkv', budget=1024), 'ragged').")
+    return 0
+
+
+def _describe_spec(spec: str, as_json: bool) -> int:
+    """``kvx policies SPEC``: the policy a spec names, each axis's part and its options."""
+    from kvx.compose import as_composed, from_spec
+
+    composed = as_composed(from_spec(spec))
+    parts = [{"axis": part.axis, "name": part.name, "options": {o["name"]: getattr(part, o["name"])
+                                                                   for o in part.options()},
+              "implied": any(part is implied for implied in composed.implied)} for part in composed.parts]
+    if as_json:
+        print(json.dumps({"name": composed.name, "axes": composed.axes(), "parts": parts}, indent=2, default=repr))
+        return 0
+    print(composed.name)
+    for axis, name in composed.axes().items():
+        part = next((p for p in parts if p["axis"] == axis), None)
+        opts = ", ".join(f"{k}={v!r}" for k, v in part["options"].items()) if part else ""
+        note = " (needed by the selection)" if part and part["implied"] else ""
+        print(f"    {axis:<10} {name}{f'({opts})' if part else ''}{note}")
     return 0
 
 
@@ -153,7 +188,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvx", description="Long-context KV-cache compression for transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("policies", help="list the policies with their options and defaults")
+    p = sub.add_parser(
+        "policies", help="list the policies by axis with their options and defaults, or describe one spec",
+        description="Without SPEC: every registered policy, grouped by the axis it answers (selection, storage, "
+                    "method). With SPEC (e.g. 'snapkv:budget=1024,window=32+ragged'): the composed policy it "
+                    "names, with the part and options on each axis.",
+    )
+    p.add_argument("spec", nargs="?", help="a policy spec: name[:key=value,...][+name[:key=value,...]...]")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_policies)
     p = sub.add_parser(
@@ -246,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, ImportError, FileNotFoundError) as err:
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         print(f"kvx {args.command}: error: {err}", file=sys.stderr)
         return 2
 

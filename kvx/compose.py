@@ -6,6 +6,11 @@
 The result is an ordinary policy: it has a name (``snapkv+ragged``), ``describe()``, and is
 accepted wherever a policy is. Two policies on one axis, or a selection that needs another storage
 than the one given, raise a ``ValueError`` that names them.
+
+``kvx.patch`` runs every policy through a :class:`Composed`: a selection alone is composed with the
+storage it needs (``head_budget`` with ``ragged``, the others with dense storage), so the storage
+kind of a patch always comes from its storage axis. On the command line and in configs a
+composition is written ``snapkv:budget=1024+ragged`` (:func:`from_spec`).
 """
 
 from __future__ import annotations
@@ -36,12 +41,19 @@ class Composed(Policy):
         if not by_axis:
             raise ValueError("kvx.compose needs at least one policy")
         self.parts = tuple(by_axis[axis] for axis in AXES if axis in by_axis)
+        self.implied: tuple[Policy, ...] = ()  # parts added because the selection needs them
         self.selection = by_axis.get("selection")
         self._check_storage(by_axis.get("storage"))
 
     def _check_storage(self, storage_part: Policy | None) -> None:
+        """Fill the storage axis with what the selection needs when none is given (a selection's
+        ``storage`` names the kind it requires), and refuse a storage the selection cannot use."""
         needed = self.selection.storage if self.selection is not None else "dense"
-        given = storage_part.storage if storage_part is not None else needed
+        if storage_part is None and needed != "dense":
+            storage_part = make_policy(needed)
+            self.implied = (storage_part,)
+            self.parts = tuple(sorted(self.parts + self.implied, key=lambda part: AXES.index(part.axis)))
+        given = storage_part.storage if storage_part is not None else "dense"
         if needed != "dense" and given != needed:
             raise ValueError(
                 f"kvx.compose: {self.selection.name} keeps different counts per head and needs {needed} storage, "
@@ -51,7 +63,8 @@ class Composed(Policy):
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "+".join(part.name for part in self.parts)
+        """The parts the user gave, joined by ``+`` (storage a selection implies is not named)."""
+        return "+".join(part.name for part in self.parts if not any(part is implied for implied in self.implied))
 
     @property
     def storage(self) -> str:  # type: ignore[override]
@@ -73,6 +86,11 @@ class Composed(Policy):
     def describe(self) -> str:
         return "+".join(part.describe() for part in self.parts)
 
+    def axes(self) -> dict[str, str]:
+        """Which policy answers each axis (``dense`` where none is given)."""
+        given = {part.axis: part.name for part in self.parts}
+        return {axis: given.get(axis, "dense") for axis in AXES}
+
     def __repr__(self) -> str:
         return f"kvx.compose({', '.join(repr(part) for part in self.parts)})"
 
@@ -82,3 +100,53 @@ def compose(*policies: Policy | str, **options: Any) -> Composed:
     if options:
         raise TypeError(f"kvx.compose takes policy objects; set options {sorted(options)} on them (kvx.make_policy)")
     return Composed(*(make_policy(policy) for policy in policies))
+
+
+def as_composed(policy: Policy) -> Composed:
+    """``policy`` itself if composed, else it alone with the storage it needs (what ``patch`` runs)."""
+    return policy if isinstance(policy, Composed) else Composed(policy)
+
+
+def from_spec(text: str) -> Policy:
+    """The policy a spec names: ``snapkv:budget=1024,window=32+ragged`` (parts joined by ``+``, each
+    ``name[:key=value,...]``), one part alone, or composed."""
+    parts = [make_policy(name, **options) for name, options in parse_spec(text)]
+    return parts[0] if len(parts) == 1 else compose(*parts)
+
+
+def parse_spec(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``name[:k=v,...][+name[:k=v,...]...]`` -> ``[(name, options), ...]``."""
+    if not text.strip():
+        raise ValueError("an empty policy spec; write name[:key=value,...][+name...], e.g. snapkv:budget=1024+ragged")
+    return [parse_part(part) for part in text.split("+")]
+
+
+def parse_part(text: str) -> tuple[str, dict[str, Any]]:
+    """``name:k=v,...`` -> ``(name, options)``."""
+    name, _, inline = text.partition(":")
+    if not name.strip():
+        raise ValueError(f"a policy spec part without a name: {text!r}; write name[:key=value,...]")
+    return name.strip().lower().replace("-", "_"), dict(split_option(o) for o in inline.split(",") if o.strip())
+
+
+def split_option(text: str) -> tuple[str, Any]:
+    """``key=value`` -> ``(key, parsed value)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"options are written key=value, got {text!r}")
+    return key.strip(), parse_value(value)
+
+
+def parse_value(text: str) -> Any:
+    """Option values from the command line: int, float, true/false, none, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

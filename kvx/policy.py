@@ -105,8 +105,9 @@ class Policy:
     tokens each head keeps), ``storage`` (how they are held) or ``method`` (which query-key pairs
     attention computes)."""
     storage: ClassVar[str] = "dense"
-    """``dense``: every KV head keeps the same number of tokens; ``ragged``: heads keep their own
-    (the policy gives ``select_mask`` instead of ``select``)."""
+    """On a selection, the storage kind it needs: ``dense`` where every KV head keeps the same number
+    of tokens, ``ragged`` where heads keep their own (``kvx.compose``, and so ``kvx.patch``, adds
+    that storage policy when none is given). On a storage policy, the kind it provides."""
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]`` bool over the stored tokens, or None to keep everything.
@@ -346,9 +347,11 @@ def policy_names() -> list[str]:
 
 
 def list_policies() -> list[dict[str, Any]]:
-    """Every registered policy: ``{"name", "description", "options": [{"name", "default", "help"}]}``."""
+    """Every registered policy: ``{"name", "axis", "storage", "description", "options": [{"name",
+    "default", "help"}]}`` (``storage``: the kind a selection needs, or a storage policy provides)."""
     return [
-        {"name": name, "description": _REGISTRY[name].summary, "options": _REGISTRY[name].options()}
+        {"name": name, "axis": _REGISTRY[name].axis, "storage": _REGISTRY[name].storage,
+         "description": _REGISTRY[name].summary, "options": _REGISTRY[name].options()}
         for name in policy_names()
     ]
 

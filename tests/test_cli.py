@@ -14,8 +14,41 @@ def test_policies_lists_names_and_options(capsys):
 
 def test_policies_json(capsys):
     assert main(["policies", "--json"]) == 0
-    names = [p["name"] for p in json.loads(capsys.readouterr().out)]
+    listed = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in listed]
     assert names == sorted(names) and "snapkv" in names
+    axes = {p["name"]: (p["axis"], p["storage"]) for p in listed}
+    assert axes["snapkv"] == ("selection", "dense") and axes["head_budget"] == ("selection", "ragged")
+    assert axes["ragged"] == ("storage", "ragged")
+
+
+def test_policies_are_grouped_by_axis(capsys):
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    selection, storage, method = (out.index(f"== {axis}") for axis in ("selection", "storage", "method"))
+    assert selection < out.index("snapkv:") < storage < out.index("ragged:") < method
+    assert "head_budget: " in out and "[needs ragged storage]" in out.split("head_budget: ")[1].split("\n")[0]
+
+
+def test_policies_describes_a_spec_axis_by_axis(capsys):
+    assert main(["policies", "snapkv:budget=64,window=8+ragged"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "snapkv+ragged"
+    assert re.match(r"\s+selection\s+snapkv\(budget=64, .*window=8", out[1])
+    assert re.match(r"\s+storage\s+ragged\(\)$", out[2]) and re.match(r"\s+method\s+dense$", out[3])
+    assert main(["policies", "head_budget", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["name"] == "head_budget" and described["axes"]["storage"] == "ragged"
+    assert [p["implied"] for p in described["parts"]] == [False, True]
+
+
+def test_policies_refuses_a_bad_spec_by_name(capsys):
+    for spec, message in [("snapkv:budgt=3", "unknown option(s) ['budgt']"),
+                          ("snapkv+h2o", "snapkv and h2o both answer the selection axis"),
+                          ("snapkv+", "a policy spec part without a name"),
+                          ("snapkv:budget", "options are written key=value")]:
+        assert main(["policies", spec]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_models(capsys):

@@ -16,6 +16,33 @@ def test_name_describe_and_storage():
     assert kvx.compose("snapkv").storage == "dense"
 
 
+def test_a_selection_is_composed_with_the_storage_it_needs():
+    """head_budget needs ragged storage: compose (and so patch) adds it on the storage axis, without
+    renaming the policy; given explicitly it is named."""
+    alone = kvx.compose(kvx.make_policy("head_budget", budget=16))
+    assert alone.name == "head_budget" and alone.storage == "ragged"
+    assert alone.axes() == {"selection": "head_budget", "storage": "ragged", "method": "dense"}
+    assert alone.describe().endswith("+ragged()")
+    assert kvx.compose("head_budget", "ragged").name == "head_budget+ragged"
+    assert kvx.compose("snapkv").axes() == {"selection": "snapkv", "storage": "dense", "method": "dense"}
+    model = tiny_model("llama")
+    with kvx.patched(model, "head_budget", budget=16) as policy:
+        assert kvx.policy_of(model) is policy and policy.name == "head_budget"
+        assert model._kvx_state.axes.storage == "ragged"
+        _, _, cache = greedy(model, random_ids(1, 40, seed=5), new_tokens=2)
+    assert cache.storage == "ragged"
+
+
+def test_specs_name_compositions():
+    from kvx.compose import from_spec
+
+    policy = from_spec("SnapKV:budget=64,window=8+ragged")
+    assert policy.name == "snapkv+ragged" and policy.parts[0].budget == 64 and policy.parts[0].window == 8
+    assert from_spec("h2o:ratio=0.5").ratio == 0.5
+    with pytest.raises(ValueError, match="empty policy spec"):
+        from_spec(" ")
+
+
 def test_two_policies_on_one_axis_are_refused_by_name():
     with pytest.raises(ValueError, match="snapkv and h2o both answer the selection axis"):
         kvx.compose("snapkv", "h2o")

@@ -23,6 +23,7 @@ import torch
 import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of
+from kvx.compose import parse_spec, split_option
 from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
 from kvx.policy import Policy, make_policy, policy_class
 
@@ -370,27 +371,12 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def parse_value(text: str) -> Any:
-    """Option values from the command line: int, float, true/false, none, else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_policies(policy_args: list[str], opt_args: list[str], with_dense: bool = True) -> list[PolicyRun]:
     """``--policy NAME[:k=v,...]`` (repeatable) and ``--opt k=v`` (applies to every listed policy
     that has option ``k``) -> runs, dense first unless ``with_dense`` is False."""
-    runs = [[_parse_part(part) for part in arg.split("+")] for arg in policy_args]  # one list of parts per run
+    runs = [parse_spec(arg) for arg in policy_args]  # one list of (name, options) parts per run
     for opt in opt_args:
-        key, value = _split_option(opt)
+        key, value = split_option(opt)
         takers = [options for parts in runs for name, options in parts if name != DENSE and _has_option(name, key)]
         if not takers:
             listed = [name for parts in runs for name, _ in parts if name != DENSE] or ["(none)"]
@@ -405,17 +391,6 @@ def parse_policies(policy_args: list[str], opt_args: list[str], with_dense: bool
     return result
 
 
-def _parse_part(text: str) -> tuple[str, dict[str, Any]]:
-    """``name:k=v,...`` -> ``(name, options)``."""
-    name, _, inline = text.partition(":")
-    return name.strip().lower().replace("-", "_"), dict(_split_option(o) for o in inline.split(",") if o.strip())
-
-
-def _split_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"options are written key=value, got {text!r}")
-    return key.strip(), parse_value(value)
 
 
 def _has_option(policy: str, key: str) -> bool:

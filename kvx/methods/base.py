@@ -22,6 +22,13 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
 
+    @classmethod
+    def exact(cls) -> Method:
+        """This method configured to compute every (query, key) pair the mask allows (a density of
+        1, every block or page selected). ``tests/methods/test_method_conformance.py`` checks that it then
+        gives the dense model's outputs, on every storage kind."""
+        return cls()
+
     def attend(self, storage: Storage, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scaling: float, softcap: float | None,
                sinks: torch.Tensor | None) -> torch.Tensor:
@@ -36,6 +43,10 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
     _METHODS[cls.name] = cls
     return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[Method]:

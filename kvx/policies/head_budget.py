@@ -8,7 +8,9 @@ all its heads at once, so focused heads give their share to heads that spread th
 Each head keeps at least ``floor x budget`` of its best tokens (AdaKV's safeguard), plus what the
 scorer forces (its window). Heads end up with different token counts, so storage is ragged: each
 head holds exactly its own tokens, packed, with no padding and no masking of stored keys, and
-decode attention reads that storage directly (``kvx.kernels.ragged_decode``).
+decode attention reads that storage directly (``kvx.kernels.ragged_decode``). The ragged storage is
+the storage axis's ``ragged`` policy, which ``kvx.compose`` adds when it is not given: the same
+mechanism that puts any other selection on ragged storage (``snapkv+ragged``).
 
 Scorers that keep running statistics (h2o, keyformer) work too: their per-token statistics are
 packed with the keys.
@@ -41,7 +43,7 @@ class HeadBudget(BudgetedPolicy):
 
     name: ClassVar[str] = "head_budget"
     summary: ClassVar[str] = "one budget per layer shared among KV heads by score; ragged storage (AdaKV, Feng et al., 2024)"
-    storage: ClassVar[str] = "ragged"
+    storage: ClassVar[str] = "ragged"  # needed: kvx.compose (and so kvx.patch) adds the ragged storage policy
 
     scorer: Any = option("snapkv", "policy whose scores rank tokens (snapkv, h2o, tova, keyformer, knorm), or an object")
     window: int = option(32, "the scorer's window (observation or recent tokens), kept by every head")
