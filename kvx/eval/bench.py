@@ -230,7 +230,8 @@ class KernelCase:
     def bytes(self, elem: int) -> float:
         q_and_out = 2 * self.batch * self.heads * self.q_len * self.head_dim
         kv = 2 * self.batch * self.kv_heads * self.keys_read * self.head_dim
-        return float((q_and_out + kv) * elem)
+        kv_elem = PACKED_INT4_BYTES if self.op == "packed_decode" else elem
+        return float(q_and_out * elem + kv * kv_elem)
 
 
 def _attention_inputs(case: KernelCase, device, dtype, seed: int = 0):
@@ -276,6 +277,23 @@ def _column_sums(q, k, v):
     return lambda: attention_column_sums(q, k, None, q.shape[-1] ** -0.5)
 
 
+def _packed_decode(q, k, v):
+    """Decode over a KIVI int4 cache of the same tokens (keys per channel, values per token, groups
+    of 32, float16 scale and zero point), packed outside the timing and dequantized inside the op
+    (the Triton kernel on GPU, the reference on CPU). A length that is not whole key groups is
+    packed padded, then its real tokens kept (a ``group_index``, as after an eviction)."""
+    from kvx.kernels import quant
+    from kvx.kernels.quant_kernels import packed_decode_attention
+
+    batch, kv_heads, length, dim = k.shape
+    padded = -(-length // KIVI_GROUP) * KIVI_GROUP
+    keys = quant.quantize(torch.nn.functional.pad(k, (0, 0, 0, padded - length)), 4, KIVI_GROUP, "channel")
+    if padded != length:
+        keys = quant.gather_tokens(keys, torch.arange(length, device=k.device).expand(batch, kv_heads, length))
+    values = quant.quantize(v, 4, min(KIVI_GROUP, dim), "token")
+    return lambda: packed_decode_attention(q, keys, values, None, dim**-0.5)
+
+
 KERNELS: dict[str, Callable] = {
     # op -> a function of (q, k, v) returning the zero-argument call to time (inputs prepared outside it)
     "attention_prefill": lambda q, k, v: lambda: reference.attention(q, k, v, None, q.shape[-1] ** -0.5),
@@ -285,9 +303,12 @@ KERNELS: dict[str, Callable] = {
     ),
     "ragged_decode": _ragged_decode,
     "h2o_column_sums": _column_sums,
+    "packed_decode": _packed_decode,
 }
 CAUSAL_OPS = ("attention_prefill", "h2o_column_sums")  # the prompt attends to itself; dense runs causal
 RAGGED_SHARE = 0.75  # mean share of the tokens each head keeps in the ragged_decode case
+KIVI_GROUP = 32  # the packed_decode case's group size
+PACKED_INT4_BYTES = 4 / 8 + 2 * 2 / KIVI_GROUP  # bytes per cached element of packed_decode: code, scale, zero
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:

@@ -80,7 +80,7 @@ def _triton_packed_decode(query, keys, values, valid, scaling, softcap, splits, 
         G=groups, D=dim, DV=value_dim, **k_meta, **v_meta, HAS_VALID=valid is not None,
         USE_SOFTCAP=softcap is not None, BLOCK_G=max(16, triton.next_power_of_2(groups)),
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(value_dim)),
-        BLOCK_N=block, SPLITS=splits,
+        BLOCK_N=block, SPLITS=splits, enable_fp_fusion=False,  # code * scale + zero rounded twice, as the reference
     )
     out, lse = _combine_splits(acc, running_max, running_sum)
     return out.reshape(batch, heads, 1, value_dim), lse.reshape(batch, heads, 1)
@@ -141,6 +141,7 @@ def _triton_quantize(x, bits, group, axis, symmetric):
     pack_codes_kernel[(triton.cdiv(tokens, PACK_BLOCK),)](
         x, scale, zero_arg, codes, tokens, D=dim, BITS=bits, GROUP=group, CHANNEL=axis == "channel",
         SYMMETRIC=symmetric, BLOCK_T=PACK_BLOCK, BLOCK_B=triton.next_power_of_2(dim * bits // 8),
+        enable_fp_fusion=False,
     )
     return Packed(codes, scale, zero, bits, group, axis)
 
