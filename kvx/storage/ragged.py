@@ -8,11 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import StoragePolicy, register_policy
-from kvx.storage.base import ScoringInputs
-from kvx.storage.dense import DenseLayer
+from kvx.storage.prefix import PrefixTailLayer
 
 
 @register_policy
@@ -27,7 +25,7 @@ class RaggedStorage(StoragePolicy):
     storage: ClassVar[str] = "ragged"
 
 
-class RaggedLayer(DenseLayer):
+class RaggedLayer(PrefixTailLayer):
     """KV storage where each KV head keeps its own number of tokens (head-wise budgets).
 
     Two parts: a *prefix* packed per (row, KV head) segment, with no padding to the longest head
@@ -41,7 +39,6 @@ class RaggedLayer(DenseLayer):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._step_view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this call's dense view
         self.prefix_keys: torch.Tensor | None = None
         self.prefix_values: torch.Tensor | None = None
         self.prefix_offsets: torch.Tensor | None = None
@@ -112,36 +109,15 @@ class RaggedLayer(DenseLayer):
                   view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         self.repack(keep, state, view)
 
-    # --- the read path (kvx.storage.base.Storage) ---------------------------------------------
+    # --- the prefix in its layout (kvx.storage.prefix.PrefixTailLayer) -------------------------
 
-    def attend(self, query, key, value, mask, scaling: float, softcap: float | None, sinks=None) -> torch.Tensor:
-        if not self.has_prefix:
-            return super().attend(query, key, value, mask, scaling, softcap, sinks)
-        if query.shape[-2] == 1:  # decode: read the packed prefix directly (the ragged kernel), merge with the tail
-            return _decode_with_prefix(query, key, value, mask, self, scaling, softcap, sinks)
-        # several queries: one pass over the dense view, which the policy then scores on
-        self._step_view = self.dense_view()
-        return _attend_over_view(query, self._step_view, self.keys.shape[-2], mask, scaling, softcap, sinks)
+    def prefix_decode_parts(self, query, scaling: float, softcap: float | None):
+        """The packed per-head prefix read directly by the ragged decode kernel."""
+        return [ragged_decode_attention(query, self.prefix_keys, self.prefix_values, self.prefix_offsets,
+                                        scaling, softcap)]
 
-    def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
-        if self._step_view is None:
-            self._step_view = self.dense_view()
-        keys, values, valid = self._step_view
-        mask_rows = None
-        if self.has_prefix:  # the mask over the whole view would be q x (P + T): built on demand
-            tail_mask, tail_len, q_len = mask, self.keys.shape[-2], query.shape[-2]
-            mask, mask_rows = None, lambda last: _view_mask(valid, tail_len, tail_mask, query.shape, q_len - last, q_len)
-        return ScoringInputs(keys, values, valid, self.dense_state(), mask, mask_rows)
-
-    def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
-        # the statistics were unpacked for the view: pack them back
-        if keep is not None:
-            self.keep_mask(keep, inputs.state, self._step_view)
-        else:
-            self.store_state(inputs.state)
-
-    def end_step(self) -> None:
-        self._step_view = None
+    def store_selection(self, keep, state, view) -> None:
+        self.repack(keep, state, view)
 
     def stored_slots(self) -> int:
         stored = self.num_stored
@@ -184,46 +160,3 @@ class RaggedLayer(DenseLayer):
             self.prefix_keys, self.prefix_offsets = pack_ragged(rows["keys"], valid)
             self.prefix_values = pack_ragged(rows["values"], valid)[0]
         super()._select_batch(fn)
-
-
-def _decode_with_prefix(query, key, value, mask, layer: RaggedLayer, scaling: float, softcap: float | None,
-                        sinks: torch.Tensor | None = None):
-    """One new query per head over a ragged layer: its packed per-head prefix (the ragged decode
-    kernel) and its dense tail, merged by log-sum-exp (with the attention sinks, if any)."""
-    tail = reference.attention_with_lse(query, key, value, mask, scaling, softcap)
-    prefix = ragged_decode_attention(query, layer.prefix_keys, layer.prefix_values, layer.prefix_offsets, scaling, softcap)
-    parts = [prefix, tail] if sinks is None else [prefix, tail, reference.sink_part(sinks, tail[0])]
-    return reference.merge_attention(parts).to(query.dtype)
-
-
-VIEW_BLOCK_ELEMENTS = 2**25  # mask entries per query block in _attend_over_view (32 MB of bool)
-
-
-def _attend_over_view(query, view, tail_len: int, tail_mask, scaling: float, softcap: float | None,
-                      sinks: torch.Tensor | None = None):
-    """Several new queries ``[B, H, q, D]`` over a ragged layer's dense view ``(keys, values [B,
-    Hkv, P + T, D], valid [B, Hkv, P + T])``: SDPA a block of queries at a time, so the per-head
-    mask (and any score matrix SDPA builds for it) is ``block x (P + T)``, never ``q x (P + T)``."""
-    batch, heads, q_len = query.shape[:3]
-    keys, values, valid = view
-    block = min(1024, max(16, VIEW_BLOCK_ELEMENTS // (batch * heads * keys.shape[-2])))
-    outs = []
-    for start in range(0, q_len, block):
-        stop = min(start + block, q_len)
-        mask = _view_mask(valid, tail_len, tail_mask, query.shape, start, stop)
-        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap, sinks))
-    return torch.cat(outs, dim=2)
-
-
-def _view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
-    """Mask ``[B, H, stop - start, P + T]`` of new queries ``start:stop`` over a ragged layer's dense
-    view: every real prefix token of the query's KV head, then the tail under ``tail_mask``
-    (``[B|1, 1|H, q, T]``, or None for causal)."""
-    batch, heads, q_len = query_shape[:3]
-    kv_heads, num_keys = valid.shape[1:]
-    rows = stop - start
-    prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
-    prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
-    if tail_mask is None:
-        tail_mask = reference.causal_mask(q_len, tail_len, valid.device)
-    return torch.cat([prefix_cols, tail_mask[..., start:stop, :].expand(batch, heads, rows, -1)], dim=-1)

@@ -1,0 +1,126 @@
+"""A storage kind in two parts: a *prefix* in the kind's own layout (packed per head, quantized...)
+and a dense *tail* of the tokens appended since the prefix was last rebuilt (``keys/values [B,
+Hkv, T, D]``, inherited from :class:`~kvx.storage.dense.DenseLayer`).
+
+The read path is shared: one new query (decode) attends over the prefix in its own layout (the
+subclass's kernels) and over the tail, merged by log-sum-exp; several new queries (chunked
+prefill, extend) attend over a transient dense view of both, which a selection policy then scores
+on. A subclass gives the prefix's layout: :meth:`dense_view`, :meth:`dense_state`,
+:meth:`prefix_decode_parts`, :meth:`store_selection` and :meth:`store_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvx.kernels import reference
+from kvx.storage.base import ScoringInputs
+from kvx.storage.dense import DenseLayer
+
+VIEW_BLOCK_ELEMENTS = 2**25  # mask entries per query block in attend_over_view (32 MB of bool)
+
+View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T]
+
+
+class PrefixTailLayer(DenseLayer):
+    """Base of storage kinds with a prefix in their own layout and a dense tail (module docstring)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._step_view: View | None = None  # this call's dense view
+
+    # --- what a subclass gives --------------------------------------------------------------
+
+    @property
+    def has_prefix(self) -> bool:
+        raise NotImplementedError
+
+    def dense_view(self) -> View:
+        """Everything stored, prefix then tail, as dense ``(keys, values, valid)`` (transient)."""
+        raise NotImplementedError
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The per-token statistics aligned with :meth:`dense_view`: name -> ``[B, Hkv, P + T]``."""
+        raise NotImplementedError
+
+    def prefix_decode_parts(self, query: torch.Tensor, scaling: float,
+                            softcap: float | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Attention of one new query per head ``[B, H, 1, D]`` over the prefix, as ``(out, lse)``
+        parts for :func:`kvx.kernels.reference.merge_attention`."""
+        raise NotImplementedError
+
+    def store_selection(self, keep: torch.Tensor, state: dict[str, torch.Tensor], view: View) -> None:
+        """Keep the tokens marked in ``keep [B, Hkv, P + T]`` (a mask over ``view``, the current
+        :meth:`dense_view`) with their statistics ``state``; free the rest."""
+        raise NotImplementedError
+
+    def store_state(self, dense: dict[str, torch.Tensor]) -> None:
+        """Write statistics given over :meth:`dense_view` back into the prefix and the tail."""
+        raise NotImplementedError
+
+    # --- the read path (kvx.storage.base.Storage) ---------------------------------------------
+
+    def attend(self, query, key, value, mask, scaling: float, softcap: float | None, sinks=None) -> torch.Tensor:
+        if not self.has_prefix:
+            return super().attend(query, key, value, mask, scaling, softcap, sinks)
+        if query.shape[-2] == 1:  # decode: the prefix in its own layout, merged with the tail
+            tail = reference.attention_with_lse(query, key, value, mask, scaling, softcap)
+            parts = [*self.prefix_decode_parts(query, scaling, softcap), tail]
+            if sinks is not None:
+                parts.append(reference.sink_part(sinks, tail[0]))
+            return reference.merge_attention(parts).to(query.dtype)
+        # several queries: one pass over the dense view, which the policy then scores on
+        self._step_view = self.dense_view()
+        return attend_over_view(query, self._step_view, self.keys.shape[-2], mask, scaling, softcap, sinks)
+
+    def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
+        if self._step_view is None:
+            self._step_view = self.dense_view()
+        keys, values, valid = self._step_view
+        mask_rows = None
+        if self.has_prefix:  # the mask over the whole view would be q x (P + T): built on demand
+            tail_mask, tail_len, q_len = mask, self.keys.shape[-2], query.shape[-2]
+            mask, mask_rows = None, lambda last: view_mask(valid, tail_len, tail_mask, query.shape, q_len - last, q_len)
+        return ScoringInputs(keys, values, valid, self.dense_state(), mask, mask_rows)
+
+    def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
+        # the statistics were unpacked for the view: store them back
+        if keep is not None:
+            self.store_selection(keep, inputs.state, self._step_view)
+        else:
+            self.store_state(inputs.state)
+
+    def end_step(self) -> None:
+        self._step_view = None
+
+
+def attend_over_view(query, view: View, tail_len: int, tail_mask, scaling: float, softcap: float | None,
+                     sinks: torch.Tensor | None = None):
+    """Several new queries ``[B, H, q, D]`` over a layer's dense view ``(keys, values [B, Hkv, P + T,
+    D], valid [B, Hkv, P + T])``: SDPA a block of queries at a time, so the per-head mask (and any
+    score matrix SDPA builds for it) is ``block x (P + T)``, never ``q x (P + T)``."""
+    batch, heads, q_len = query.shape[:3]
+    keys, values, valid = view
+    block = min(1024, max(16, VIEW_BLOCK_ELEMENTS // (batch * heads * keys.shape[-2])))
+    outs = []
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        mask = view_mask(valid, tail_len, tail_mask, query.shape, start, stop)
+        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap, sinks))
+    return torch.cat(outs, dim=2)
+
+
+def view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
+    """Mask ``[B, H, stop - start, P + T]`` of new queries ``start:stop`` over a layer's dense view:
+    every real prefix token of the query's KV head, then the tail under ``tail_mask`` (``[B|1,
+    1|H, q, T]``, or None for causal)."""
+    batch, heads, q_len = query_shape[:3]
+    kv_heads, num_keys = valid.shape[1:]
+    rows = stop - start
+    prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
+    prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
+    if tail_mask is None:
+        tail_mask = reference.causal_mask(q_len, tail_len, valid.device)
+    return torch.cat([prefix_cols, tail_mask[..., start:stop, :].expand(batch, heads, rows, -1)], dim=-1)
