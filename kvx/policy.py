@@ -96,7 +96,12 @@ def option(default: Any, help: str) -> Any:
 
 
 class Policy:
-    """Base of every policy. Subclasses are dataclasses whose fields are the options."""
+    """Base of every policy. Subclasses are dataclasses whose fields are the options.
+
+    Options are checked where they are set: :meth:`validate` runs at construction and again on
+    every assignment to an option (``policy.budget = 0`` raises and leaves the old value), so a
+    policy object, patched or not, never holds options that break its promises.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -108,6 +113,28 @@ class Policy:
     """On a selection, the storage kind it needs: ``dense`` where every KV head keeps the same number
     of tokens, ``ragged`` where heads keep their own (``kvx.compose``, and so ``kvx.patch``, adds
     that storage policy when none is given). On a storage policy, the kind it provides."""
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` / ``TypeError`` naming the option, its value and the valid choices
+        unless the options are consistent. Subclasses extend it (calling ``super().validate()``)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+        object.__setattr__(self, "_kvx_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assigning an option re-validates the policy; an invalid value raises and is not kept."""
+        if name not in getattr(type(self), "__dataclass_fields__", {}) or not self.__dict__.get("_kvx_validated"):
+            object.__setattr__(self, name, value)
+            return
+        previous = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except Exception:
+            object.__setattr__(self, name, previous)
+            self.validate()  # rebuild what validate derives (a scorer) from the restored options
+            raise
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]`` bool over the stored tokens, or None to keep everything.
@@ -204,6 +231,10 @@ class EvictionPolicy(Policy):
         """``[B]`` tokens each row keeps (per KV head) when it compresses."""
         raise NotImplementedError
 
+    def always_kept(self) -> int:
+        """Tokens every (row, KV head) keeps whatever the scores (a window): no capacity goes below it."""
+        return 0
+
     def observe(self, view: CompressionView) -> None:
         """Called at every forward, before any eviction: update running statistics in ``view.state``."""
 
@@ -261,20 +292,32 @@ class BudgetedPolicy(EvictionPolicy):
     """
 
     budget: int = option(1024, "tokens kept per layer and KV head (a budget above the length keeps all)")
-    ratio: float | None = option(None, "fraction of tokens to evict, in [0, 1); replaces budget when set")
+    ratio: float | None = option(None, "fraction of tokens to evict, in [0, 1); replaces budget when set "
+                                       "(never below the tokens the policy always keeps)")
     decode_interval: int = option(0, "also compress while generating, every N tokens past capacity (0: prompt only)")
 
-    def __post_init__(self) -> None:
+    always_kept_option: ClassVar[str | None] = None
+    """The option that counts tokens every head always keeps (a window, recent tokens), or None: it
+    must fit in the budget, and a ratio never keeps fewer."""
+    always_kept_minimum: ClassVar[int] = 0
+    """The smallest value the always-kept option takes (0: none need be kept)."""
+
+    def validate(self) -> None:
+        super().validate()
         check_positive_int(self.name, "budget", self.budget)
         if self.ratio is not None:
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
-                raise ValueError(f"{self.name}: ratio must be a number in [0, 1), got {self.ratio!r}")
+            check_number(self.name, "ratio", self.ratio, low=0, high=1, high_open=True)
         check_positive_int(self.name, "decode_interval", self.decode_interval, minimum=0)
+        if self.always_kept_option is not None:
+            self.check_always_kept(self.always_kept_option, minimum=self.always_kept_minimum)
+
+    def always_kept(self) -> int:
+        return getattr(self, self.always_kept_option) if self.always_kept_option is not None else 0
 
     def capacity(self, view: CompressionView) -> torch.Tensor:
         if self.ratio is None:
             return capacity_tensor(view, self.budget)
-        return torch.ceil((1 - self.ratio) * view.real_seen().double()).long().clamp(min=1)
+        return torch.ceil((1 - self.ratio) * view.real_seen().double()).long().clamp(min=max(1, self.always_kept()))
 
     def wants_view(self, phase: Phase) -> bool:
         return super().wants_view(phase) or (phase == "decode" and self.decode_interval > 0)
@@ -329,8 +372,22 @@ def check_positive_int(policy: str, name: str, value: Any, minimum: int = 1) -> 
         raise ValueError(f"{policy}: {name} must be >= {minimum}, got {value}")
 
 
+def check_number(policy: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                 high_open: bool = False, low_open: bool = False) -> None:
+    """Raise a clear error unless ``value`` is a real number within the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{policy}: {name} must be a number, got {type(value).__name__} {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+                    + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]"))
+        raise ValueError(f"{policy}: {name} must be a number in {interval}, got {value!r}")
+
+
 def check_choice(policy: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    """Raise a clear error unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{policy}: {name} must be one of {', '.join(choices)}; got {value!r}")
 
 

@@ -19,14 +19,14 @@ def test_name_describe_and_storage():
 def test_a_selection_is_composed_with_the_storage_it_needs():
     """head_budget needs ragged storage: compose (and so patch) adds it on the storage axis, without
     renaming the policy; given explicitly it is named."""
-    alone = kvx.compose(kvx.make_policy("head_budget", budget=16))
+    alone = kvx.compose(kvx.make_policy("head_budget", budget=16, window=4))
     assert alone.name == "head_budget" and alone.storage == "ragged"
     assert alone.axes() == {"selection": "head_budget", "storage": "ragged", "method": "dense"}
     assert alone.describe().endswith("+ragged()")
     assert kvx.compose("head_budget", "ragged").name == "head_budget+ragged"
     assert kvx.compose("snapkv").axes() == {"selection": "snapkv", "storage": "dense", "method": "dense"}
     model = tiny_model("llama")
-    with kvx.patched(model, "head_budget", budget=16) as policy:
+    with kvx.patched(model, "head_budget", budget=16, window=4) as policy:
         assert kvx.policy_of(model) is policy and policy.name == "head_budget"
         assert model._kvx_state.axes.storage == "ragged"
         _, _, cache = greedy(model, random_ids(1, 40, seed=5), new_tokens=2)

@@ -37,10 +37,10 @@ def accumulate(state: dict[str, torch.Tensor], name: str, scores: torch.Tensor) 
 SCORER_WINDOW_OPTION = {"snapkv": "window", "h2o": "recent", "keyformer": "recent", "knorm": "recent"}
 
 
-def build_scorer(owner: str, scorer, window: int):
+def build_scorer(owner: str, scorer, window: int, budget: int | None = None):
     """The scoring policy a wrapper (PyramidKV, HeadBudget) ranks tokens with: a registered name
     (built with the wrapper's ``window``) or a policy object. Raises unless its scores rank
-    tokens by importance."""
+    tokens by importance, and (given the wrapper's ``budget``) unless what it always keeps fits."""
     from kvx.policy import EvictionPolicy, make_policy, policy_class
 
     if isinstance(scorer, str):
@@ -51,4 +51,8 @@ def build_scorer(owner: str, scorer, window: int):
     if not isinstance(scorer, EvictionPolicy) or not scorer.scores_rank_tokens:
         raise TypeError(f"{owner}: scorer {scorer!r} does not rank tokens by importance; "
                         "use e.g. snapkv, h2o, tova, keyformer, knorm")
+    kept = scorer.always_kept()
+    if budget is not None and kept > budget:
+        raise ValueError(f"{owner}: scorer {scorer.name} always keeps {kept} tokens, more than budget ({budget}); "
+                         "give it a smaller window, or a larger budget")
     return scorer

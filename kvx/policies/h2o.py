@@ -33,9 +33,10 @@ class H2O(BudgetedPolicy):
     recent: int = option(32, "most recent tokens that are always kept")
     gqa_reduce: str = option("sum", f"how the query heads of a KV head combine scores: {', '.join(GQA_REDUCTIONS)}")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_always_kept("recent")
+    always_kept_option: ClassVar[str] = "recent"
+
+    def validate(self) -> None:
+        super().validate()
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
 
     def observe(self, view: CompressionView) -> None:

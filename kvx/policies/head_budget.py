@@ -28,8 +28,8 @@ from kvx.policies._scoring import build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
-    EvictionPolicy,
     Phase,
+    check_number,
     option,
     register_policy,
     token_ranks,
@@ -49,14 +49,13 @@ class HeadBudget(BudgetedPolicy):
     window: int = option(32, "the scorer's window (observation or recent tokens), kept by every head")
     floor: float = option(0.2, "each KV head keeps at least floor x budget of its best tokens, in [0, 1]")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
-            raise ValueError(f"head_budget: floor must be a number in [0, 1], got {self.floor!r}")
-        self._scorer = self._build_scorer()
+    always_kept_option: ClassVar[str] = "window"
+    always_kept_minimum: ClassVar[int] = 1
 
-    def _build_scorer(self) -> EvictionPolicy:
-        return build_scorer(self.name, self.scorer, self.window)
+    def validate(self) -> None:
+        super().validate()
+        check_number(self.name, "floor", self.floor, low=0, high=1)
+        self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
 
     def wants_view(self, phase: Phase) -> bool:  # mirrors the triggers of select_mask below
         return (self._scorer.observes() or phase in self.phases

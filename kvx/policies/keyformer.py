@@ -20,7 +20,7 @@ import torch
 
 from kvx.kernels.reference import grouped_logits
 from kvx.policies._scoring import accumulate, keep_recent
-from kvx.policy import BudgetedPolicy, CompressionView, check_positive_int, option, register_policy
+from kvx.policy import BudgetedPolicy, CompressionView, check_number, check_positive_int, option, register_policy
 
 
 def hashed_uniform(shape: torch.Size, layer_idx: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -51,12 +51,13 @@ class Keyformer(BudgetedPolicy):
     tau: float = option(1.0, "softmax temperature of the regularised scores (> 0)")
     seed: int = option(0, "seed of the Gumbel noise")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_always_kept("recent")
+    always_kept_option: ClassVar[str] = "recent"
+
+    def validate(self) -> None:
+        super().validate()
         check_positive_int(self.name, "window", self.window)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or self.tau <= 0:
-            raise ValueError(f"keyformer: tau must be a positive number, got {self.tau!r}")
+        check_number(self.name, "tau", self.tau, low=0, low_open=True)
+        check_positive_int(self.name, "seed", self.seed, minimum=0)
 
     def observe(self, view: CompressionView) -> None:
         window = min(self.window, view.query.shape[-2])

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from kvx.policies._scoring import keep_recent
-from kvx.policy import BudgetedPolicy, CompressionView, check_positive_int, option, register_policy
+from kvx.policy import BudgetedPolicy, CompressionView, option, register_policy
 
 
 @register_policy
@@ -25,9 +25,7 @@ class KNorm(BudgetedPolicy):
 
     recent: int = option(0, "most recent tokens that are always kept")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(self.name, "recent", self.recent, minimum=0)
+    always_kept_option: ClassVar[str] = "recent"
 
     def score(self, view: CompressionView) -> torch.Tensor:
         return keep_recent(-view.keys.float().norm(dim=-1), self.recent)

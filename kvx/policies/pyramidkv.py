@@ -4,9 +4,9 @@ Paper: Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal I
 Funneling" (2024).
 
 Lower layers spread attention widely and keep more tokens; upper layers focus and keep fewer.
-With ``schedule="pyramid"`` the budgets fall linearly from ``2 * budget - budget / beta`` at the
-first layer to ``budget / beta`` at the last (never below ``window``), so the model keeps
-``budget`` tokens per layer on average; ``"uniform"`` keeps ``budget`` everywhere; a list gives
+With ``schedule="pyramid"`` the budgets fall linearly from ``2 * budget - low`` at the first layer
+to ``low = max(budget / beta, window)`` at the last, so no layer keeps fewer than its ``window``
+and the model keeps ``budget`` tokens per layer on average; ``"uniform"`` keeps ``budget`` everywhere; a list gives
 one budget per layer. Tokens are ranked by ``scorer`` (SnapKV by default).
 """
 
@@ -21,8 +21,8 @@ from kvx.policies._scoring import build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
-    EvictionPolicy,
     capacity_tensor,
+    check_number,
     check_positive_int,
     option,
     register_policy,
@@ -40,26 +40,34 @@ class PyramidKV(BudgetedPolicy):
     summary: ClassVar[str] = "per-layer budgets shrinking with depth over any scorer (Cai et al., 2024)"
 
     scorer: Any = option("snapkv", "policy that ranks tokens: a name or a policy object")
-    window: int = option(32, "the scorer's window (observation / recent); no layer keeps fewer")
-    beta: float = option(20.0, "last layer keeps budget / beta tokens (pyramid schedule)")
-    schedule: Any = option("pyramid", "pyramid, uniform, or a list with one budget per layer")
+    window: int = option(32, "the scorer's window (observation / recent), always kept: no layer keeps fewer")
+    beta: float = option(20.0, "last layer keeps max(budget / beta, window) tokens (pyramid schedule)")
+    schedule: Any = option("pyramid", "pyramid, uniform, or a list with one budget per layer (each >= window)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(self.name, "window", self.window)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
-            raise ValueError(f"pyramidkv: beta must be a number >= 1, got {self.beta!r}")
+    always_kept_option: ClassVar[str] = "window"
+    always_kept_minimum: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self.name, "beta", self.beta, low=1)
         if isinstance(self.schedule, (list, tuple)):
-            for budget in self.schedule:
-                check_positive_int(self.name, "each schedule entry", budget)
-            if self.ratio is not None:
-                raise ValueError("pyramidkv: a schedule list gives absolute budgets; it cannot be combined with ratio")
-        elif self.schedule not in SCHEDULES:
-            raise ValueError(f"pyramidkv: schedule must be one of {', '.join(SCHEDULES)} or a list; got {self.schedule!r}")
-        self._scorer = self._build_scorer()
+            self._check_schedule_list()
+        elif not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise ValueError(f"pyramidkv: schedule must be one of {', '.join(SCHEDULES)} or a list of budgets; "
+                             f"got {self.schedule!r}")
+        self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
 
-    def _build_scorer(self) -> EvictionPolicy:
-        return build_scorer(self.name, self.scorer, self.window)
+    def _check_schedule_list(self) -> None:
+        """Every entry of a schedule list is a budget that holds the window; no ratio with it."""
+        if not self.schedule:
+            raise ValueError("pyramidkv: the schedule list is empty; give one budget per layer")
+        for layer, budget in enumerate(self.schedule):
+            check_positive_int(self.name, f"schedule[{layer}]", budget)
+            if budget < self.window:
+                raise ValueError(f"pyramidkv: schedule[{layer}] ({budget}) is below window ({self.window}): the "
+                                 f"window tokens are always kept, so no layer's budget may be smaller")
+        if self.ratio is not None:
+            raise ValueError("pyramidkv: a schedule list gives absolute budgets; it cannot be combined with ratio")
 
     def check_model(self, num_layers: int) -> None:
         if isinstance(self.schedule, (list, tuple)) and len(self.schedule) != num_layers:
@@ -73,8 +81,8 @@ class PyramidKV(BudgetedPolicy):
             return list(self.schedule)
         if self.schedule == "uniform" or num_layers == 1:
             return [budget] * num_layers
-        low = budget / self.beta
-        high = 2 * budget - low
+        low = max(budget / self.beta, self.window)  # the floor: the window is always kept
+        high = 2 * budget - low  # the average stays the budget
         return [max(self.window, round(high - (high - low) * i / (num_layers - 1))) for i in range(num_layers)]
 
     def capacity(self, view: CompressionView) -> torch.Tensor:

@@ -51,9 +51,11 @@ class SnapKV(BudgetedPolicy):
     pooling: str = option("avg", f"score smoothing: {', '.join(POOLINGS)}")
     gqa_reduce: str = option("mean", f"how the query heads of a KV head combine scores: {', '.join(GQA_REDUCTIONS)}")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_always_kept("window", minimum=1)
+    always_kept_option: ClassVar[str] = "window"
+    always_kept_minimum: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        super().validate()
         check_positive_int(self.name, "kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"snapkv: kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")

@@ -39,7 +39,8 @@ class StreamingLLM(EvictionPolicy):
     sink: int = option(4, "first tokens of each row that are always kept (attention sinks)")
     window: int = option(1020, "most recent tokens that are always kept")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         check_positive_int(self.name, "sink", self.sink, minimum=0)
         check_positive_int(self.name, "window", self.window, minimum=1)
 

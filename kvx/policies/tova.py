@@ -30,10 +30,13 @@ class TOVA(BudgetedPolicy):
     decode_interval: int = option(1, "also compress while generating, every N tokens past capacity (0: prompt only)")
     per_head: bool = option(False, "score per KV head instead of averaging over the layer's heads")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         if not isinstance(self.per_head, bool):
             raise TypeError(f"tova: per_head must be true or false, got {self.per_head!r}")
+
+    def always_kept(self) -> int:
+        return 1  # the newest token
 
     def score(self, view: CompressionView) -> torch.Tensor:
         probs = window_attention_probs(view.query[..., -1:, :], view.keys, view.query_mask(1), view.scaling, view.softcap)

@@ -87,7 +87,7 @@ def test_bad_input(options, error, match):
 
 def test_a_dense_cache_is_refused_for_ragged_policies():
     model = tiny_model("llama")
-    with kvx.patched(model, "head_budget", budget=8), pytest.raises(ValueError, match="needs ragged"):
+    with kvx.patched(model, "head_budget", budget=8, window=4), pytest.raises(ValueError, match="needs ragged"):
         model(random_ids(1, 10), **cache_kwargs(kvx.KVCache(model.config)))
 
 
