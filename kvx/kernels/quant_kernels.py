@@ -63,6 +63,10 @@ def _triton_packed_decode(query, keys, values, valid, scaling, softcap, splits, 
     if values.tokens != length or keys.dim != dim:
         raise ValueError(f"keys of {keys.dim} channels and {length} tokens, values of {values.tokens} tokens, "
                          f"do not fit a query of head dim {dim}")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not share {kv_heads} KV heads evenly")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of 16 or more, got {block}")
     rows, groups, value_dim = batch * kv_heads, heads // kv_heads, values.dim
     if splits is None:
         splits = max(1, min(16, triton.cdiv(length, 512)))

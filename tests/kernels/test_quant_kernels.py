@@ -79,10 +79,22 @@ def test_split_count_and_tile_size_do_not_change_the_result():
     torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_takes_one_query_per_head():
+def test_decode_over_no_tokens():
+    query, keys, values, _ = _case("kivi2", torch.float32)
+    none = lambda p: quant.gather_tokens(p, torch.zeros(*p.codes.shape[:2], 0, dtype=torch.long, device=DEVICE))  # noqa: E731
+    out, lse = packed_decode_attention(query, none(keys), none(values), None, 0.1, backend="triton")
+    assert out.shape == query.shape and not out.any() and torch.equal(lse, torch.full_like(lse, -torch.inf))
+
+
+def test_decode_refuses_bad_shapes():
     query, keys, values, valid = _case("kivi2", torch.float32)
     with pytest.raises(ValueError, match="one query per head, got 2"):
         packed_decode_attention(query.expand(-1, -1, 2, -1), keys, values, valid, 0.1, backend="triton")
+    kivi4 = _case("kivi4", torch.float32)
+    with pytest.raises(ValueError, match="7 query heads do not share 2 KV heads evenly"):
+        packed_decode_attention(kivi4[0][:, :7], *kivi4[1:], 0.1, backend="triton")
+    with pytest.raises(ValueError, match="block must be a power of two of 16 or more, got 24"):
+        packed_decode_attention(query, keys, values, valid, 0.1, backend="triton", block=24)
 
 
 def _assert_packed_equal(got, want):
