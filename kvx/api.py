@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,7 @@ from kvx.compat import (
 from kvx.compose import as_composed
 from kvx.patches import NO_CHUNKED_PREFILL, find_attention
 from kvx.policy import Policy, make_policy
+from kvx.storage.base import Storage
 
 STATE_ATTR = "_kvx_state"
 
@@ -67,6 +70,7 @@ def patch(
     policy = make_policy(policy, **options)
     axes = as_composed(policy)
     axes.check_model(decoder_config(model.config).num_hidden_layers)
+    _warn_if_nothing_to_compress(model, axes)
     if is_patched(model):
         unpatch(model)
     register()
@@ -78,6 +82,9 @@ def patch(
     )
     if generation_config is not None:
         generation_config.prefill_chunk_size = chunk_size
+        if chunk_size is not None and "generate" not in vars(model):
+            model.generate = types.MethodType(_generate_in_one_piece_where_needed, model)
+            state.wrapped_generate = True
     state.method = axes.attention_method() or state.method  # dense unless the policy brings a method
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
@@ -92,6 +99,33 @@ def patch(
     setattr(model, STATE_ATTR, state)
     setattr(owner, STATE_ATTR, state)  # the hooks read it from their module (so deepcopy stays consistent)
     return policy
+
+
+def _warn_if_nothing_to_compress(model: torch.nn.Module, axes) -> None:
+    """A selection on a model with no layer it may compress (every layer a sliding window, or not
+    attention) would run as dense without a word: say so, once per patch."""
+    if axes.selection is None:
+        return
+    layers = KVCache(model.config, axes.storage).layers
+    if not any(isinstance(layer, Storage) for layer in layers):
+        warnings.warn(
+            f"kvx.patch: policy {axes.name} has nothing to compress on this {model.config.model_type} model: every "
+            "one of its layers is a sliding window (bounded by the model) or not attention, so the run is dense",
+            UserWarning, stacklevel=3,
+        )
+
+
+def _generate_in_one_piece_where_needed(model: torch.nn.Module, *args: Any, **kwargs: Any):
+    """``generate`` of a model patched with a chunk size: calls that cannot prefill in chunks
+    (``use_cache=False``: no cache to fill; ``inputs_embeds``: transformers splits ``input_ids``)
+    prefill in one piece, as they would unpatched. A ``prefill_chunk_size`` the caller gives is
+    left to transformers."""
+    if "prefill_chunk_size" not in kwargs:
+        config = kwargs.get("generation_config") or model.generation_config
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        if use_cache is False or kwargs.get("inputs_embeds") is not None:
+            kwargs["prefill_chunk_size"] = None
+    return type(model).generate(model, *args, **kwargs)
 
 
 def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:
@@ -121,6 +155,8 @@ def unpatch(model: torch.nn.Module) -> None:
     model.set_attn_implementation(state.original_attn_implementation)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.prefill_chunk_size = state.original_chunk_size
+    if state.wrapped_generate:
+        vars(model).pop("generate", None)
     state.active_cache = None
     for module in model.modules():
         if hasattr(module, STATE_ATTR):
@@ -230,6 +266,7 @@ def _cache_injector(owner: torch.nn.Module):
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         state: PatchState = getattr(module, STATE_ATTR)
+        _refuse_attention_maps(module, kwargs)
         where, cache = _given_cache(name, position, args, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -245,6 +282,7 @@ def _cache_injector(owner: torch.nn.Module):
             else:
                 kwargs[where] = cache
         elif not isinstance(cache, KVCache):
+            _refuse_offloading(cache)
             KVCache.convert_in_place(cache, module.config, storage)
         elif cache.storage != storage:
             raise ValueError(
@@ -257,6 +295,25 @@ def _cache_injector(owner: torch.nn.Module):
         return args, kwargs
 
     return hook
+
+
+def _refuse_attention_maps(module: torch.nn.Module, kwargs: dict) -> None:
+    """``output_attentions=True`` would come back empty: kvx's attention returns no weights."""
+    if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+        raise ValueError(
+            "output_attentions=True: a kvx-patched model returns no attention maps (its attention reads the "
+            "compressed cache, and evicted tokens have no weights); run kvx.unpatch(model) to get them"
+        )
+
+
+def _refuse_offloading(cache: Any) -> None:
+    """An offloaded ``DynamicCache`` (``cache_implementation="offloaded"``) would lose its offloading
+    when it becomes a kvx cache: refuse it rather than keep every layer on the device silently."""
+    if getattr(cache, "offloading", False):
+        raise ValueError(
+            "cache_implementation='offloaded': a kvx cache keeps its layers on the model's device and does not "
+            "offload them (compression is what bounds its memory); drop cache_implementation, or kvx.unpatch(model)"
+        )
 
 
 def _check_continues(cache: KVCache, args: tuple, kwargs: dict) -> None:

@@ -42,6 +42,7 @@ class PatchState:
     original_attn_implementation: str
     original_chunk_size: int | None = None
     chunk_size: int | None = None
+    wrapped_generate: bool = False  # patch gave the model a generate() that drops chunking where impossible
     hook_handles: list[Any] = field(default_factory=list)
     active_cache: KVCache | None = None
     method: Method = field(default_factory=Dense)
