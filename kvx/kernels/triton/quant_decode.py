@@ -115,7 +115,7 @@ def packed_decode_kernel(
     v_col_ok = v_cols < DV
     q = tl.load(Q + row * G * D + heads[:, None] * D + cols[None, :], mask=head_ok[:, None] & col_ok[None, :],
                 other=0.0)
-    q = q.to(tl.float32) * scaling
+    q = q.to(tl.float32)
 
     running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -126,7 +126,7 @@ def packed_decode_kernel(
         k = dequantize_tile(K_CODES, K_SCALE, K_ZERO, K_INDEX, row, tokens, token_ok, cols, col_ok, length,
                             k_scale_groups, D, K_BITS, K_GROUP, K_CHANNEL, K_HAS_ZERO, K_HAS_INDEX)
         k = round_to(k, Q.dtype.element_ty)  # the reference dequantizes to the query's dtype
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, BLOCK_N]
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling  # [BLOCK_G, BLOCK_N], as the reference
         if USE_SOFTCAP:  # tanh(x) = 2 * sigmoid(2x) - 1
             logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)
         visible = token_ok
