@@ -211,6 +211,7 @@ def prefill(
             position_ids = None if attention_mask is None else _positions(attention_mask)[:, start:stop]
             out = model(input_ids[:, start:stop], attention_mask=mask, position_ids=position_ids,
                         logits_to_keep=1, **cache_kwargs(cache))
+    cache.end_prompt()  # storage that keeps the prompt exact until it ends (quantized) stores it now
     return out
 
 

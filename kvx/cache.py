@@ -30,8 +30,27 @@ from kvx.compat import (
     is_dense_layer,
     is_sliding_layer,
 )
-from kvx.storage import STORAGE_KINDS
+from kvx.compose import from_spec, to_spec
+from kvx.policy import Policy, list_policies
+from kvx.storage import make_layer
 from kvx.storage.base import Storage
+
+
+def _storage_policy(storage: str) -> Policy | None:
+    """The storage policy a spec names (``ragged``, ``kivi:bits=2``), or None for ``dense``."""
+    storage_names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
+    choices = f"dense, or a storage policy with options ({', '.join(storage_names)}; e.g. 'kivi:bits=2')"
+    if not isinstance(storage, str):
+        raise TypeError(f"KVCache storage must be a string: {choices}; got {type(storage).__name__}")
+    if storage == "dense":
+        return None
+    try:
+        policy = from_spec(storage)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"KVCache storage {storage!r}: {err}") from None
+    if policy.axis != "storage":
+        raise ValueError(f"KVCache storage {storage!r} is a {policy.axis} policy; choose {choices}")
+    return policy
 
 
 def _layer_tensors(layer: CacheLayerMixin) -> list[torch.Tensor]:
@@ -126,15 +145,11 @@ class KVCache(Cache):
     by hand: ``kvx.KVCache(model.config)``.
     """
 
-    STORAGES = tuple(STORAGE_KINDS)
-
     def __init__(self, config: PretrainedConfig, storage: str = "dense"):
-        if storage not in self.STORAGES:
-            raise ValueError(f"unknown KV storage {storage!r}; choose from {', '.join(self.STORAGES)}")
-        self.storage = storage
-        full_layer = STORAGE_KINDS[storage]
+        storage_policy = _storage_policy(storage)
+        self.storage = "dense" if storage_policy is None else to_spec(storage_policy)
         layers = [
-            full_layer() if is_dense_layer(layer)
+            make_layer(storage_policy) if is_dense_layer(layer)
             else SlidingWindowLayer(sliding_window=layer.sliding_window) if is_sliding_layer(layer)
             else layer  # not plain attention (linear attention, convolution, shared KV...): transformers' own
             for layer in default_cache_layers(decoder_config(config))
@@ -166,6 +181,12 @@ class KVCache(Cache):
         """``[B]`` real (non-padding) tokens seen per row, or None before any compressed layer has any."""
         return next((layer.real_seen for layer in self.layers
                      if isinstance(layer, Storage) and layer.real_seen is not None), None)
+
+    def end_prompt(self) -> None:
+        """The prompt is complete: every compressed layer stores it in its final form."""
+        for layer in self.layers:
+            if isinstance(layer, Storage):
+                layer.end_prompt()
 
     def nbytes(self) -> int:
         """Bytes actually held by the cache, summed over every stored tensor of every layer."""

@@ -60,6 +60,10 @@ class Composed(Policy):
                 f"not {storage_part.name}"
             )
         self._storage = given
+        self.storage_part = storage_part
+        check = getattr(storage_part, "check_selection", None)
+        if check is not None and self.selection is not None:
+            check(self.selection)  # e.g. a full-precision window that holds every token the selection keeps
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -68,7 +72,9 @@ class Composed(Policy):
 
     @property
     def storage(self) -> str:  # type: ignore[override]
-        return self._storage
+        """The storage of a patch with this policy: ``dense``, or the storage part's spec with every
+        option (``ragged``, ``kivi:bits=4,group=32,window=128,sink=0``), which ``kvx.KVCache`` takes."""
+        return "dense" if self.storage_part is None else to_spec(self.storage_part)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         return None if self.selection is None else self.selection.select_mask(view)
@@ -105,6 +111,21 @@ def compose(*policies: Policy | str, **options: Any) -> Composed:
 def as_composed(policy: Policy) -> Composed:
     """``policy`` itself if composed, else it alone with the storage it needs (what ``patch`` runs)."""
     return policy if isinstance(policy, Composed) else Composed(policy)
+
+
+def to_spec(policy: Policy) -> str:
+    """The spec :func:`from_spec` reads back into an equal policy: ``name:key=value,...``, every option."""
+    options = ",".join(f"{o['name']}={_spec_value(getattr(policy, o['name']))}" for o in policy.options())
+    return f"{policy.name}:{options}" if options else policy.name
+
+
+def _spec_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    text = str(value)
+    if any(c in text for c in ",+:="):
+        raise ValueError(f"option value {value!r} cannot be written in a policy spec (it contains , + : or =)")
+    return text
 
 
 def from_spec(text: str) -> Policy:

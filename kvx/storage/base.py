@@ -92,6 +92,10 @@ class Storage(CacheLayerMixin):
     def end_step(self) -> None:
         """Drop what this call built and no later call needs."""
 
+    def end_prompt(self) -> None:
+        """The prompt is complete (``kvx.prefill`` ends; ``generate()`` says so with its first
+        decode step): store it in its final form (quantized storage quantizes it now)."""
+
     def kept_per_head(self) -> torch.Tensor:
         """``[B, Hkv]`` real tokens stored per row and KV head."""
         raise NotImplementedError

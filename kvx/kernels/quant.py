@@ -1,0 +1,275 @@
+"""Packed low-bit keys and values, and the torch reference ops over them.
+
+Layout of one packed tensor (:class:`Packed`), standing for ``x [B, Hkv, S, D]``:
+
+- ``codes [B, Hkv, S, D * bits / 8]`` uint8: ``bits``-bit unsigned codes packed along ``D``,
+  ``8 / bits`` per byte, the lowest bits first;
+- ``scale``, ``zero`` float16, one per group: ``x ~ code * scale + zero`` (asymmetric), or
+  ``x ~ (code - 2^(bits-1)) * scale`` (symmetric: no ``zero`` stored);
+- groups run along one axis:
+  - ``"token"``: ``group`` consecutive channels of one token, ``scale [B, Hkv, S, D / group]``
+    (values in KIVI, keys and values in int8);
+  - ``"channel"``: ``group`` consecutive tokens of one channel, ``scale [B, Hkv, S / group, D]``
+    (keys in KIVI: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+    2024). Once tokens inside a group are evicted, ``group_index [B, Hkv, S]`` names each
+    token's group; until then it is None and token ``s`` is in group ``s // group``.
+
+So the quantized part costs exactly ``bits / 8 + 2 * 2 / group`` bytes per element (asymmetric),
+``bits / 8 + 2 / group`` (symmetric), plus ``group_index`` after an eviction inside it.
+
+Attention over packed keys and values (:func:`packed_attention_with_lse`) dequantizes a block of
+tokens at a time: never the whole cache per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvx.kernels import reference
+
+AXES = ("token", "channel")
+BITS = (2, 4, 8)
+SCALE_DTYPE = torch.float16
+
+
+@dataclass
+class Packed:
+    """Low-bit codes with their groups' scales and zero points (see the module docstring)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group: int
+    axis: str
+    group_index: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def dim(self) -> int:
+        return self.codes.shape[-1] * 8 // self.bits
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds (its bytes)."""
+        return [t for t in (self.codes, self.scale, self.zero, self.group_index) if t is not None]
+
+    def token_groups(self) -> torch.Tensor:
+        """``[B, Hkv, S]`` long: the scale group of every token (``"channel"`` axis)."""
+        if self.group_index is not None:
+            return self.group_index.long()
+        batch, heads, tokens = self.codes.shape[:3]
+        groups = torch.arange(tokens, device=self.codes.device) // self.group
+        return groups.expand(batch, heads, tokens)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
+        """Apply a row (batch) re-order / repeat / select ``fn`` to every tensor."""
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale),
+                       zero=None if self.zero is None else fn(self.zero),
+                       group_index=None if self.group_index is None else fn(self.group_index))
+
+
+def check_layout(bits: int, group: int, dim: int, axis: str, who: str = "quantized storage") -> None:
+    """Raise a ValueError naming the value and the valid choices unless the layout can hold ``dim``."""
+    if bits not in BITS:
+        raise ValueError(f"{who}: bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+    if axis not in AXES:
+        raise ValueError(f"{who}: axis must be one of {', '.join(AXES)}, got {axis!r}")
+    if (dim * bits) % 8:
+        raise ValueError(f"{who}: {bits}-bit codes of a head dim of {dim} do not fill whole bytes")
+    if axis == "token" and dim % group:
+        raise ValueError(f"{who}: group ({group}) must divide the head dim ({dim}) for per-token groups")
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False) -> Packed:
+    """Quantize ``x [B, Hkv, S, D]``; on the ``"channel"`` axis ``S`` must be a multiple of ``group``."""
+    batch, heads, tokens, dim = x.shape
+    check_layout(bits, group, dim, axis)
+    if axis == "channel" and tokens % group:
+        raise ValueError(f"per-channel groups take a multiple of {group} tokens, got {tokens}")
+    grouped = _grouped(x.float(), group, axis)  # [..., n_groups, group] along the grouped axis
+    scale, zero = _scale_and_zero(grouped, bits, symmetric)
+    levels = 2**bits - 1
+    if symmetric:
+        codes = torch.round(grouped / scale.float()[..., None]) + 2 ** (bits - 1)
+    else:
+        codes = torch.round((grouped - zero.float()[..., None]) / scale.float()[..., None])
+    codes = torch.nan_to_num(codes, nan=0.0).clamp_(0, levels).to(torch.uint8)
+    return Packed(_pack(_ungrouped(codes, x.shape, group, axis), bits), scale, zero, bits, group, axis)
+
+
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x [B, Hkv, S, D]`` in ``dtype`` from a packed tensor."""
+    codes = _unpack(p.codes, p.bits).float()
+    scale = _per_element(p, p.scale)
+    if p.zero is None:
+        x = (codes - 2 ** (p.bits - 1)) * scale
+    else:
+        x = codes * scale + _per_element(p, p.zero)
+    return x.to(dtype)
+
+
+def _per_element(p: Packed, per_group: torch.Tensor) -> torch.Tensor:
+    """A group-wise tensor broadcast to ``[B, Hkv, S, D]`` float32."""
+    per_group = per_group.float()
+    if p.axis == "token":  # [B, Hkv, S, D/g] -> [B, Hkv, S, D]
+        return per_group.repeat_interleave(p.group, dim=-1)
+    index = p.token_groups()[..., None].expand(*p.token_groups().shape, per_group.shape[-1])
+    return per_group.gather(2, index)  # [B, Hkv, S_groups, D] -> [B, Hkv, S, D]
+
+
+def _grouped(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
+    """``[B, Hkv, S, D]`` -> groups last: ``[B, Hkv, S, D/g, g]`` (token) or ``[B, Hkv, S/g, D, g]`` (channel)."""
+    batch, heads, tokens, dim = x.shape
+    if axis == "token":
+        return x.reshape(batch, heads, tokens, dim // group, group)
+    return x.reshape(batch, heads, tokens // group, group, dim).transpose(-1, -2)
+
+
+def _ungrouped(grouped: torch.Tensor, shape: torch.Size, group: int, axis: str) -> torch.Tensor:
+    if axis == "token":
+        return grouped.reshape(shape)
+    return grouped.transpose(-1, -2).reshape(shape)
+
+
+def _scale_and_zero(grouped: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per group: float16 ``(scale, zero)``; zero is None when symmetric."""
+    if symmetric:
+        absmax = grouped.abs().amax(-1)
+        return (absmax / (2 ** (bits - 1) - 1)).to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny), None
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    zero = low.to(SCALE_DTYPE)
+    scale = ((high - zero.float()) / (2**bits - 1)).to(SCALE_DTYPE).clamp_min(torch.finfo(SCALE_DTYPE).tiny)
+    return scale, zero
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` (each < 2^bits) -> ``[..., D * bits / 8]``, lowest bits first."""
+    if bits == 8:
+        return codes.contiguous()
+    per_byte = 8 // bits
+    lanes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (lanes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., D * bits / 8]`` uint8 -> codes ``[..., D]`` uint8."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    lanes = (packed[..., None] >> shifts) & (2**bits - 1)
+    return lanes.reshape(*packed.shape[:-1], -1)
+
+
+def concat(first: Packed | None, second: Packed) -> Packed:
+    """Tokens of ``first`` then ``second`` (same layout; ``first`` None: ``second``)."""
+    if first is None:
+        return second
+    codes = torch.cat([first.codes, second.codes], dim=2)
+    scale = torch.cat([first.scale, second.scale], dim=2)
+    zero = None if first.zero is None else torch.cat([first.zero, second.zero], dim=2)
+    group_index = None
+    if first.axis == "channel" and (first.group_index is not None or second.group_index is not None):
+        offset = first.scale.shape[2]  # the second's groups follow the first's
+        group_index = torch.cat([first.token_groups(), second.token_groups() + offset], 2)
+        group_index = group_index.to(torch.int16 if scale.shape[2] < 2**15 else torch.int32)
+    return replace(first, codes=codes, scale=scale, zero=zero, group_index=group_index)
+
+
+def gather_tokens(p: Packed, indices: torch.Tensor, slot_valid: torch.Tensor | None = None) -> Packed:
+    """The tokens ``indices [B, Hkv, K]`` of ``p``, in that order (``slot_valid [B, Hkv, K]``: False
+    on padding slots, which hold any token). Per-channel groups keep their scales: each kept token
+    records its group (``group_index``), and groups no real token uses any more are dropped, so
+    memory follows the kept tokens."""
+    codes = p.codes.gather(2, indices[..., None].expand(*indices.shape, p.codes.shape[-1]))
+    if p.axis == "token":
+        gather = lambda t: t.gather(2, indices[..., None].expand(*indices.shape, t.shape[-1]))  # noqa: E731
+        return replace(p, codes=codes, scale=gather(p.scale), zero=None if p.zero is None else gather(p.zero))
+    groups = p.token_groups().gather(2, indices)
+    if slot_valid is not None:  # padding slots (on the left) share the first real token's group
+        first = groups.masked_fill(~slot_valid, torch.iinfo(groups.dtype).max).amin(-1, keepdim=True)
+        groups = torch.where(slot_valid, groups, first.clamp(max=max(p.scale.shape[2] - 1, 0)))
+    return _compact_groups(replace(p, codes=codes), groups, p.scale, p.zero)
+
+
+def _compact_groups(p: Packed, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> Packed:
+    """Renumber the groups of ``groups [B, Hkv, K]`` (ascending per row and head) densely from 0 and
+    keep only the scales and zero points of groups still in use."""
+    starts = torch.ones_like(groups, dtype=torch.bool)
+    starts[..., 1:] = groups[..., 1:] != groups[..., :-1]
+    new_index = starts.long().cumsum(-1) - 1  # [B, Hkv, K]
+    used = int(new_index[..., -1].max()) + 1 if groups.shape[-1] else 0
+    dim = scale.shape[-1]
+    source = torch.zeros(*groups.shape[:2], used, dtype=torch.long, device=groups.device)
+    source.scatter_(2, new_index, groups)  # new group -> old group
+    take = lambda t: t.gather(2, source[..., None].expand(*source.shape, dim))  # noqa: E731
+    index_dtype = torch.int16 if used < 2**15 else torch.int32
+    return replace(p, scale=take(scale), zero=None if zero is None else take(zero),
+                   group_index=new_index.to(index_dtype))
+
+
+def packed_attention_with_lse(
+    query: torch.Tensor,
+    keys: Packed,
+    values: Packed,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    block: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query [B, H, q, D]`` over every (valid) packed token: ``(out [B, H, q, Dv],
+    lse [B, H, q])`` float32, for :func:`kvx.kernels.reference.merge_attention`. Dequantizes
+    ``block`` tokens at a time (GQA native, no expansion of keys/values); ``valid [B, Hkv, S]``
+    masks padding slots."""
+    parts = []
+    for start in range(0, keys.tokens, block):
+        stop = min(start + block, keys.tokens)
+        k = dequantize(_token_slice(keys, start, stop), query.dtype)
+        v = dequantize(_token_slice(values, start, stop), query.dtype)
+        mask = None
+        if valid is not None:
+            groups = query.shape[1] // valid.shape[1]
+            mask = reference.expand_kv_heads(valid[..., start:stop], groups)[:, :, None, :]
+        parts.append(reference.attention_with_lse(query, k, v, mask, scaling, softcap))
+    return _merge_with_lse(parts)
+
+
+def _merge_with_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial ``(out, lse)`` pairs into one ``(out, lse)`` float32."""
+    lse = torch.stack([p[1] for p in parts]).logsumexp(0)
+    weights = [torch.exp(p[1] - lse).nan_to_num(0.0)[..., None] for p in parts]
+    out = sum(w * p[0].float() for w, p in zip(weights, parts))
+    return out, lse
+
+
+def _token_slice(p: Packed, start: int, stop: int) -> Packed:
+    """Tokens ``start:stop`` of ``p`` (per-channel scales re-indexed to the slice's groups)."""
+    codes = p.codes[:, :, start:stop]
+    if p.axis == "token":
+        return replace(p, codes=codes, scale=p.scale[:, :, start:stop],
+                       zero=None if p.zero is None else p.zero[:, :, start:stop])
+    groups = p.token_groups()[..., start:stop]
+    index = groups[..., None].expand(*groups.shape, p.scale.shape[-1])
+    take = lambda t: t.gather(2, index)  # noqa: E731  per-token scales of the slice [B, Hkv, n, D]
+    return replace(p, codes=codes, scale=take(p.scale), zero=None if p.zero is None else take(p.zero),
+                   group=1, group_index=None)
+
+
+def error_bound(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False) -> torch.Tensor:
+    """Largest round-trip error ``|x - dequantize(quantize(x))|`` the layout allows per element:
+    half a step, plus the float16 rounding of the scale and zero point."""
+    grouped = _grouped(x.float(), group, axis)
+    scale, zero = _scale_and_zero(grouped, bits, symmetric)
+    step = scale.float()[..., None]
+    slack = step * (2**bits) * 2**-10 + (0 if zero is None else zero.float().abs()[..., None] * 2**-10)
+    return _ungrouped((0.5 * step + slack).expand_as(grouped), x.shape, group, axis)
+
+
+__all__ = ["AXES", "BITS", "Packed", "check_layout", "concat", "dequantize", "error_bound", "gather_tokens",
+           "packed_attention_with_lse", "quantize"]
