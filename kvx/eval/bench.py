@@ -29,6 +29,7 @@ from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
 from kvx.eval.needle import DENSE, PolicyRun
 from kvx.kernels import reference
+from kvx.policy import check_positive_int
 
 # Random-weight model shapes by name (speed needs shapes, not trained weights).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -105,6 +106,31 @@ def parse_policy_list(text: str) -> list[PolicyRun]:
     return parse_policies([m for m in merged if m != DENSE], [], with_dense=True)
 
 
+def check_counts(**counts: Any) -> None:
+    """Raise, naming the setting and its value, unless each count is a positive int (``warmup`` may
+    be 0, ``chunk_size`` None; a list, such as ``lengths``, must be non-empty and positive)."""
+    for name, value in counts.items():
+        if name == "chunk_size" and value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ValueError(f"bench: {name} must list at least one value")
+        for item in values:
+            check_positive_int("bench", name, item, minimum=0 if name == "warmup" else 1)
+
+
+def check_kernel_grid(ops: list[str], gqa: list[int], heads: int = 32) -> None:
+    """Raise unless every op is known and every GQA ratio divides the query heads."""
+    unknown = [op for op in ops if op not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNELS)}")
+    bad = [ratio for ratio in gqa if heads % ratio]
+    if bad:
+        divisors = [str(d) for d in range(1, heads + 1) if heads % d == 0]
+        raise ValueError(f"gqa {', '.join(map(str, bad))}: query heads per KV head must divide the {heads} query "
+                         f"heads; choose from {', '.join(divisors)}")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -143,6 +169,7 @@ def bench_e2e(
 ) -> list[dict[str, Any]]:
     """One row per (policy, length); see the module docstring. ``chunk_size``: policies prefill in
     chunks with compression between them (dense always runs in one piece, as users run it)."""
+    check_counts(lengths=lengths, new_tokens=new_tokens, repeats=repeats, warmup=warmup, chunk_size=chunk_size)
     device = next(model.parameters()).device
     header = stamp(device)
     rows = []
@@ -329,8 +356,6 @@ def kernel_cases(op: str, lengths: list[int], head_dims: list[int], gqa: list[in
     for length in lengths:
         for head_dim in head_dims:
             for ratio in gqa:
-                if heads % ratio:
-                    continue
                 q_len = length if op in CAUSAL_OPS else {"snapkv_scores": 32}.get(op, 1)
                 cases.append(KernelCase(op, 1, heads, heads // ratio, q_len, length, head_dim))
     return cases
@@ -347,9 +372,8 @@ def bench_kernels(
     repeats: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    unknown = [op for op in ops if op not in KERNELS]
-    if unknown:
-        raise ValueError(f"unknown kernel(s) {unknown}; choose from {', '.join(KERNELS)}")
+    check_kernel_grid(ops, gqa, heads)
+    check_counts(lengths=lengths, head_dims=head_dims, repeats=repeats)
     header = {**stamp(device), "dtype": str(dtype).replace("torch.", "")}
     peaks = measured_peaks(device, dtype)
     elem = torch.empty((), dtype=dtype).element_size()

@@ -4,14 +4,24 @@ Every policy in a run answers the same prompts (a cell = length x depth x varian
 prompt seeded by the cell), greedy, scored by exact match. Each finished cell is appended to
 ``results.jsonl`` at once, so an interrupted run keeps what it did, and a rerun with the same
 output directory skips finished cells and repeats none.
+
+The first line of ``results.jsonl`` is the run's identity (:func:`run_identity`: the model's path
+and a fingerprint of its config and weights, the tokenizer, the prompt and generation settings,
+kvx's version); a rerun whose identity differs refuses to resume it (``fresh=True`` moves it aside
+and starts a new one). A row that cannot be read (torn by a kill, edited, from another tool) is
+reported by line number and neither crashes the run nor counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
+import os
 import random
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,8 +34,8 @@ import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of
 from kvx.compose import parse_spec, split_option
-from kvx.eval.haystack import VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
-from kvx.policy import Policy, make_policy, policy_class
+from kvx.eval.haystack import KEYS, VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
+from kvx.policy import Policy, check_positive_int, make_policy, policy_class
 
 DENSE = "dense"
 COMPRESS_MODES = ("prompt", "context")
@@ -54,8 +64,11 @@ class PolicyRun:
         return kvx.compose(own, *(part.policy() for part in self.composed)) if self.composed else own
 
     def validate(self) -> None:
+        """Raise (naming the policy, option and valid choices) unless this run can be built."""
         if self.name != DENSE:
             self.policy()
+        elif self.options or self.composed:
+            raise ValueError(f"dense is the uncompressed baseline and takes no options or composition; got {self.label!r}")
 
 
 @dataclass(frozen=True)
@@ -85,22 +98,42 @@ class NeedleConfig:
     compress: str = "prompt"  # "prompt": the whole prompt; "context": the context, then the question uncompressed
 
     def __post_init__(self) -> None:
+        """Every setting checked by name (the YAML key; the flag is the same with dashes)."""
         if self.compress not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}; got {self.compress!r}")
-        for depth in self.depths:
-            if not 0 <= depth <= 100:
-                raise ValueError(f"depth must be within [0, 100] percent, got {depth}")
-        for length in self.lengths:
-            if length <= 0:
-                raise ValueError(f"lengths must be positive token counts, got {length}")
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        for length in _nonempty_list("lengths", self.lengths):
+            check_positive_int("needle", "each of lengths (tokens)", length)
+        for depth in _nonempty_list("depths", self.depths):
+            if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 100:
+                raise ValueError(f"depths: {depth!r} is not a depth within [0, 100] percent")
+        unknown = [v for v in _nonempty_list("variants", self.variants) if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown needle variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-        for run in self.policies:
+        check_positive_int("needle", "samples", self.samples)
+        self._check_needle_counts()
+        if self.max_new_tokens is not None:
+            check_positive_int("needle", "max_new_tokens", self.max_new_tokens)
+        if not isinstance(self.use_chat_template, bool):
+            raise TypeError(f"use_chat_template must be true or false, got {self.use_chat_template!r}")
+        if self.haystack_text is not None and not isinstance(self.haystack_text, str):
+            raise TypeError(f"haystack_text must be text, got {type(self.haystack_text).__name__}")
+        for run in _nonempty_list("policies", self.policies):
             run.validate()
         labels = [run.label for run in self.policies]
         if len(set(labels)) != len(labels):
             raise ValueError(f"the same policy is listed twice: {labels}")
+
+    def _check_needle_counts(self) -> None:
+        """``distractors`` and ``values`` are counts the variants asked for can honour."""
+        check_positive_int("needle", "distractors", self.distractors, minimum=0)
+        if self.distractors > len(KEYS) - 1:
+            raise ValueError(f"needle: distractors must be at most {len(KEYS) - 1} (the keys there are), "
+                             f"got {self.distractors}")
+        needs_distractors = sorted({"multikey", "absent"} & set(self.variants))
+        if needs_distractors and self.distractors < 1:
+            raise ValueError(f"needle: distractors must be >= 1 with variant(s) {', '.join(needs_distractors)} "
+                             f"(they are what those variants test), got {self.distractors}")
+        check_positive_int("needle", "values", self.values, minimum=2 if "multivalue" in self.variants else 1)
 
     def cells(self) -> list[Cell]:
         return [
@@ -112,30 +145,97 @@ class NeedleConfig:
         ]
 
 
+def _nonempty_list(name: str, value: Any) -> list:
+    """``value`` itself when it is a non-empty list, else an error naming setting ``name``."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+    return list(value)
+
+
 def parse_length(text: str) -> int:
-    """``"4k"`` -> 4096, ``"1500"`` -> 1500."""
-    raw = text.strip().lower()
+    """``"4k"`` -> 4096, ``"1500"`` -> 1500; anything that is not a whole token count raises."""
+    raw = str(text).strip().lower()
+    scale = 1024 if raw.endswith("k") else 1
     try:
-        return int(float(raw[:-1]) * 1024) if raw.endswith("k") else int(raw)
+        value = float(raw[:-1] if scale > 1 else raw) * scale
     except ValueError:
-        raise ValueError(f"cannot read {text!r} as a length in tokens (examples: 512, 1k, 4k)") from None
+        value = math.nan
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"cannot read {text!r} as a length in tokens (examples: 512, 1k, 4k)")
+    return int(value)
 
 
 def cell_key(policy: str, cell: Cell) -> tuple:
     return (policy, cell.length, cell.depth, cell.variant, cell.sample)
 
 
-def load_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results file; a torn last line (a run killed mid-write) is dropped."""
+ROW_FIELDS: dict[str, tuple[type, ...]] = {
+    "policy": (str,), "length": (int,), "depth": (int, float), "variant": (str,), "sample": (int,),
+    "score": (int, float), "kv_bytes": (int,), "seconds": (int, float),
+}
+"""What every result row holds, and its type: a row without them is reported, not counted."""
+IDENTITY_KEY = "kvx_needle_run"
+
+
+@dataclass
+class Results:
+    """A results file read back: the identity of the run that wrote it (None: none recorded), its
+    rows (one per cell, in file order) and what could not be read, as ``line N: why``."""
+
+    identity: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def read_results(path: Path) -> Results:
+    """Read ``results.jsonl``: a torn, malformed, foreign or repeated line is a problem reported
+    by its number, never an exception and never a row."""
+    results = Results()
     if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        return results
+    seen: dict[tuple, int] = {}
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
             continue
-    return rows
+        row, why = _parse_row(line)
+        if row is not None and IDENTITY_KEY in row:
+            if number != 1:
+                why = "a run identity after the first line"
+            else:
+                results.identity = row[IDENTITY_KEY]
+                continue
+        elif row is not None and _row_key(row) in seen:
+            why = f"repeats the cell of line {seen[_row_key(row)]}"
+        if why:
+            results.problems.append(f"{path} line {number}: {why}; ignored")
+            continue
+        seen[_row_key(row)] = number
+        results.rows.append(row)
+    return results
+
+
+def _parse_row(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row, None)``, or ``(None or the object, why it is not a result row)``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "not JSON (a row torn by a killed run?)"
+    if not isinstance(row, dict):
+        return None, f"not a result row (a JSON {type(row).__name__})"
+    if IDENTITY_KEY in row:
+        return row, None
+    missing = [k for k in ROW_FIELDS if k not in row]
+    if missing:
+        return None, f"not a result row of kvx needle (no {', '.join(missing)})"
+    wrong = [k for k, kinds in ROW_FIELDS.items() if isinstance(row[k], bool) or not isinstance(row[k], kinds)]
+    if wrong or row["variant"] not in VARIANTS or not 0 <= row["score"] <= 1:
+        return None, f"a result row with invalid {', '.join(wrong) or 'variant or score'}"
+    return row, None
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file that can be read (see :func:`read_results`)."""
+    return read_results(path).rows
 
 
 def _end_torn_line(path: Path) -> None:
@@ -153,10 +253,72 @@ def _row_key(row: dict[str, Any]) -> tuple:
     return (row["policy"], row["length"], float(row["depth"]), row["variant"], row["sample"])
 
 
+def _digest(*parts: Any) -> str:
+    """A short SHA-256 of ``parts`` (bytes, or anything with a stable ``str``)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A fingerprint of a model's weights: every tensor's name, shape and dtype, and ``samples``
+    evenly spaced values of it (two models that differ anywhere in practice differ here)."""
+    parts: list[Any] = []
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)].to("cpu").contiguous()
+        parts += [f"{name}:{tuple(tensor.shape)}:{tensor.dtype}", picked.view(torch.uint8).numpy().tobytes()]
+    return _digest(*parts)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A fingerprint of what a tokenizer turns text into: class, vocabulary, special tokens, chat template."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return _digest(type(tokenizer).__name__, vocab, getattr(tokenizer, "all_special_tokens", []),
+                   getattr(tokenizer, "chat_template", None))
+
+
+def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, model_path: str | None) -> dict[str, Any]:
+    """What produced a run's rows: the model (path, config, weights, dtype), the tokenizer, the
+    settings that shape a cell's prompt or answer, and kvx's version. The grid (lengths, depths,
+    variants, samples, policies) is not part of it: a rerun may add cells."""
+    model_config = {k: v for k, v in model.config.to_dict().items()
+                    if k not in ("_name_or_path", "transformers_version") and not k.startswith("_attn_implementation")}
+    return {
+        "model": str(model_path if model_path is not None else getattr(model, "name_or_path", "")),
+        "model_config": _digest(json.dumps(model_config, sort_keys=True, default=str)),
+        "weights": weights_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "settings": {"distractors": config.distractors, "values": config.values,
+                     "max_new_tokens": config.max_new_tokens, "use_chat_template": config.use_chat_template,
+                     "compress": config.compress,
+                     "haystack": None if config.haystack_text is None else _digest(config.haystack_text)},
+        "kvx": kvx.__version__,
+    }
+
+
+def _identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each part of two identities that differs (settings one by one)."""
+    flat = lambda identity: {**{k: v for k, v in identity.items() if k != "settings"},  # noqa: E731
+                             **{f"settings.{k}": v for k, v in identity.get("settings", {}).items()}}
+    before, after = flat(old), flat(new)
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto", device: str | None = None):
-    """A causal LM and its tokenizer, the way users load them (``from_pretrained``)."""
+    """A causal LM and its tokenizer, the way users load them (``from_pretrained``); a path that is
+    not there, or a directory without a tokenizer or weights, raises an error that names it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kvx.eval.measure import parse_dtype
+
+    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
+    _check_local(path, "--model")
+    if tokenizer_path:
+        _check_local(tokenizer_path, "--tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     except (OSError, ValueError, TypeError) as err:
@@ -164,23 +326,35 @@ def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto"
             f"no tokenizer could be loaded from {tokenizer_path or path!r} ({err.__class__.__name__}); "
             "pass --tokenizer PATH to a directory that has one"
         ) from None
-    from kvx.eval.measure import parse_dtype
-
-    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"--model {path}: no causal LM could be loaded from it ({reason})") from None
     if device:
         model = model.to(device)
     return model.eval(), tokenizer
 
 
+def _check_local(path: str, flag: str) -> None:
+    """A path that names a local directory (not a hub id ``org/name``) must be one."""
+    given = Path(path).expanduser()
+    looks_local = given.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
+    if given.exists() and not given.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; give the model's directory")
+    if looks_local and not given.exists():
+        raise ValueError(f"{flag} {path}: no such directory")
+
+
 class NeedleRunner:
     """Runs the grid for every policy on one model; see the module docstring."""
 
-    def __init__(self, model, tokenizer, config: NeedleConfig, out_dir: Path):
+    def __init__(self, model, tokenizer, config: NeedleConfig, out_dir: Path, model_path: str | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.out_dir = Path(out_dir)
         self.results_path = self.out_dir / "results.jsonl"
         self.template = PromptTemplate(tokenizer, config.use_chat_template)
+        self.identity = run_identity(model, tokenizer, config, model_path)
 
     def pending(self) -> list[tuple[PolicyRun, Cell]]:
         done = {_row_key(r) for r in load_results(self.results_path)}
@@ -191,9 +365,18 @@ class NeedleRunner:
             if cell_key(run.label, cell) not in done
         ]
 
-    def run(self, progress: bool = True) -> list[dict[str, Any]]:
-        """Run every pending cell, appending each result as it finishes; returns all rows."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows of this run's grid and policies (a results file may hold more cells)."""
+        wanted = {cell_key(run.label, cell) for cell in self.config.cells() for run in self.config.policies}
+        return [row for row in load_results(self.results_path) if _row_key(row) in wanted]
+
+    def run(self, progress: bool = True, fresh: bool = False) -> list[dict[str, Any]]:
+        """Run every pending cell, appending each result as it finishes; returns this grid's rows.
+
+        Before any cell: every prompt length is checked, and an existing results file must come
+        from the same identity (``fresh``: it is moved aside, and a new one started)."""
+        self.check_prompts()
+        self.open_results(fresh)
         todo = self.pending()
         _end_torn_line(self.results_path)
         with self.results_path.open("a") as sink:
@@ -201,7 +384,56 @@ class NeedleRunner:
                 row = self.run_cell(run, cell)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
-        return load_results(self.results_path)
+        return self.rows()
+
+    def check_prompts(self) -> None:
+        """Build one prompt per length and variant: a length too short for its needles raises now,
+        not after other cells have run."""
+        for length in self.config.lengths:
+            for variant in self.config.variants:
+                self.build(Cell(length, 0.0, variant, 0))
+
+    def open_results(self, fresh: bool = False) -> None:
+        """Make ``results.jsonl`` ready to append to: new (with this run's identity), or an existing
+        one of the same identity (its problems reported as warnings); refuse one of another."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"output directory {self.out_dir}: cannot create it ({err.strerror or err})") from None
+        existing = read_results(self.results_path) if self.results_path.exists() else None
+        if existing is not None and fresh:
+            aside = self._aside_path()
+            os.replace(self.results_path, aside)
+            warnings.warn(f"{self.results_path} moved to {aside.name}; starting a new results file", stacklevel=3)
+            existing = None
+        if existing is None:
+            self.results_path.write_text(json.dumps({IDENTITY_KEY: self.identity}) + "\n")
+            return
+        self._check_identity(existing)
+        for problem in existing.problems:
+            warnings.warn(problem, stacklevel=3)
+
+    def _check_identity(self, existing: Results) -> None:
+        """Refuse to resume a results file written by another model, tokenizer, settings or kvx."""
+        if existing.identity is None:
+            raise ValueError(
+                f"{self.results_path} records no run identity (written by an older kvx or another tool), so its rows "
+                "cannot be trusted to come from this model and settings; pass --fresh (fresh=True) to start a new "
+                "file, or another --out"
+            )
+        differences = _identity_differences(existing.identity, self.identity)
+        if differences:
+            raise ValueError(
+                f"{self.results_path} was written by another run ({'; '.join(differences)}); resuming would mix "
+                "its rows with this one's: pass --fresh (fresh=True) to start a new file, or another --out"
+            )
+
+    def _aside_path(self) -> Path:
+        """``results-N.jsonl``, the first N not taken."""
+        number = 1
+        while (self.out_dir / f"results-{number}.jsonl").exists():
+            number += 1
+        return self.out_dir / f"results-{number}.jsonl"
 
     def build(self, cell: Cell):
         rng = random.Random(cell.seed)
@@ -391,8 +623,6 @@ def parse_policies(policy_args: list[str], opt_args: list[str], with_dense: bool
     return result
 
 
-
-
 def _has_option(policy: str, key: str) -> bool:
     return any(o["name"] == key for o in policy_class(policy).options())
 
@@ -412,17 +642,45 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
         import yaml
     except ImportError:
         raise ImportError("reading a YAML run needs pyyaml: pip install 'kvx[eval]'") from None
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     known = {f for f in NeedleConfig.__dataclass_fields__}
-    unknown = sorted(set(data) - known)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run is a YAML mapping with keys from {', '.join(sorted(known))}; "
+                         f"got a {type(data).__name__}")
+    unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-    if "lengths" in data:
-        data["lengths"] = [parse_length(str(n)) for n in data["lengths"]]
-    if "policies" in data:
-        data["policies"] = [
-            PolicyRun(p) if isinstance(p, str) else PolicyRun(p["name"], {k: v for k, v in p.items() if k != "name"})
-            for p in data["policies"]
-        ]
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return NeedleConfig(**data)
+    try:
+        if "lengths" in data:
+            data["lengths"] = [parse_length(n) for n in _nonempty_list("lengths", data["lengths"])]
+        if "policies" in data:
+            data["policies"] = [_yaml_policy(i, p) for i, p in enumerate(_nonempty_list("policies", data["policies"]))]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return NeedleConfig(**data)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from None
+
+
+def _yaml_policy(index: int, entry: Any) -> PolicyRun:
+    """One entry of a YAML ``policies`` list: a spec (``snapkv:budget=256+ragged``, or ``dense``) or a
+    mapping ``{name: snapkv, budget: 256}``."""
+    if isinstance(entry, str):
+        if entry.strip() == DENSE:
+            return PolicyRun(DENSE)
+        return parse_policies([entry], [], with_dense=False)[0]
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"policies[{index}]: each entry is a policy spec or a mapping with a name, "
+                         f"e.g. {{name: snapkv, budget: 256}}; got {entry!r}")
+    run = PolicyRun(entry["name"], {k: v for k, v in entry.items() if k != "name"})
+    try:
+        run.validate()
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"policies[{index}]: {err}") from None
+    return run
