@@ -30,7 +30,7 @@ AXIS_TITLES = {
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
-    if args.spec:
+    if args.spec is not None:
         return _describe_spec(args.spec, args.json)
     policies = list_policies()
     if args.json:
@@ -203,7 +203,13 @@ def _cmd_needle(args: argparse.Namespace) -> int:
         defaults = dict(lengths=[1024, 2048, 4096], policies=policies)
         config = needle.NeedleConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
     out = output_dir(args.out)
-    model, tokenizer = needle.load_model(args.model, args.tokenizer, args.dtype, args.device)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    tokenizer = needle.load_tokenizer(args.model, args.tokenizer)
+    needle.check_prompts(config, tokenizer)
+    model = needle.load_causal_lm(args.model, args.dtype, args.device)
     runner = needle.NeedleRunner(model, tokenizer, config, out, model_path=args.model)
     rows = runner.run(progress=not args.no_progress, fresh=args.fresh)
     labels = [run.label for run in config.policies]
@@ -292,6 +298,15 @@ def _debug_flag(parser: argparse.ArgumentParser, top: bool = False) -> None:
     """``--debug`` on the top parser and on every command (a command's copy only sets it when given)."""
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                         help="show the Python traceback of an error")
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Give every command and sub-command its own ``--debug`` (so it may follow the command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _debug_flag(child)
+                _debug_everywhere(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,13 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--head-dims", default="64,128", help="head dims (default 64,128)")
     kernels.add_argument("--gqa", default="1,4,8", help="query heads per KV head, each dividing the 32 query heads "
                          "(default 1,4,8)")
+    _debug_everywhere(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (2: bad input, 1: an unexpected failure)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # argparse has printed its one line (or --help)
+        return exit.code if isinstance(exit.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -311,21 +311,34 @@ def _identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto", device: str | None = None):
     """A causal LM and its tokenizer, the way users load them (``from_pretrained``); a path that is
     not there, or a directory without a tokenizer or weights, raises an error that names it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = load_tokenizer(path, tokenizer_path)
+    return load_causal_lm(path, dtype, device), tokenizer
 
-    from kvx.eval.measure import parse_dtype
 
-    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
+def load_tokenizer(path: str, tokenizer_path: str | None = None):
+    """The tokenizer of ``tokenizer_path`` (else of the model directory ``path``)."""
+    from transformers import AutoTokenizer
+
     _check_local(path, "--model")
     if tokenizer_path:
         _check_local(tokenizer_path, "--tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        return AutoTokenizer.from_pretrained(tokenizer_path or path)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(
             f"no tokenizer could be loaded from {tokenizer_path or path!r} ({err.__class__.__name__}); "
             "pass --tokenizer PATH to a directory that has one"
         ) from None
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None):
+    """The causal LM of ``path`` in eval mode, in ``dtype`` (auto, float32, bfloat16, float16), on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    from kvx.eval.measure import parse_dtype
+
+    torch_dtype = dtype if dtype == "auto" else parse_dtype(dtype)
+    _check_local(path, "--model")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:
@@ -333,7 +346,7 @@ def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto"
         raise ValueError(f"--model {path}: no causal LM could be loaded from it ({reason})") from None
     if device:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _check_local(path: str, flag: str) -> None:
@@ -344,6 +357,23 @@ def _check_local(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: is a file; give the model's directory")
     if looks_local and not given.exists():
         raise ValueError(f"{flag} {path}: no such directory")
+
+
+def build_cell_prompt(config: NeedleConfig, tokenizer: Any, cell: Cell, template: PromptTemplate | None = None):
+    """The prompt of one cell: its needles and filler seeded by the cell, so every policy gets the same."""
+    rng = random.Random(cell.seed)
+    spec = make_needles(cell.variant, rng, config.distractors, config.values)
+    template = template or PromptTemplate(tokenizer, config.use_chat_template)
+    return build_prompt(tokenizer, cell.length, cell.depth, spec, rng, config.haystack_text, template)
+
+
+def check_prompts(config: NeedleConfig, tokenizer: Any) -> None:
+    """Build one prompt per length and variant: a length too short for its needles (or an empty
+    haystack) raises before any cell runs, not after others have."""
+    template = PromptTemplate(tokenizer, config.use_chat_template)
+    for length in config.lengths:
+        for variant in config.variants:
+            build_cell_prompt(config, tokenizer, Cell(length, 0.0, variant, 0), template)
 
 
 class NeedleRunner:
@@ -375,7 +405,7 @@ class NeedleRunner:
 
         Before any cell: every prompt length is checked, and an existing results file must come
         from the same identity (``fresh``: it is moved aside, and a new one started)."""
-        self.check_prompts()
+        check_prompts(self.config, self.tokenizer)
         self.open_results(fresh)
         todo = self.pending()
         _end_torn_line(self.results_path)
@@ -385,13 +415,6 @@ class NeedleRunner:
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
         return self.rows()
-
-    def check_prompts(self) -> None:
-        """Build one prompt per length and variant: a length too short for its needles raises now,
-        not after other cells have run."""
-        for length in self.config.lengths:
-            for variant in self.config.variants:
-                self.build(Cell(length, 0.0, variant, 0))
 
     def open_results(self, fresh: bool = False) -> None:
         """Make ``results.jsonl`` ready to append to: new (with this run's identity), or an existing
@@ -436,10 +459,7 @@ class NeedleRunner:
         return self.out_dir / f"results-{number}.jsonl"
 
     def build(self, cell: Cell):
-        rng = random.Random(cell.seed)
-        spec = make_needles(cell.variant, rng, self.config.distractors, self.config.values)
-        prompt = build_prompt(self.tokenizer, cell.length, cell.depth, spec, rng, self.config.haystack_text, self.template)
-        return prompt
+        return build_cell_prompt(self.config, self.tokenizer, cell, self.template)
 
     def run_cell(self, run: PolicyRun, cell: Cell) -> dict[str, Any]:
         prompt = self.build(cell)
