@@ -226,7 +226,11 @@ def packed_attention_with_lse(
     """Attention of ``query [B, H, q, D]`` over every (valid) packed token: ``(out [B, H, q, Dv],
     lse [B, H, q])`` float32, for :func:`kvx.kernels.reference.merge_attention`. Dequantizes
     ``block`` tokens at a time (GQA native, no expansion of keys/values); ``valid [B, Hkv, S]``
-    masks padding slots."""
+    masks padding slots. No token: out 0, lse -inf."""
+    if keys.tokens == 0:
+        shape = query.shape[:3]
+        return (torch.zeros(*shape, values.dim, device=query.device),
+                torch.full(shape, -torch.inf, device=query.device))
     parts = []
     for start in range(0, keys.tokens, block):
         stop = min(start + block, keys.tokens)

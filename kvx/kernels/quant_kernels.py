@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvx.kernels import quant
+from kvx.kernels import quant, quant_torch
 from kvx.kernels.quant import Packed
 from kvx.kernels.ragged_decode import choose_backend
 
@@ -35,7 +35,7 @@ def packed_decode_attention(
     -inf). Triton only: ``splits`` parts of the tokens per KV head (default from ``S``), ``block``
     tokens per tile (16 or more, a power of two)."""
     if choose_backend(query.device, backend) == "torch":
-        return quant.packed_attention_with_lse(query, keys, values, valid, scaling, softcap)
+        return quant_torch.packed_decode(query, keys, values, valid, scaling, softcap)
     return _triton_packed_decode(query, keys, values, valid, scaling, softcap, splits, block)
 
 

@@ -22,6 +22,7 @@ class Int8(StoragePolicy):
     name: ClassVar[str] = "int8"
     summary: ClassVar[str] = "storage: 8-bit keys and values, per-token groups of channels"
     storage: ClassVar[str] = "quantized"
+    lossy: ClassVar[bool] = True  # what it stores differs from the model's keys and values
 
     group: int = option(32, "channels per scale (must divide the head dim)")
     symmetric: bool = option(False, "symmetric codes (scale only) instead of scale and zero point")

@@ -25,6 +25,7 @@ class Kivi(StoragePolicy):
     summary: ClassVar[str] = ("storage: 2/4-bit KV, keys per channel, values per token, recent tokens in full "
                               "precision (KIVI, Liu et al., 2024)")
     storage: ClassVar[str] = "quantized"
+    lossy: ClassVar[bool] = True  # what it stores differs from the model's keys and values
     valid_bits: ClassVar[tuple[int, ...]] = (2, 4)
 
     bits: int = option(4, "bits per key and value element: 2 or 4")

@@ -1,36 +1,47 @@
-"""What every storage kind must do, whatever its layout: a budget that keeps everything gives the
-dense model's outputs, its key/value bytes are those of the tokens it keeps, a row in a padded
-batch gets what it gets alone, and beam search re-orders it like dense storage. A new kind is
-covered as soon as it is in ``kvx.storage.STORAGE_KINDS`` with a storage policy that names it."""
+"""What every storage kind must do, whatever its layout. Run on dense storage and on every
+registered storage policy (a new one is covered as soon as it is registered):
+
+- it attends over exactly what it stores: each decode and extend step's output is attention over
+  the storage's own scoring view;
+- a lossless kind with a budget that keeps everything gives the dense model's outputs, and beam
+  search re-orders it like dense storage; a lossy kind (quantized) stays close to them;
+- its key/value bytes are those of the tokens it keeps (lossless), or fewer (lossy);
+- a row in a padded batch gets what it gets alone.
+"""
 
 import pytest
 import torch
 from conftest import greedy, left_pad, random_ids
 
 import kvx
-from kvx.policy import StoragePolicy, list_policies, make_policy
+from kvx.compose import from_spec
+from kvx.policy import list_policies, make_policy
 from kvx.storage import STORAGE_KINDS
 from kvx.tiny import tiny_model
 
-
-def _storage_policies() -> dict[str, str]:
-    """Storage kind -> the registered storage policy that selects it."""
-    found = {}
-    for entry in list_policies():
-        policy = make_policy(entry["name"])
-        if isinstance(policy, StoragePolicy):
-            found[policy.storage] = entry["name"]
-    return found
+TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4"}
+"""Options a storage policy needs on the tiny model (head dim 16); the rest run with defaults."""
 
 
-def _on(kind: str, selection: str, **options):
-    """``selection`` with ``options``, stored in ``kind``."""
+def _storage_specs() -> list[str]:
+    names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
+    return ["dense"] + [f"{name}:{TINY_OPTIONS[name]}" if name in TINY_OPTIONS else name for name in names]
+
+
+SPECS = _storage_specs()
+LOSSLESS = [spec for spec in SPECS if spec == "dense" or not getattr(from_spec(spec), "lossy", False)]
+LOSSY = [spec for spec in SPECS if spec not in LOSSLESS]
+
+
+def _on(spec: str, selection: str, **options):
+    """``selection`` with ``options``, stored as ``spec`` says."""
     policy = make_policy(selection, **options)
-    return policy if kind == "dense" else kvx.compose(policy, _storage_policies()[kind])
+    return policy if spec == "dense" else kvx.compose(policy, from_spec(spec))
 
 
-def test_every_kind_but_dense_has_a_storage_policy():
-    assert set(_storage_policies()) | {"dense"} == set(STORAGE_KINDS)
+def test_every_storage_kind_is_reached_by_a_policy():
+    kinds = {"dense"} | {from_spec(spec).storage for spec in SPECS[1:]}
+    assert kinds == set(STORAGE_KINDS) and LOSSY  # (quantized storage is lossy)
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +49,81 @@ def model():
     return tiny_model("llama")
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
-def test_full_budget_equals_dense(model, kind):
+@pytest.mark.parametrize("spec", SPECS)
+def test_it_attends_over_exactly_what_it_stores(model, spec, monkeypatch):
+    """Every patched attention call's output equals reference attention over the layer's scoring
+    view after the call's new tokens were added (prefill, chunked extend, decode with evictions)."""
+    from kvx import attention
+    from kvx.kernels import reference
+
+    checked = []
+    original = attention._select
+
+    def checking(context, layer, query, mask, scaling, softcap):
+        inputs = layer.scoring_inputs(query, mask)
+        visible = inputs.valid[:, :, None, :].repeat_interleave(query.shape[1] // inputs.valid.shape[1], 1)
+        q_len, stored = query.shape[-2], inputs.keys.shape[-2]
+        causal = torch.ones(q_len, stored, dtype=torch.bool).tril(stored - q_len)
+        expected = reference.attention(query, inputs.keys, inputs.values, visible & causal, scaling, softcap)
+        checked.append((checking.out, expected))
+        return original(context, layer, query, mask, scaling, softcap)
+
+    method_attend = kvx.methods.Dense.attend
+
+    def recording(self, storage, *args):
+        checking.out = method_attend(self, storage, *args)
+        return checking.out
+
+    monkeypatch.setattr(attention, "_select", checking)
+    monkeypatch.setattr(kvx.methods.Dense, "attend", recording)
+    with kvx.patched(model, _on(spec, "h2o", budget=24, recent=4, decode_interval=3), chunk_size=16):
+        greedy(model, random_ids(1, 60, seed=20), new_tokens=12)
+    assert len(checked) > 20
+    for out, expected in checked:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", LOSSLESS)
+def test_full_budget_equals_dense(model, spec):
     ids = random_ids(1, 40, seed=21)
     dense_seq, dense_logits, _ = greedy(model, ids)
-    with kvx.patched(model, _on(kind, "snapkv", budget=1024, window=8)):
+    with kvx.patched(model, _on(spec, "snapkv", budget=1024, window=8)):
         seq, logits, cache = greedy(model, ids)
     assert torch.equal(seq, dense_seq)
     torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+    kind = "dense" if spec == "dense" else from_spec(spec).storage
     assert {s["kind"] for s in cache.stats()} == {STORAGE_KINDS[kind].kind}
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
-def test_kv_bytes_are_the_kept_tokens(model, kind):
+@pytest.mark.parametrize("spec", LOSSY)
+def test_a_lossy_kind_stays_close_to_dense(model, spec):
+    ids = random_ids(1, 64, seed=21)
+    _, dense_logits, _ = greedy(model, ids)
+    with kvx.patched(model, _on(spec, "snapkv", budget=1024, window=8)):
+        _, logits, cache = greedy(model, ids)
+    assert float((logits - dense_logits).abs().max()) < 0.1 * float(dense_logits.abs().max())
+    assert {s["kind"] for s in cache.stats()} == {STORAGE_KINDS[from_spec(spec).storage].kind}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_kv_bytes_are_the_kept_tokens(model, spec):
     ids = random_ids(1, 60, seed=22)
-    with kvx.patched(model, _on(kind, "snapkv", budget=16, window=4)):
+    with kvx.patched(model, _on(spec, "snapkv", budget=16, window=4)):
         _, _, cache = greedy(model, ids, new_tokens=3)
     config = model.config
     per_token = 2 * config.head_dim * 4  # a key and a value, fp32
     for layer in cache.stats():
         assert layer["kept_min"] == layer["kept_max"] == 16 + 2  # the budget, then two decoded tokens appended
-        assert layer["kv_bytes"] == config.num_key_value_heads * layer["kept_max"] * per_token
+        full = config.num_key_value_heads * layer["kept_max"] * per_token
+        assert layer["kv_bytes"] == full if spec in LOSSLESS else layer["kv_bytes"] < full
         assert layer["nbytes"] >= layer["kv_bytes"]
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
-def test_a_row_in_a_padded_batch_equals_the_row_alone(model, kind):
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_row_in_a_padded_batch_equals_the_row_alone(model, spec):
     rows = [random_ids(1, n, seed=n)[0] for n in (50, 29)]
     ids, mask = left_pad(rows)
-    policy = _on(kind, "h2o", budget=12, recent=4, decode_interval=2)
+    policy = _on(spec, "h2o", budget=12, recent=4, decode_interval=2)
     with kvx.patched(model, policy):  # (chunks would split a padded row elsewhere than the row alone)
         batch_seq, batch_logits, _ = greedy(model, ids, mask, new_tokens=5)
         for i, row in enumerate(rows):
@@ -75,12 +132,16 @@ def test_a_row_in_a_padded_batch_equals_the_row_alone(model, kind):
             torch.testing.assert_close(batch_logits[:, i], alone_logits[:, 0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
-def test_beam_search_reorders_it_like_dense_storage(model, kind):
+@pytest.mark.parametrize("spec", SPECS)
+def test_beam_search_reorders_it(model, spec):
+    """Beams over a lossless kind are those over dense storage; over a lossy kind, those of the
+    same kind where every row is its own batch (so a wrong re-order would show)."""
     ids = random_ids(2, 30, seed=23)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0,
                   num_beams=3, num_return_sequences=2)
-    with kvx.patched(model, "snapkv", budget=10, window=2):
-        dense = model.generate(ids, **kwargs)
-    with kvx.patched(model, _on(kind, "snapkv", budget=10, window=2)):
-        assert torch.equal(model.generate(ids, **kwargs), dense)
+    reference_spec = "dense" if spec in LOSSLESS else spec
+    with kvx.patched(model, _on(reference_spec, "snapkv", budget=10, window=2)):
+        expected = torch.cat([model.generate(ids[i : i + 1], **{**kwargs, "attention_mask": torch.ones_like(ids[:1])})
+                              for i in range(2)])
+    with kvx.patched(model, _on(spec, "snapkv", budget=10, window=2)):
+        assert torch.equal(model.generate(ids, **kwargs), expected)
