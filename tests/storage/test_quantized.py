@@ -232,3 +232,20 @@ def test_kvcache_takes_a_storage_spec(model):
         kvx.KVCache(model.config, storage="snapkv")
     with pytest.raises(ValueError, match="unknown policy 'kiwi'"):
         kvx.KVCache(model.config, storage="kiwi")
+
+
+@pytest.mark.parametrize("spec,limit", [("int8:window=128,sink=4", 0.57), ("kivi:bits=4,window=128,sink=4", 0.33),
+                                        ("kivi:bits=2,window=128,sink=4", 0.20)])
+def test_bytes_against_a_bfloat16_cache_at_32k(spec, limit):
+    """Everything stored counted (codes, float16 scales and zero points, the 128-token window, 4
+    sinks), at 32K tokens of head dim 128, against the same tokens in bfloat16."""
+    tokens, dim = 32768, 128
+    layer = from_spec(spec).make_layer()
+    keys = torch.randn(1, 1, tokens, dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    layer.update(keys, keys.clone())
+    layer.begin_step(None, tokens, 1)
+    layer.end_prompt()
+    stored = sum(t.numel() * t.element_size() for t in layer.held_tensors())
+    assert stored == kvx.cache.layer_nbytes(layer)
+    assert stored / (2 * tokens * dim * 2) <= limit
+    assert layer.prefix_valid is None and layer.sink_slots == 4 and layer.keys.shape[-2] < 128 + 32
