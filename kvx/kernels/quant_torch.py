@@ -26,6 +26,7 @@ import torch
 from kvx.kernels.quant import Packed
 
 BLOCK_TOKENS = 1024
+TINY_WEIGHT = 1e-30  # softmax weights below this (relative to the block's largest, 1) count as 0
 
 
 def packed_decode(
@@ -63,6 +64,7 @@ def packed_decode(
         safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
         correction = torch.exp(running_max - safe_max)
         weights = torch.exp(logits - safe_max[..., None])  # [R, G, n]
+        weights.masked_fill_(weights < TINY_WEIGHT, 0.0)  # no denormals into the matmul (tens of times slower on CPU)
         running_sum = running_sum * correction + weights.sum(-1)
         acc = acc * correction[..., None] + _weighted_values(weights, values, start, stop, buffer)
         running_max = new_max
@@ -76,12 +78,12 @@ def _key_logits(q: torch.Tensor, keys: Packed, start: int, stop: int, buffer: to
     """``q [R, G, D]`` against keys ``start:stop`` -> logits ``[R, G, n]`` (unscaled)."""
     rows, n, dim = q.shape[0], stop - start, keys.dim
     if keys.axis == "channel" and keys.group_index is None:
-        codes = _unpack_tokens(keys, start, stop, buffer, rows, n, dim)  # [R, n, D]
+        codes = _unpack_tokens(keys, start, stop, buffer, rows, n, dim, lanes=True)  # [R, n, D] lane-major
         first, count = start // keys.group, n // keys.group
         scale = keys.scale[:, :, first : first + count].reshape(rows, count, dim).float()  # [R, m, D]
         zero = keys.zero[:, :, first : first + count].reshape(rows, count, dim).float() if keys.zero is not None else None
         scaled_q = scale[..., None] * q.transpose(1, 2)[:, None]  # [R, m, D, G]
-        logits = torch.matmul(codes.view(rows, count, keys.group, dim), scaled_q)  # [R, m, g, G]
+        logits = torch.matmul(codes.view(rows, count, keys.group, dim), _lane_order(scaled_q, keys.bits, 2))  # [R, m, g, G]
         if zero is None:
             offset = -(2 ** (keys.bits - 1)) * scaled_q.sum(2)  # symmetric: (code - 2^(b-1)) * scale
         else:
@@ -107,8 +109,8 @@ def _weighted_values(weights: torch.Tensor, values: Packed, start: int, stop: in
     if values.axis == "token" and _lanes_fit(values):
         scale, zero = _token_scales(values, start, stop, rows)  # [R, j, n]
         scaled = weights[:, None] * scale[:, :, None, :]  # [R, j, G, n]
-        codes = _unpack_grouped(values, start, stop, buffer, rows, n)  # [R, j, n, g]
-        out = torch.matmul(scaled, codes)  # [R, j, G, g]
+        codes = _unpack_grouped(values, start, stop, buffer, rows, n)  # [R, j, n, g], lane-major within a group
+        out = _channel_order(torch.matmul(scaled, codes), values.bits, 3)  # [R, j, G, g]
         if zero is None:
             shift = -(2 ** (values.bits - 1)) * scaled.sum(-1)  # [R, j, G]
         else:
@@ -133,41 +135,75 @@ def _token_scales(p: Packed, start: int, stop: int, rows: int) -> tuple[torch.Te
 def _grouped_products(keys: Packed, start, stop, buffer, rows, n, q_t: torch.Tensor) -> torch.Tensor:
     """Per channel group ``j``: codes of the group times the query's channels of the group,
     ``[R, j, n, G]`` (``q_t [R, D, G]``)."""
-    codes = _unpack_grouped(keys, start, stop, buffer, rows, n)  # [R, j, n, g]
+    codes = _unpack_grouped(keys, start, stop, buffer, rows, n)  # [R, j, n, g], lane-major within a group
     q_groups = q_t.reshape(rows, -1, keys.group, q_t.shape[-1])  # [R, j, g, G]
-    return torch.matmul(codes, q_groups)
+    return torch.matmul(codes, _lane_order(q_groups, keys.bits, 2))
 
 
-def _unpack_tokens(p: Packed, start, stop, buffer, rows, n, dim) -> torch.Tensor:
-    """Codes of tokens ``start:stop`` as floats ``[R, n, D]`` in ``buffer``."""
+def _unpack_tokens(p: Packed, start, stop, buffer, rows, n, dim, lanes: bool = False) -> torch.Tensor:
+    """Codes of tokens ``start:stop`` as floats ``[R, n, D]`` in ``buffer``; ``lanes``: channels in
+    lane-major order (see :func:`_lane_order`), else in their own order."""
     out = buffer[: rows * n * dim].view(rows, n, dim)
-    _unpack_into(out, p.codes[:, :, start:stop].reshape(rows, n, -1), p.bits)
+    codes = p.codes[:, :, start:stop].reshape(rows, n, -1)
+    _unpack_lanes(out, codes, p.bits) if lanes else _unpack_interleaved(out, codes, p.bits)
     return out
 
 
 def _unpack_grouped(p: Packed, start, stop, buffer, rows, n) -> torch.Tensor:
-    """Codes of tokens ``start:stop`` as floats, channel groups first: ``[R, j, n, g]`` in ``buffer``."""
+    """Codes of tokens ``start:stop`` as floats, channel groups first: ``[R, j, n, g]`` in ``buffer``,
+    lane-major within each group."""
     groups = p.dim // p.group
     out = buffer[: rows * n * p.dim].view(rows, groups, n, p.group)
     codes = p.codes[:, :, start:stop].reshape(rows, n, groups, -1)  # [R, n, j, g * bits / 8]
-    _unpack_into(out.permute(0, 2, 1, 3), codes, p.bits)  # written through an [R, n, j, g] view
+    _unpack_lanes(out.permute(0, 2, 1, 3), codes, p.bits)  # written through an [R, n, j, g] view
     return out
 
 
-def _unpack_into(out: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
-    """Write uint8 ``codes [..., C * bits / 8]`` unpacked into float ``out [..., C]`` (lowest bits
-    first: lane ``k`` of every byte is channel ``k`` modulo ``8 / bits``)."""
+def _unpack_lanes(out: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+    """Write uint8 ``codes [..., C * bits / 8]`` as floats into ``out [..., C]`` lane by lane: lane
+    ``k`` (bits ``k * bits`` and up of every byte) fills ``out[..., k * C / L : (k + 1) * C / L]``,
+    ``L = 8 / bits`` lanes, each a contiguous converting copy."""
     if bits == 8:
         out.copy_(codes)
         return
+    codes = codes.contiguous()  # (a slice of a row of heads; shifts over a strided uint8 view are far slower)
+    per_byte, mask, width = 8 // bits, 2**bits - 1, codes.shape[-1]
+    for lane in range(per_byte):
+        out[..., lane * width : (lane + 1) * width].copy_((codes >> (bits * lane)) & mask if lane else codes & mask)
+
+
+def _unpack_interleaved(out: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+    """Write uint8 ``codes [..., C * bits / 8]`` unpacked into float ``out [..., C]`` in channel order
+    (lowest bits first: lane ``k`` of every byte is channel ``k`` modulo ``8 / bits``)."""
+    if bits == 8:
+        out.copy_(codes)
+        return
+    codes = codes.contiguous()
     per_byte, mask = 8 // bits, 2**bits - 1
     for lane in range(per_byte):
         out[..., lane::per_byte].copy_((codes >> (bits * lane)) & mask if lane else codes & mask)
 
 
+def _lane_order(x: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """Channels of ``x`` along ``axis`` re-ordered as :func:`_unpack_lanes` writes codes: channel
+    ``L * i + k`` moves to ``k * C / L + i``."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return x
+    return x.unflatten(axis, (-1, per_byte)).transpose(axis, axis + 1).flatten(axis, axis + 1)
+
+
+def _channel_order(x: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """The inverse of :func:`_lane_order`."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return x
+    return x.unflatten(axis, (per_byte, -1)).transpose(axis, axis + 1).flatten(axis, axis + 1)
+
+
 def _dequantized(p: Packed, start, stop, buffer, rows, n) -> torch.Tensor:
     """Tokens ``start:stop`` dequantized in place in ``buffer``: ``[R, n, C]`` float32."""
-    out = _unpack_tokens(p, start, stop, buffer, rows, n, p.dim)
+    out = _unpack_tokens(p, start, stop, buffer, rows, n, p.dim)  # channel order
     if p.axis == "token":
         scale = p.scale[:, :, start:stop].reshape(rows, n, -1, 1).float()
         view = out.view(rows, n, -1, p.group)
