@@ -82,3 +82,24 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama")
+
+
+STORAGE_TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4"}
+"""Options a storage policy needs on the tiny models (head dim 16); the rest run with defaults."""
+
+
+def storage_specs() -> list[str]:
+    """``dense`` and a spec of every registered storage policy (what the conformance suites run on)."""
+    from kvx.policy import list_policies
+
+    names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
+    return ["dense"] + [f"{n}:{STORAGE_TINY_OPTIONS[n]}" if n in STORAGE_TINY_OPTIONS else n for n in names]
+
+
+def on_storage(spec: str, selection, **options):
+    """A selection (a name with ``options``, or a policy) stored as ``spec`` says."""
+    from kvx.compose import compose, from_spec
+    from kvx.policy import make_policy
+
+    policy = make_policy(selection, **options)
+    return policy if spec == "dense" else compose(policy, from_spec(spec))

@@ -1,19 +1,20 @@
 """What every attention method must do when configured to compute every pair (``Method.exact()``):
-give the dense model's outputs on every storage kind, at prefill, in chunked prefill, at decode and
-for each row of a padded batch, and leave what the selection keeps untouched. A new method is
-covered as soon as it is registered (``@register_method``)."""
+give what dense attention gives on every storage policy (the dense model's outputs on lossless
+storage), at prefill, in chunked prefill, at decode and for each row of a padded batch, and leave
+what the selection keeps untouched. A new method is covered as soon as it is registered
+(``@register_method``), a new storage policy as soon as it is registered."""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
-from conftest import greedy, left_pad, random_ids
+from conftest import greedy, left_pad, random_ids, storage_specs
 
 import kvx
+from kvx.compose import from_spec
 from kvx.methods import Method, method_class, method_names
 from kvx.policy import MethodPolicy
-from kvx.storage import STORAGE_KINDS
 from kvx.tiny import tiny_model
 
 
@@ -29,9 +30,16 @@ class Exact(MethodPolicy):
         return method_class(self.method).exact()
 
 
-def _composed(method: str, kind: str, selection: str = "snapkv", **options):
-    parts = [kvx.make_policy(selection, **(options or {"budget": 1024, "window": 8})), Exact(method)]
-    return kvx.compose(*parts, *(["ragged"] if kind == "ragged" else []))
+def _composed(spec: str, selection: str = "snapkv", method: str | None = None, **options):
+    """``selection`` (full budget unless ``options``) on storage ``spec``, with ``method`` at its exact
+    setting (None: no method policy, so dense attention)."""
+    parts = [kvx.make_policy(selection, **(options or {"budget": 1024, "window": 8}))]
+    parts += [] if spec == "dense" else [from_spec(spec)]
+    parts += [] if method is None else [Exact(method)]
+    return kvx.compose(*parts)
+
+
+SPECS = storage_specs()
 
 
 @pytest.fixture(scope="module")
@@ -43,30 +51,32 @@ def test_dense_is_registered():
     assert "dense" in method_names()
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("chunk_size", [None, 16])
-def test_exact_method_equals_dense(model, method, kind, chunk_size):
+def test_exact_method_equals_dense_attention(model, method, spec, chunk_size):
     ids = random_ids(1, 45, seed=41)
-    dense_seq, dense_logits, _ = greedy(model, ids, new_tokens=5)
-    with kvx.patched(model, _composed(method, kind), chunk_size=chunk_size):
+    with kvx.patched(model, _composed(spec), chunk_size=chunk_size):
+        expected_prefill = kvx.prefill(model, ids, chunk_size=chunk_size)
+        expected_seq, expected_logits, _ = greedy(model, ids, new_tokens=5)
+    with kvx.patched(model, _composed(spec, method=method), chunk_size=chunk_size):
         assert type(model._kvx_state.method) is method_class(method)
         prefilled = kvx.prefill(model, ids, chunk_size=chunk_size)  # chunks: several queries over stored keys
         seq, logits, _ = greedy(model, ids, new_tokens=5)
-    torch.testing.assert_close(prefilled.logits[:, -1], dense_logits[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(seq, dense_seq)
-    torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefilled.logits, expected_prefill.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(seq, expected_seq)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", sorted(STORAGE_KINDS))
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("method", method_names())
-def test_exact_method_keeps_the_selection_and_padded_rows_equal_rows_alone(model, method, kind):
+def test_exact_method_keeps_the_selection_and_padded_rows_equal_rows_alone(model, method, spec):
     rows = [random_ids(1, n, seed=n)[0] for n in (48, 31)]
     ids, mask = left_pad(rows)
     options = dict(budget=12, recent=4, decode_interval=2)
-    with kvx.patched(model, kvx.compose(kvx.make_policy("h2o", **options), *(["ragged"] if kind == "ragged" else []))):
+    with kvx.patched(model, _composed(spec, "h2o", **options)):
         plain_seq, plain_logits, plain_cache = greedy(model, ids, mask, new_tokens=4)
-    with kvx.patched(model, _composed(method, kind, "h2o", **options)):
+    with kvx.patched(model, _composed(spec, "h2o", method, **options)):
         seq, logits, cache = greedy(model, ids, mask, new_tokens=4)
         alone = [greedy(model, row[None], new_tokens=4) for row in rows]
     assert torch.equal(seq, plain_seq)

@@ -11,32 +11,16 @@ registered storage policy (a new one is covered as soon as it is registered):
 
 import pytest
 import torch
-from conftest import greedy, left_pad, random_ids
+from conftest import greedy, left_pad, on_storage, random_ids, storage_specs
 
 import kvx
 from kvx.compose import from_spec
-from kvx.policy import list_policies, make_policy
 from kvx.storage import STORAGE_KINDS
 from kvx.tiny import tiny_model
 
-TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4"}
-"""Options a storage policy needs on the tiny model (head dim 16); the rest run with defaults."""
-
-
-def _storage_specs() -> list[str]:
-    names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
-    return ["dense"] + [f"{name}:{TINY_OPTIONS[name]}" if name in TINY_OPTIONS else name for name in names]
-
-
-SPECS = _storage_specs()
+SPECS = storage_specs()
 LOSSLESS = [spec for spec in SPECS if spec == "dense" or not getattr(from_spec(spec), "lossy", False)]
 LOSSY = [spec for spec in SPECS if spec not in LOSSLESS]
-
-
-def _on(spec: str, selection: str, **options):
-    """``selection`` with ``options``, stored as ``spec`` says."""
-    policy = make_policy(selection, **options)
-    return policy if spec == "dense" else kvx.compose(policy, from_spec(spec))
 
 
 def test_every_storage_kind_is_reached_by_a_policy():
@@ -76,7 +60,7 @@ def test_it_attends_over_exactly_what_it_stores(model, spec, monkeypatch):
 
     monkeypatch.setattr(attention, "_select", checking)
     monkeypatch.setattr(kvx.methods.Dense, "attend", recording)
-    with kvx.patched(model, _on(spec, "h2o", budget=24, recent=4, decode_interval=3), chunk_size=16):
+    with kvx.patched(model, on_storage(spec, "h2o", budget=24, recent=4, decode_interval=3), chunk_size=16):
         greedy(model, random_ids(1, 60, seed=20), new_tokens=12)
     assert len(checked) > 20
     for out, expected in checked:
@@ -87,7 +71,7 @@ def test_it_attends_over_exactly_what_it_stores(model, spec, monkeypatch):
 def test_full_budget_equals_dense(model, spec):
     ids = random_ids(1, 40, seed=21)
     dense_seq, dense_logits, _ = greedy(model, ids)
-    with kvx.patched(model, _on(spec, "snapkv", budget=1024, window=8)):
+    with kvx.patched(model, on_storage(spec, "snapkv", budget=1024, window=8)):
         seq, logits, cache = greedy(model, ids)
     assert torch.equal(seq, dense_seq)
     torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
@@ -99,7 +83,7 @@ def test_full_budget_equals_dense(model, spec):
 def test_a_lossy_kind_stays_close_to_dense(model, spec):
     ids = random_ids(1, 64, seed=21)
     _, dense_logits, _ = greedy(model, ids)
-    with kvx.patched(model, _on(spec, "snapkv", budget=1024, window=8)):
+    with kvx.patched(model, on_storage(spec, "snapkv", budget=1024, window=8)):
         _, logits, cache = greedy(model, ids)
     assert float((logits - dense_logits).abs().max()) < 0.1 * float(dense_logits.abs().max())
     assert {s["kind"] for s in cache.stats()} == {STORAGE_KINDS[from_spec(spec).storage].kind}
@@ -108,7 +92,7 @@ def test_a_lossy_kind_stays_close_to_dense(model, spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_kv_bytes_are_the_kept_tokens(model, spec):
     ids = random_ids(1, 60, seed=22)
-    with kvx.patched(model, _on(spec, "snapkv", budget=16, window=4)):
+    with kvx.patched(model, on_storage(spec, "snapkv", budget=16, window=4)):
         _, _, cache = greedy(model, ids, new_tokens=3)
     config = model.config
     per_token = 2 * config.head_dim * 4  # a key and a value, fp32
@@ -123,7 +107,7 @@ def test_kv_bytes_are_the_kept_tokens(model, spec):
 def test_a_row_in_a_padded_batch_equals_the_row_alone(model, spec):
     rows = [random_ids(1, n, seed=n)[0] for n in (50, 29)]
     ids, mask = left_pad(rows)
-    policy = _on(spec, "h2o", budget=12, recent=4, decode_interval=2)
+    policy = on_storage(spec, "h2o", budget=12, recent=4, decode_interval=2)
     with kvx.patched(model, policy):  # (chunks would split a padded row elsewhere than the row alone)
         batch_seq, batch_logits, _ = greedy(model, ids, mask, new_tokens=5)
         for i, row in enumerate(rows):
@@ -140,8 +124,8 @@ def test_beam_search_reorders_it(model, spec):
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0,
                   num_beams=3, num_return_sequences=2)
     reference_spec = "dense" if spec in LOSSLESS else spec
-    with kvx.patched(model, _on(reference_spec, "snapkv", budget=10, window=2)):
+    with kvx.patched(model, on_storage(reference_spec, "snapkv", budget=10, window=2)):
         expected = torch.cat([model.generate(ids[i : i + 1], **{**kwargs, "attention_mask": torch.ones_like(ids[:1])})
                               for i in range(2)])
-    with kvx.patched(model, _on(spec, "snapkv", budget=10, window=2)):
+    with kvx.patched(model, on_storage(spec, "snapkv", budget=10, window=2)):
         assert torch.equal(model.generate(ids, **kwargs), expected)
