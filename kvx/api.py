@@ -201,6 +201,7 @@ def prefill(
     wrappers that call the model directly. ``attention_mask`` covers the whole prompt (left padding).
     """
     state = _state(model)
+    _check_prompt(input_ids, attention_mask, chunk_size)
     cache = cache if cache is not None else KVCache(model.config, state.axes.storage)
     step = chunk_size or input_ids.shape[1]
     out = None
@@ -230,6 +231,22 @@ def compress_context(
     cache = cache_of(prefill(model, context_ids, attention_mask, chunk_size))
     cache.frozen = True
     return cache
+
+
+def _check_prompt(input_ids: Any, attention_mask: Any, chunk_size: Any) -> None:
+    """Raise, naming the argument and what it must be, unless ``prefill`` can run this prompt."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        got = f"a {input_ids.dim()}-D {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else (
+            type(input_ids).__name__)
+        raise ValueError(f"input_ids must be a 2-D integer tensor [batch, tokens], got {got}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids holds no tokens (shape [batch, 0]); give at least one")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

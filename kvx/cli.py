@@ -184,7 +184,7 @@ def _cmd_needle(args: argparse.Namespace) -> int:
 
     if args.dtype != "auto":
         parse_dtype(args.dtype)
-    policies = needle.parse_policies(args.policy or [], args.opt or [], with_dense=not args.no_dense)
+    policies = needle.parse_policies(args.policy or [], [], with_dense=not args.no_dense)
     settings = dict(
         lengths=_parse_ints(args.lengths, "--lengths") if args.lengths else None,
         depths=_parse_numbers(args.depths, "--depths") if args.depths else None,
@@ -200,8 +200,9 @@ def _cmd_needle(args: argparse.Namespace) -> int:
     if args.config:
         config = needle.config_from_yaml(input_file(args.config, "--config"), **settings)
     else:
-        defaults = dict(lengths=[1024, 2048, 4096], policies=policies)
+        defaults = dict(lengths=[1024, 2048, 4096], policies=policies or [needle.PolicyRun(needle.DENSE)])
         config = needle.NeedleConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
+    config = _policy_flags(config, args)
     out = output_dir(args.out)
     if args.no_progress:
         from transformers.utils import logging as hf_logging
@@ -220,6 +221,22 @@ def _cmd_needle(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"results: {runner.results_path}")
     return 0
+
+
+def _policy_flags(config, args: argparse.Namespace):
+    """``--opt`` and ``--no-dense`` applied to the run's policies, whether they come from ``--policy``
+    or from the ``--config`` file."""
+    import dataclasses
+
+    from kvx.eval import needle
+
+    runs = needle.apply_options([dataclasses.replace(run, options=dict(run.options)) for run in config.policies],
+                                args.opt or [])
+    if args.no_dense:
+        runs = [run for run in runs if run.name != needle.DENSE]
+        if not runs:
+            raise ValueError("--no-dense leaves no policy to run; add --policy NAME (or policies in --config)")
+    return dataclasses.replace(config, policies=runs)
 
 
 def _split(text: str, flag: str) -> list[str]:
@@ -359,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distractor needles for multikey / absent (default 2; at least 1 with those variants)")
     p.add_argument("--policy", action="append", metavar="NAME[:k=v,...][+NAME...]",
                    help="a policy to compare (repeatable); '+' composes one policy per axis, e.g. snapkv:budget=256+ragged")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="an option for every listed policy that has it")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="an option for every listed policy (from --policy or --config) that has it, "
+                   "unless its spec sets it")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
     p.add_argument("--out", default="runs/needle", help="output directory (default runs/needle); a rerun into it "
                    "resumes when the model, tokenizer and settings are the same, and refuses otherwise")

@@ -59,7 +59,7 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-inputs")
     tok = build_tokenizer()
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id)
+               eos_token_id=tok.eos_token_id, max_position_embeddings=256)
     paths = {name: root / name for name in ("model", "other", "no_tokenizer", "no_weights")}
     tiny_model("llama", **ids).save_pretrained(paths["model"])
     tok.save_pretrained(paths["model"])
@@ -74,10 +74,11 @@ def dirs(tmp_path_factory):
 @pytest.fixture
 def paths(dirs, tmp_path):
     """Placeholders of the CLI tables: the model directories, a fresh --out, a plain file."""
-    plain = tmp_path / "file.txt"
+    plain, empty = tmp_path / "file.txt", tmp_path / "empty.txt"
     plain.write_text("not a directory\n")
+    empty.write_text("")
     return {**{k: str(v) for k, v in dirs.items()}, "out": str(tmp_path / "out"), "file": str(plain),
-            "tmp": str(tmp_path)}
+            "empty": str(empty), "tmp": str(tmp_path)}
 
 
 def cli_error(argv: list[str], capsys) -> str:
@@ -223,6 +224,12 @@ def test_error_api(model, call, error, message):
     assert not kvx.is_patched(model)  # a refused patch leaves the model as it was
 
 
+def _patched_prefill(model, ids=None, mask=None, chunk_size=None):
+    """kvx.prefill on the shared model patched with snapkv (budget 8, window 4)."""
+    kvx.patch(model, "snapkv", budget=8, window=4)
+    return kvx.prefill(model, random_ids(1, 8) if ids is None else ids, mask, chunk_size)
+
+
 def _patched_generate(model, **kwargs):
     """generate() on the shared model patched with snapkv (budget 8, window 4)."""
     kvx.patch(model, "snapkv", budget=8, window=4)
@@ -238,6 +245,21 @@ def _patched_forward(model, **kwargs):
 
 
 PATCHED_ERRORS = [
+    ("prefill-chunk-negative", lambda m: _patched_prefill(m, chunk_size=-1),
+     "chunk_size must be a positive int or None, got -1"),
+    ("prefill-chunk-zero", lambda m: _patched_prefill(m, chunk_size=0), "chunk_size must be .* got 0"),
+    ("prefill-1d-ids", lambda m: _patched_prefill(m, ids=random_ids(1, 8)[0]),
+     r"input_ids must be a 2-D integer tensor \[batch, tokens\], got a 1-D torch.int64 tensor"),
+    ("prefill-float-ids", lambda m: _patched_prefill(m, ids=random_ids(1, 8).float()),
+     "input_ids must be a 2-D integer tensor .* got a 2-D torch.float32 tensor"),
+    ("prefill-list-ids", lambda m: _patched_prefill(m, ids=[[5, 6, 7]]), "input_ids must be .* got list"),
+    ("prefill-no-tokens", lambda m: _patched_prefill(m, ids=random_ids(1, 8)[:, :0]),
+     r"input_ids holds no tokens \(shape \[batch, 0\]\)"),
+    ("prefill-mask-shape", lambda m: _patched_prefill(m, mask=torch.ones(1, 5, dtype=torch.long)),
+     r"attention_mask must have the shape of input_ids \(1, 8\), got \(1, 5\)"),
+    ("compress-context-chunk", lambda m: (kvx.patch(m, "snapkv", budget=8, window=4),
+                                          kvx.compress_context(m, random_ids(1, 8), chunk_size=-4)),
+     "chunk_size must be a positive int or None, got -4"),
     ("output-attentions-generate", lambda m: _patched_generate(m, output_attentions=True, return_dict_in_generate=True),
      "output_attentions=True: a kvx-patched model returns no attention maps.*kvx.unpatch"),
     ("output-attentions-forward", lambda m: _patched_forward(m, output_attentions=True),
@@ -368,6 +390,9 @@ CLI_ERRORS = [
     ("needle-out-under-file", ["--out", "{file}/sub"], r"--out .*file.txt/sub: cannot create the directory"),
     ("needle-haystack-missing", ["--haystack", "{tmp}/nope.txt"], r"--haystack .*nope.txt: no such file"),
     ("needle-haystack-dir", ["--haystack", "{tmp}"], r"--haystack .*: not a file"),
+    ("needle-haystack-empty", ["--haystack", "{empty}"], "the haystack text file is empty"),
+    ("needle-no-dense-alone", ["needle", "--model", "{model}", "--out", "{out}", "--no-dense", "--lengths", "200"],
+     "--no-dense leaves no policy to run; add --policy NAME"),
     ("needle-config-missing", ["--config", "{tmp}/nope.yaml"], r"--config .*nope.yaml: no such file"),
     ("needle-model-missing", ["--model", "{tmp}/no-model"], r"--model .*no-model: no such directory"),
     ("needle-model-file", ["--model", "{file}"], r"--model .*file.txt: is a file; give the model's directory"),
@@ -613,6 +638,25 @@ def test_valid_needle_multikey_places_its_distractors(paths, capsys):
     assert main(needle_args(paths, "--variants", "multikey", "--distractors", "3", "--depths", "50")) == 0
     rows = needle.load_results(Path(paths["out"], "results.jsonl"))
     assert {len(r["needle_positions"]) for r in rows} == {4}  # the needle + 3 distractors
+
+
+def test_valid_opt_and_no_dense_reach_the_config_policies(paths, capsys):
+    """--opt and --no-dense apply to the policies of --config too (they used to be dropped or refused)."""
+    config = Path(paths["tmp"], "run.yaml")
+    config.write_text("lengths: [200]\ndepths: [50]\nmax_new_tokens: 2\npolicies:\n  - dense\n  - streaming_llm\n"
+                      "  - 'snapkv:budget=64+ragged'\n")
+    argv = fill(["needle", "--model", "{model}", "--out", "{out}", "--no-progress", "--config", str(config),
+                 "--opt", "window=16", "--no-dense"], paths)
+    assert main(argv) == 0
+    assert sorted(r["policy"] for r in _rows(paths)) == ["snapkv:budget=64,window=16+ragged",
+                                                         "streaming_llm:window=16"]
+
+
+def test_valid_lengths_past_the_models_positions_run_with_a_warning(paths, capsys):
+    assert main(needle_args(paths, "--lengths", "300", "--depths", "50")) == 0
+    err = capsys.readouterr().err
+    assert "kvx needle: warning: lengths 300 exceed the model's max_position_embeddings (256)" in err
+    assert {r["prompt_tokens"] for r in _rows(paths)} == {300}
 
 
 # ---------------------------------------------------------------- faults survived

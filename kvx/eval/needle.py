@@ -32,7 +32,7 @@ import torch
 
 import kvx
 from kvx.cache import cache_nbytes
-from kvx.compat import cache_kwargs, cache_of
+from kvx.compat import cache_kwargs, cache_of, decoder_config
 from kvx.compose import parse_spec, split_option
 from kvx.eval.haystack import KEYS, VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
 from kvx.policy import Policy, check_positive_int, make_policy, policy_class
@@ -406,6 +406,7 @@ class NeedleRunner:
         Before any cell: every prompt length is checked, and an existing results file must come
         from the same identity (``fresh``: it is moved aside, and a new one started)."""
         check_prompts(self.config, self.tokenizer)
+        self.warn_past_positions()
         self.open_results(fresh)
         todo = self.pending()
         _end_torn_line(self.results_path)
@@ -415,6 +416,14 @@ class NeedleRunner:
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
         return self.rows()
+
+    def warn_past_positions(self) -> None:
+        """Lengths past the model's ``max_position_embeddings`` run, but measure extrapolation: say so."""
+        limit = getattr(decoder_config(self.model.config), "max_position_embeddings", None)
+        beyond = [n for n in self.config.lengths if isinstance(limit, int) and n > limit]
+        if beyond:
+            warnings.warn(f"lengths {', '.join(map(str, beyond))} exceed the model's max_position_embeddings ({limit}): "
+                          "those cells measure position extrapolation as much as compression", stacklevel=3)
 
     def open_results(self, fresh: bool = False) -> None:
         """Make ``results.jsonl`` ready to append to: new (with this run's identity), or an existing
@@ -625,22 +634,30 @@ def _safe(label: str) -> str:
 
 def parse_policies(policy_args: list[str], opt_args: list[str], with_dense: bool = True) -> list[PolicyRun]:
     """``--policy NAME[:k=v,...]`` (repeatable) and ``--opt k=v`` (applies to every listed policy
-    that has option ``k``) -> runs, dense first unless ``with_dense`` is False."""
+    that has option ``k``, unless its spec sets it) -> runs, dense first unless ``with_dense`` is False."""
     runs = [parse_spec(arg) for arg in policy_args]  # one list of (name, options) parts per run
-    for opt in opt_args:
-        key, value = split_option(opt)
-        takers = [options for parts in runs for name, options in parts if name != DENSE and _has_option(name, key)]
-        if not takers:
-            listed = [name for parts in runs for name, _ in parts if name != DENSE] or ["(none)"]
-            raise ValueError(f"--opt {key}: none of the listed policies ({', '.join(listed)}) has an option {key!r}")
-        for options in takers:
-            options.setdefault(key, value)
     result = [PolicyRun(*parts[0], composed=tuple(PolicyRun(*part) for part in parts[1:])) for parts in runs]
-    for run in result:
-        run.validate()
+    result = apply_options(result, opt_args)
     if with_dense and not any(r.name == DENSE for r in result):
         result.insert(0, PolicyRun(DENSE))
     return result
+
+
+def apply_options(runs: list[PolicyRun], opt_args: list[str]) -> list[PolicyRun]:
+    """``runs`` with each ``--opt key=value`` given to every part that has option ``key`` and does not
+    set it itself; an option no part has is an error naming it. Every run is validated."""
+    parts = [part for run in runs for part in (run, *run.composed) if part.name != DENSE]
+    for opt in opt_args:
+        key, value = split_option(opt)
+        takers = [part for part in parts if _has_option(part.name, key)]
+        if not takers:
+            listed = [part.name for part in parts] or ["(none)"]
+            raise ValueError(f"--opt {key}: none of the listed policies ({', '.join(listed)}) has an option {key!r}")
+        for part in takers:
+            part.options.setdefault(key, value)
+    for run in runs:
+        run.validate()
+    return runs
 
 
 def _has_option(policy: str, key: str) -> bool:
