@@ -3,14 +3,16 @@ sinks) at full precision. The storage kind behind the ``int8`` and ``kivi`` poli
 
 One layer holds, in temporal order:
 
-- *sinks*: the first ``sink`` real tokens of each (row, KV head), full precision
-  ``sink_keys/sink_values [B, Hkv, s, D]``;
+- *sinks*: the first ``sink`` real tokens of each (row, KV head), full precision;
 - *packed*: everything older than the window, quantized (:class:`kvx.kernels.quant.Packed`);
+- with mixed precision (``mikv``), *high*: the old tokens a selection marked important, at 8 bits
+  or full precision, while the rest go to *packed* at 2 or 4;
 - *tail*: the most recent tokens, full precision (``keys/values [B, Hkv, T, D]``, the window).
 
-Sinks and packed tokens form the prefix of :class:`~kvx.storage.prefix.PrefixTailLayer`, whose
-read path this kind shares: decode attends over the packed tokens with dequantization fused in
-(:func:`kvx.kernels.quant_kernels.packed_decode_attention`), several queries over a dense view.
+Sinks, packed and high tokens are segments (:mod:`kvx.storage.segments`) forming the prefix of
+:class:`~kvx.storage.prefix.PrefixTailLayer`, whose read path this kind shares: decode attends over
+packed segments with dequantization fused in (:func:`kvx.kernels.quant_kernels.packed_decode_attention`),
+several queries over a dense view.
 
 When tokens are quantized: at the end of each decode step, and when the prompt ends
 (:meth:`QuantizedLayer.end_prompt`, which ``kvx.prefill`` calls; otherwise the first decoded token
@@ -29,10 +31,10 @@ from typing import Any
 
 import torch
 
-from kvx.kernels import quant, reference
-from kvx.kernels.quant_kernels import packed_decode_attention
+from kvx.kernels import quant
 from kvx.policy import mask_to_indices
 from kvx.storage.prefix import PrefixTailLayer, View
+from kvx.storage.segments import FullSegment, PackedSegment, Segment
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class QuantSpec:
     window: int = 0
     sink: int = 0
     owner: str = "quantized storage"
+    high_bits: int | None = None
+    """Mixed precision: tokens a selection marks important are held at ``high_bits`` (8: packed
+    per token; 16: full precision), the rest at ``key_bits`` / ``value_bits`` (None: one precision)."""
 
     @property
     def unit(self) -> int:
@@ -66,24 +71,23 @@ class QuantSpec:
 class QuantizedLayer(PrefixTailLayer):
     """KV storage of one full-attention layer with old tokens quantized (module docstring).
 
-    Attributes (besides the tail's, from :class:`~kvx.storage.dense.DenseLayer`):
-        sink_keys, sink_values: ``[B, Hkv, s, D]`` full-precision sinks, or None.
-        packed_keys, packed_values: :class:`~kvx.kernels.quant.Packed` of ``Q`` tokens, or None.
-        prefix_valid: ``[B, Hkv, s + Q]`` bool (False on padding slots), or None when all are real.
-        prefix_state: per-token policy statistics of the prefix, name -> ``[B, Hkv, s + Q]``.
+    The prefix is a list of :class:`~kvx.storage.segments.Segment` in a fixed order, ``None`` where
+    empty: ``segments[SINKS]`` full precision, ``segments[PACKED]`` packed at the spec's bits, and
+    with mixed precision ``segments[HIGH]`` (packed at 8 bits, or full precision). Each segment
+    holds its own padding mask and policy statistics; the tail is the
+    :class:`~kvx.storage.dense.DenseLayer` part.
     """
 
     kind = "quantized"
+    SINKS, PACKED, HIGH = 0, 1, 2
+    LOW_PRECISION = "kvx_low_precision"
+    """The per-token statistic a mixed-precision selection (``mikv``) sets to 1 on tokens it would
+    evict: they leave the window into the low-precision segment, the others into the high one."""
 
     def __init__(self, spec: QuantSpec, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
-        self.sink_keys: torch.Tensor | None = None
-        self.sink_values: torch.Tensor | None = None
-        self.packed_keys: quant.Packed | None = None
-        self.packed_values: quant.Packed | None = None
-        self.prefix_valid: torch.Tensor | None = None
-        self.prefix_state: dict[str, torch.Tensor] = {}
+        self.segments: list[Segment | None] = [None, None, None]
         self._decoding = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -92,26 +96,20 @@ class QuantizedLayer(PrefixTailLayer):
 
     # --- sizes --------------------------------------------------------------------------------
 
-    @property
-    def sink_slots(self) -> int:
-        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+    def _present(self) -> list[Segment]:
+        return [segment for segment in self.segments if segment is not None]
 
-    @property
-    def packed_slots(self) -> int:
-        return 0 if self.packed_keys is None else self.packed_keys.tokens
+    def slots_of(self, index: int) -> int:
+        segment = self.segments[index]
+        return 0 if segment is None else segment.tokens
 
     @property
     def prefix_slots(self) -> int:
-        return self.sink_slots + self.packed_slots
+        return sum(segment.tokens for segment in self._present())
 
     @property
     def has_prefix(self) -> bool:
         return self.prefix_slots > 0
-
-    def _prefix_valid(self) -> torch.Tensor:
-        if self.prefix_valid is not None:
-            return self.prefix_valid
-        return torch.ones(*self.keys.shape[:2], self.prefix_slots, dtype=torch.bool, device=self.keys.device)
 
     def _tail_valid(self) -> torch.Tensor:
         if self.valid is not None:
@@ -121,83 +119,53 @@ class QuantizedLayer(PrefixTailLayer):
     # --- the prefix in its layout (kvx.storage.prefix.PrefixTailLayer) -------------------------
 
     def dense_view(self) -> View:
-        keys, values = [], []
-        if self.sink_keys is not None:
-            keys.append(self.sink_keys)
-            values.append(self.sink_values)
-        if self.packed_keys is not None:
-            keys.append(quant.dequantize(self.packed_keys, self.keys.dtype))
-            values.append(quant.dequantize(self.packed_values, self.values.dtype))
-        valid = torch.cat([self._prefix_valid(), self._tail_valid()], dim=-1)
-        return torch.cat([*keys, self.keys], dim=2), torch.cat([*values, self.values], dim=2), valid
+        batch, kv_heads, device = *self.keys.shape[:2], self.keys.device
+        parts = [segment.kv(self.keys.dtype) for segment in self._present()]
+        valid = [segment.valid_mask(batch, kv_heads, device) for segment in self._present()]
+        return (torch.cat([*(k for k, _ in parts), self.keys], dim=2), torch.cat([*(v for _, v in parts), self.values], dim=2),
+                torch.cat([*valid, self._tail_valid()], dim=-1))
 
     def dense_state(self) -> dict[str, torch.Tensor]:
-        batch, kv_heads, tail = self.keys.shape[:3]
-        dense = {}
-        for name in set(self.state) | set(self.prefix_state):
-            prefix = self.prefix_state.get(name)
-            if prefix is None:
-                prefix = self.keys.new_zeros(batch, kv_heads, self.prefix_slots, dtype=torch.float32)
-            tail_stat = self.state.get(name, prefix.new_zeros(batch, kv_heads, tail))
-            dense[name] = torch.cat([prefix, tail_stat], dim=-1)
-        return dense
+        batch, kv_heads, device = *self.keys.shape[:2], self.keys.device
+        names = set(self.state).union(*(segment.state for segment in self._present()))
+        tail = lambda name: self.state.get(name, torch.zeros(*self.keys.shape[:3], device=device))  # noqa: E731
+        return {name: torch.cat([*(s.stat(name, batch, kv_heads, device) for s in self._present()), tail(name)], -1)
+                for name in names}
 
     def prefix_decode_parts(self, query, scaling: float, softcap: float | None):
-        """The sinks at full precision, the packed tokens dequantized inside the decode kernel."""
-        valid, groups = self.prefix_valid, query.shape[1] // self.keys.shape[1]
-        parts = []
-        if self.sink_keys is not None:
-            mask = None if valid is None else reference.expand_kv_heads(valid[..., : self.sink_slots], groups)[:, :, None]
-            parts.append(reference.attention_with_lse(query, self.sink_keys, self.sink_values, mask, scaling, softcap))
-        if self.packed_keys is not None:
-            packed_valid = None if valid is None else valid[..., self.sink_slots :]
-            parts.append(packed_decode_attention(query, self.packed_keys, self.packed_values, packed_valid,
-                                                 scaling, softcap))
-        return parts
+        """Each segment in its layout: full precision as is, packed through the fused decode kernel."""
+        return [segment.decode_part(query, scaling, softcap) for segment in self._present()]
 
     def store_selection(self, keep: torch.Tensor, state: dict[str, torch.Tensor], view: View) -> None:
-        """Drop what ``keep`` drops from each part in its own layout: packed codes are gathered
+        """Drop what ``keep`` drops from each segment in its own layout: packed codes are gathered
         (with their groups' scales), never dequantized and quantized again."""
-        keep = keep & view[2]
-        prefix = self.prefix_slots
+        keep, prefix = keep & view[2], self.prefix_slots
         self.store_state(state)
-        self._keep_prefix(keep[..., :prefix])
+        for index, part in self._split(keep):
+            if not bool(part.all()):
+                kept = self.segments[index].keep(part)
+                self.segments[index] = kept if kept.tokens else None
         self.keep_mask(keep[..., prefix:])
 
     def store_state(self, dense: dict[str, torch.Tensor]) -> None:
         prefix = self.prefix_slots
-        self.prefix_state = {name: stat[..., :prefix] for name, stat in dense.items()}
+        for index, part in self._split_state(dense):
+            self.segments[index].state = part
         self.state = {name: stat[..., prefix:] for name, stat in dense.items()}
 
-    def _keep_prefix(self, keep: torch.Tensor) -> None:
-        """Keep the prefix tokens marked in ``keep [B, Hkv, s + Q]``, sinks and packed apart."""
-        if bool(keep.all()):
-            return
-        sinks = self.sink_slots
-        valid_parts, stat_parts = [], {name: [] for name in self.prefix_state}
-        if self.sink_keys is not None:
-            indices, slot_valid = mask_to_indices(keep[..., :sinks])
-            self.sink_keys, self.sink_values = _gather(self.sink_keys, indices), _gather(self.sink_values, indices)
-            valid_parts.append(slot_valid)
-            for name, stat in self.prefix_state.items():
-                stat_parts[name].append(stat[..., :sinks].gather(2, indices))
-        if self.packed_keys is not None:
-            indices, slot_valid = mask_to_indices(keep[..., sinks:])
-            self.packed_keys = quant.gather_tokens(self.packed_keys, indices, slot_valid)
-            self.packed_values = quant.gather_tokens(self.packed_values, indices, slot_valid)
-            valid_parts.append(slot_valid)
-            for name, stat in self.prefix_state.items():
-                stat_parts[name].append(stat[..., sinks:].gather(2, indices))
-        self.prefix_state = {name: torch.cat(parts, dim=-1) for name, parts in stat_parts.items()}
-        self._set_prefix_valid(valid_parts)
-        if self.sink_keys is not None and self.sink_keys.shape[-2] == 0:
-            self.sink_keys = self.sink_values = None
-        if self.packed_keys is not None and self.packed_keys.tokens == 0:
-            self.packed_keys = self.packed_values = None
+    def _split(self, over_view: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``[..., P + T]`` -> each present segment's index and its slice ``[..., n]``."""
+        parts, start = [], 0
+        for index, segment in enumerate(self.segments):
+            if segment is not None:
+                parts.append((index, over_view[..., start : start + segment.tokens]))
+                start += segment.tokens
+        return parts
 
-    def _set_prefix_valid(self, parts: list[torch.Tensor]) -> None:
-        valid = torch.cat(parts, dim=-1) if parts else None
-        self.prefix_valid = None if valid is None or bool(valid.all()) else valid.clone()
+    def _split_state(self, dense: dict[str, torch.Tensor]) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        split = {name: dict(self._split(stat)) for name, stat in dense.items()}
+        return [(index, {name: parts[index] for name, parts in split.items()})
+                for index, segment in enumerate(self.segments) if segment is not None]
 
     # --- quantizing what leaves the window ----------------------------------------------------
 
@@ -216,98 +184,82 @@ class QuantizedLayer(PrefixTailLayer):
             self.quantize_old_tokens()
 
     def quantize_old_tokens(self) -> None:
-        """Move the oldest real tail tokens beyond the window into the packed part (a unit at a
-        time per row and KV head), after the first ``sink`` of them into the sinks."""
+        """Move the oldest real tail tokens beyond the window into the prefix (a unit at a time per
+        row and KV head), after the first ``sink`` of them into the sinks the first time."""
         if self.keys is None or self.keys.shape[-2] == 0:
             return
         valid = self._tail_valid()
         age = valid.long().cumsum(-1) - 1  # rank of each real tail token from the oldest
-        first_time = not self.has_prefix
-        sinks = valid & (age < self.spec.sink) if first_time and self.spec.sink else None
+        sinks = valid & (age < self.spec.sink) if self.spec.sink and not self.has_prefix else None
         done = 0 if sinks is None else sinks.sum(-1, keepdim=True)  # [B, Hkv, 1]
-        real = valid.sum(-1, keepdim=True)
-        movable = (real - done - self.spec.window).clamp(min=0)
+        movable = (valid.sum(-1, keepdim=True) - done - self.spec.window).clamp(min=0)
         movable = movable - movable % self.spec.unit
         outgoing = valid & (age >= done) & (age < done + movable)
-        if sinks is None and not bool(outgoing.any()):
+        routes = ([] if sinks is None else [(self.SINKS, sinks)]) + self._route(outgoing)
+        routes = [(index, mask) for index, mask in routes if bool(mask.any())]
+        if not routes:
             return
-        state = dict(self.state)
-        prefix_parts = [self._prefix_valid()] if self.has_prefix else []
-        stat_parts = {name: [self._prefix_stat(name)] if self.has_prefix else [] for name in state}
-        if sinks is not None:
-            indices, slot_valid = mask_to_indices(sinks)
-            self.sink_keys, self.sink_values = _gather(self.keys, indices), _gather(self.values, indices)
-            prefix_parts.append(slot_valid)
-            for name, stat in state.items():
-                stat_parts[name].append(stat.gather(2, indices))
-        if bool(outgoing.any()):
-            indices, slot_valid = mask_to_indices(outgoing)
-            self._pack(indices, slot_valid)
-            prefix_parts.append(slot_valid)
-            for name, stat in state.items():
-                stat_parts[name].append(stat.gather(2, indices))
-        self._set_prefix_valid(prefix_parts)
-        self.prefix_state = {name: torch.cat(parts, dim=-1) for name, parts in stat_parts.items()}
+        for index, mask in routes:
+            self._move_to(index, mask)
         staying = valid & ~outgoing if sinks is None else valid & ~outgoing & ~sinks
         self.keep_mask(staying)
 
-    def _prefix_stat(self, name: str) -> torch.Tensor:
-        stat = self.prefix_state.get(name)
-        if stat is None:
-            stat = torch.zeros(*self.keys.shape[:2], self.prefix_slots, device=self.keys.device)
-        return stat
+    def _route(self, outgoing: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Which segment each outgoing tail token joins: packed, or with mixed precision, packed at
+        low precision where a selection marked it, high precision otherwise."""
+        if self.spec.high_bits is None:
+            return [(self.PACKED, outgoing)]
+        low = self.state.get(self.LOW_PRECISION)
+        low = torch.zeros_like(outgoing) if low is None else low > 0
+        return [(self.PACKED, outgoing & low), (self.HIGH, outgoing & ~low)]
 
-    def _pack(self, indices: torch.Tensor, slot_valid: torch.Tensor) -> None:
-        """Quantize the tail tokens ``indices [B, Hkv, W]`` (``W`` a multiple of the unit; padding
-        slots, where ``slot_valid`` is False, as zeros) and append them to the packed part."""
-        spec = self.spec
+    def _move_to(self, index: int, mask: torch.Tensor) -> None:
+        """Append the tail tokens marked in ``mask [B, Hkv, T]`` to segment ``index`` in its layout
+        (padding slots, where a row has fewer, as zeros)."""
+        indices, slot_valid = mask_to_indices(mask)
         keys = _gather(self.keys, indices) * slot_valid[..., None]
         values = _gather(self.values, indices) * slot_valid[..., None]
-        new_keys = quant.quantize(keys, spec.key_bits, spec.group, spec.key_axis, spec.symmetric)
-        new_values = quant.quantize(values, spec.value_bits, spec.group, "token", spec.symmetric)
-        self.packed_keys = quant.concat(self.packed_keys, new_keys)
-        self.packed_values = quant.concat(self.packed_values, new_values)
+        segment = self._new_segment(index, keys, values)
+        segment.valid = None if bool(slot_valid.all()) else slot_valid
+        segment.state = {name: stat.gather(2, indices) for name, stat in self.state.items()}
+        current = self.segments[index]
+        self.segments[index] = segment if current is None else current.append(segment)
+
+    def _new_segment(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> Segment:
+        spec = self.spec
+        if index == self.SINKS or (index == self.HIGH and spec.high_bits == 16):
+            return FullSegment(keys=keys, values=values)
+        if index == self.HIGH:
+            return PackedSegment(keys=quant.quantize(keys, spec.high_bits, spec.group, "token", spec.symmetric),
+                                 values=quant.quantize(values, spec.high_bits, spec.group, "token", spec.symmetric))
+        return PackedSegment(keys=quant.quantize(keys, spec.key_bits, spec.group, spec.key_axis, spec.symmetric),
+                             values=quant.quantize(values, spec.value_bits, spec.group, "token", spec.symmetric))
 
     # --- counts, bytes, rows ------------------------------------------------------------------
 
     def kept_per_head(self) -> torch.Tensor:
         kept = super().kept_per_head()
-        if self.has_prefix:
-            kept = kept + self._prefix_valid().sum(-1).cpu()
+        for segment in self._present():
+            real = segment.kept()
+            kept = kept + (segment.tokens if real is None else real.cpu())
         return kept
 
     def stored_slots(self) -> int:
         return self.num_stored + self.prefix_slots
 
-    def _prefix_kv(self) -> list[torch.Tensor]:
-        tensors = [t for t in (self.sink_keys, self.sink_values) if t is not None]
-        for packed in (self.packed_keys, self.packed_values):
-            if packed is not None:
-                tensors += packed.tensors()
-        return tensors
-
     def held_tensors(self) -> list[torch.Tensor]:
-        bookkeeping = [self.prefix_valid] if self.prefix_valid is not None else []
-        return super().held_tensors() + self._prefix_kv() + bookkeeping + list(self.prefix_state.values())
+        return super().held_tensors() + [t for segment in self._present() for t in segment.held_tensors()]
 
     def kv_tensors(self) -> list[torch.Tensor]:
-        return super().kv_tensors() + self._prefix_kv()
+        return super().kv_tensors() + [t for segment in self._present() for t in segment.kv_tensors()]
 
     def reset(self) -> None:
         super().reset()
-        self.sink_keys = self.sink_values = self.prefix_valid = None
-        self.packed_keys = self.packed_values = None
-        self.prefix_state = {}
+        self.segments = [None, None, None]
 
     def _select_batch(self, fn) -> None:
-        """Re-order or repeat rows (beam search): every part of the prefix moves with its row."""
-        if self.sink_keys is not None:
-            self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
-        if self.packed_keys is not None:
-            self.packed_keys, self.packed_values = self.packed_keys.map_rows(fn), self.packed_values.map_rows(fn)
-        if self.prefix_valid is not None:
-            self.prefix_valid = fn(self.prefix_valid)
-        self.prefix_state = {name: fn(stat) for name, stat in self.prefix_state.items()}
+        """Re-order or repeat rows (beam search): every segment moves with its row."""
+        self.segments = [None if segment is None else segment.map_rows(fn) for segment in self.segments]
         super()._select_batch(fn)
 
 

@@ -128,8 +128,8 @@ def test_the_window_and_sinks_stay_at_full_precision(model):
         cache = _last_cache(model, ids)
     layer = cache.layers[0]
     # 4 sinks, then the oldest multiple of 16 of the rest beyond the window of 20 (48), 25 in the tail
-    assert (layer.sink_slots, layer.packed_slots, layer.keys.shape[-2]) == (4, 48, 25)
-    assert layer.sink_keys.dtype == layer.keys.dtype == torch.float32
+    assert (layer.slots_of(layer.SINKS), layer.slots_of(layer.PACKED), layer.keys.shape[-2]) == (4, 48, 25)
+    assert layer.segments[layer.SINKS].keys.dtype == layer.keys.dtype == torch.float32
 
 
 def test_the_prompt_is_exact_until_it_ends(model):
@@ -152,7 +152,7 @@ def test_decode_over_itself_equals_attention_over_its_dequantized_view(spec):
     layer.update(keys, values)
     layer.begin_step(None, 61, 8)
     layer.end_prompt()
-    assert layer.packed_slots > 0
+    assert layer.slots_of(layer.PACKED) > 0
     new_key, new_value, query = (torch.randn(2, 2, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g),
                                  torch.randn(2, 8, 1, 16, generator=g))
     key, value = layer.update(new_key, new_value)
@@ -186,7 +186,7 @@ def test_eviction_and_quantization_in_one_cache(model, selection):
         assert (mixed["kept_min"], mixed["kept_max"]) == (plain["kept_min"], plain["kept_max"])
         assert mixed["kind"] == "quantized" and mixed["kv_bytes"] < 0.6 * plain["kv_bytes"]
     layer = cache.layers[0]
-    assert layer.packed_slots >= 16 and layer.keys.shape[-2] < 8 + 16
+    assert layer.slots_of(layer.PACKED) >= 16 and layer.keys.shape[-2] < 8 + 16
 
 
 def test_snapkv_prunes_the_prompt_before_anything_is_quantized(model, monkeypatch):
@@ -248,4 +248,5 @@ def test_bytes_against_a_bfloat16_cache_at_32k(spec, limit):
     stored = sum(t.numel() * t.element_size() for t in layer.held_tensors())
     assert stored == kvx.cache.layer_nbytes(layer)
     assert stored / (2 * tokens * dim * 2) <= limit
-    assert layer.prefix_valid is None and layer.sink_slots == 4 and layer.keys.shape[-2] < 128 + 32
+    assert all(seg.valid is None for seg in layer._present()) and layer.slots_of(layer.SINKS) == 4
+    assert layer.keys.shape[-2] < 128 + 32
