@@ -254,7 +254,7 @@ def _parse_ints(text: str, flag: str) -> list[int]:
     values = [parse_length(t) for t in _split(text, flag)]
     if min(values) <= 0:
         raise ValueError(f"{flag} must be positive numbers, comma-separated; got {text!r}")
-    return values
+    return _distinct(values, flag)
 
 
 def _parse_numbers(text: str, flag: str) -> list[float]:
@@ -265,6 +265,16 @@ def _parse_numbers(text: str, flag: str) -> list[float]:
             values.append(float(item))
         except ValueError:
             raise ValueError(f"{flag}: cannot read {item!r} as a number (e.g. {flag} 0,50,100)") from None
+    return _distinct(values, flag)
+
+
+def _distinct(values: list, flag: str) -> list:
+    """``values`` itself, or an error naming the first value ``flag`` lists twice."""
+    from kvx.eval.needle import first_repeat
+
+    repeated = first_repeat(values)
+    if repeated is not None:
+        raise ValueError(f"{flag} lists {repeated:g} twice; give each value once")
     return values
 
 

@@ -123,10 +123,14 @@ class Policy:
         object.__setattr__(self, "_kvx_validated", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Assigning an option re-validates the policy; an invalid value raises and is not kept."""
-        if name not in getattr(type(self), "__dataclass_fields__", {}) or not self.__dict__.get("_kvx_validated"):
+        """Assigning an option re-validates the policy; an invalid value raises and is not kept. A
+        name that is not an option (``policy.bugdet = 8``) raises rather than being ignored."""
+        if name.startswith("_") or not self.__dict__.get("_kvx_validated"):
             object.__setattr__(self, name, value)
             return
+        options = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        if name not in options:
+            raise AttributeError(f"{self.name} has no option {name!r}; its options: {', '.join(options)}")
         previous = getattr(self, name)
         object.__setattr__(self, name, value)
         try:

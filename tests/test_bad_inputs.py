@@ -325,6 +325,15 @@ def test_error_assignment_is_validated(spec, option, value, error, message):
     assert getattr(policy, option) == before  # an invalid value is not kept
 
 
+@pytest.mark.parametrize("spec,name", [("snapkv", "bugdet"), ("streaming_llm", "budget"), ("h2o", "window")])
+def test_error_assignment_to_a_name_that_is_not_an_option(spec, name):
+    """A typo in an attribute name raises (it used to create an attribute nothing reads)."""
+    policy = _policy(spec)
+    with pytest.raises(AttributeError, match=rf"{spec} has no option '{name}'; its options: "):
+        setattr(policy, name, 8)
+    assert not hasattr(policy, name)
+
+
 def test_error_assignment_after_patching_is_validated(model):
     """``policy.budget = 0`` on a patched model's policy raises; the patch keeps compressing at 8."""
     policy = kvx.patch(model, "snapkv", budget=8, window=4)
@@ -366,6 +375,9 @@ CLI_ERRORS = [
     ("needle-depths-over", ["--depths", "120"], r"depths: 120.0 is not a depth within \[0, 100\] percent"),
     ("needle-depths-negative", ["--depths", "-5"], r"depths: -5.0 is not a depth within \[0, 100\]"),
     ("needle-depths-text", ["--depths", "half"], "--depths: cannot read 'half' as a number"),
+    ("needle-lengths-twice", ["--lengths", "200,256,200"], "--lengths lists 200 twice"),
+    ("needle-depths-twice", ["--depths", "50,50.0"], "--depths lists 50 twice"),
+    ("needle-variants-twice", ["--variants", "single,single"], "variants lists 'single' twice"),
     ("needle-variants-typo", ["--variants", "multikeys"], r"unknown needle variant\(s\) \['multikeys'\]; choose from single"),
     ("needle-samples-zero", ["--samples", "0"], "argument --samples: must be >= 1, got 0"),
     ("needle-samples-text", ["--samples", "two"], "argument --samples: 'two' is not a whole number"),
@@ -419,6 +431,8 @@ BENCH_ERRORS = [
     ("e2e-lengths-zero", ["e2e", "--lengths", "0"], "--lengths must be positive numbers"),
     ("e2e-lengths-text", ["e2e", "--lengths", "4k,lots"], "cannot read 'lots' as a length"),
     ("e2e-lengths-empty", ["e2e", "--lengths", ""], "--lengths '': give at least one value"),
+    ("e2e-policies-twice", ["e2e", "--policies", "snapkv,snapkv"], "--policies lists snapkv twice"),
+    ("e2e-lengths-twice", ["e2e", "--lengths", "4k,4096"], "--lengths lists 4096 twice"),
     ("e2e-policy-unknown", ["e2e", "--policies", "dense,snapkvv"], "unknown policy 'snapkvv'"),
     ("e2e-policy-budget", ["e2e", "--policies", "snapkv:budget=0"], "snapkv: budget must be >= 1, got 0"),
     ("e2e-policy-window", ["e2e", "--policies", "snapkv:budget=16;window=32"], r"window \(32\) must not exceed budget \(16\)"),
@@ -431,6 +445,7 @@ BENCH_ERRORS = [
     ("kernels-gqa-3", ["kernels", "--gqa", "1,3"], r"gqa 3: query heads per KV head must divide the 32 query heads; "
                                                     r"choose from 1, 2, 4, 8, 16, 32"),
     ("kernels-gqa-zero", ["kernels", "--gqa", "0"], "--gqa must be positive numbers"),
+    ("kernels-gqa-twice", ["kernels", "--gqa", "4,4"], "--gqa lists 4 twice"),
     ("kernels-head-dims-zero", ["kernels", "--head-dims", "0"], "--head-dims must be positive numbers"),
     ("kernels-op-unknown", ["kernels", "--ops", "attention_decode,warp"], r"unknown kernel\(s\) \['warp'\]; choose from"),
     ("kernels-ops-empty", ["kernels", "--ops", ","], "--ops ',': give at least one value"),
@@ -454,6 +469,7 @@ YAML_ERRORS = [
     ("unknown-key", "lenghts: [1k]\n", r"run.yaml: unknown key\(s\) \['lenghts'\]; valid keys"),
     ("lengths-scalar", "lengths: 1k\n", "run.yaml: lengths must be a non-empty list, got '1k'"),
     ("lengths-text", "lengths: [lots]\n", "run.yaml: cannot read 'lots' as a length"),
+    ("lengths-twice", "lengths: [1k, 1024]\n", "run.yaml: lengths lists 1024 twice"),
     ("depths-text", "lengths: [200]\ndepths: [half]\n", r"run.yaml: depths: 'half' is not a depth within \[0, 100\]"),
     ("samples-text", "lengths: [200]\nsamples: two\n", "run.yaml: needle: samples must be an int, got str 'two'"),
     ("variants-typo", "lengths: [200]\nvariants: [singel]\n", r"run.yaml: unknown needle variant\(s\) \['singel'\]"),
@@ -702,6 +718,14 @@ def test_fault_torn_and_foreign_rows_are_reported_by_line_and_not_counted(paths,
     assert len(_rows(paths)) == 2
     summary = json.loads(Path(paths["out"], "summary.json").read_text())
     assert [s["cells"] for s in summary] == [1, 1]
+
+
+def test_valid_resume_through_another_spelling_of_the_model_path(paths, capsys, monkeypatch):
+    """The identity holds the resolved directory: a relative path to the same model resumes."""
+    assert main(needle_args(paths)) == 0
+    monkeypatch.chdir(Path(paths["model"]).parent)
+    assert main(needle_args(paths, model="./model")) == 0
+    assert len(_rows(paths)) == 4 and "warning" not in capsys.readouterr().err
 
 
 def test_fault_resuming_with_other_settings_is_refused(paths, capsys):

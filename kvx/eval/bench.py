@@ -27,7 +27,7 @@ import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
-from kvx.eval.needle import DENSE, PolicyRun
+from kvx.eval.needle import DENSE, PolicyRun, first_repeat
 from kvx.kernels import reference
 from kvx.policy import check_positive_int
 
@@ -103,7 +103,11 @@ def parse_policy_list(text: str) -> list[PolicyRun]:
             merged[-1] += "," + item
         else:
             merged.append(item)
-    return parse_policies([m for m in merged if m != DENSE], [], with_dense=True)
+    runs = parse_policies([m for m in merged if m != DENSE], [], with_dense=True)
+    repeated = first_repeat(run.label for run in runs)
+    if repeated is not None:
+        raise ValueError(f"--policies lists {repeated} twice; give each policy once")
+    return runs
 
 
 def check_counts(**counts: Any) -> None:

@@ -117,7 +117,7 @@ class NeedleConfig:
             raise TypeError(f"use_chat_template must be true or false, got {self.use_chat_template!r}")
         if self.haystack_text is not None and not isinstance(self.haystack_text, str):
             raise TypeError(f"haystack_text must be text, got {type(self.haystack_text).__name__}")
-        for run in _nonempty_list("policies", self.policies):
+        for run in _nonempty_list("policies", self.policies, distinct=False):  # labels are compared below
             run.validate()
         labels = [run.label for run in self.policies]
         if len(set(labels)) != len(labels):
@@ -145,11 +145,24 @@ class NeedleConfig:
         ]
 
 
-def _nonempty_list(name: str, value: Any) -> list:
-    """``value`` itself when it is a non-empty list, else an error naming setting ``name``."""
+def _nonempty_list(name: str, value: Any, distinct: bool = True) -> list:
+    """``value`` itself when it is a non-empty list (of distinct items), else an error naming setting ``name``."""
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+    repeated = first_repeat(value) if distinct else None
+    if repeated is not None:
+        raise ValueError(f"{name} lists {repeated!r} twice; give each once (a cell would run twice)")
     return list(value)
+
+
+def first_repeat(values: Iterable) -> Any:
+    """The first item of ``values`` seen before (equal values count: 1024 and 1024.0), or None."""
+    seen: list = []
+    for value in values:
+        if any(value == other for other in seen):
+            return value
+        seen.append(value)
+    return None
 
 
 def parse_length(text: str) -> int:
@@ -283,6 +296,8 @@ def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, m
     """What produced a run's rows: the model (path, config, weights, dtype), the tokenizer, the
     settings that shape a cell's prompt or answer, and kvx's version. The grid (lengths, depths,
     variants, samples, policies) is not part of it: a rerun may add cells."""
+    if model_path is not None and Path(model_path).expanduser().exists():
+        model_path = str(Path(model_path).expanduser().resolve())
     model_config = {k: v for k, v in model.config.to_dict().items()
                     if k not in ("_name_or_path", "transformers_version") and not k.startswith("_attn_implementation")}
     return {
