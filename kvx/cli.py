@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distractor needles for multikey / absent (default 2; at least 1 with those variants)")
     p.add_argument("--policy", action="append", metavar="NAME[:k=v,...][+NAME...]",
                    help="a policy to compare (repeatable); '+' composes one policy per axis, e.g. snapkv:budget=256+ragged")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="an option for every listed policy (from --policy or --config) that has it, "
-                   "unless its spec sets it")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="an option for every listed policy (from --policy or --config) that has it, unless its spec "
+                        "sets it")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")
     p.add_argument("--out", default="runs/needle", help="output directory (default runs/needle); a rerun into it "
                    "resumes when the model, tokenizer and settings are the same, and refuses otherwise")

@@ -1,7 +1,7 @@
 """The catalogue of bad inputs and faults: every mistake a new user plausibly makes against the API
 and each CLI command, and the faults a long run meets.
 
-Three classes, told apart by the test name (``kvx/...`` counts them, see the end of this module):
+Three classes, told apart by the test name (the command at the end of this module counts them):
 
 - ``test_error_*``: bad input raises the right type (the CLI: exit 2, one line ``kvx <command>:
   error: ...``, no traceback) with a message that names the mistake;
