@@ -56,14 +56,14 @@ class Composed(Policy):
         given = storage_part.storage if storage_part is not None else "dense"
         if needed != "dense" and given != needed:
             raise ValueError(
-                f"kvx.compose: {self.selection.name} keeps different counts per head and needs {needed} storage, "
-                f"not {storage_part.name}"
+                f"kvx.compose: {self.selection.name} needs {needed} storage, not {storage_part.name} "
+                f"({storage_part.storage}); compose it with {needed}, or with no storage policy to get {needed}'s defaults"
             )
         self._storage = given
         self.storage_part = storage_part
         check = getattr(storage_part, "check_selection", None)
-        if check is not None and self.selection is not None:
-            check(self.selection)  # e.g. a full-precision window that holds every token the selection keeps
+        if check is not None:  # e.g. a full-precision window that holds every token the selection keeps
+            check(self.selection)
 
     @property
     def name(self) -> str:  # type: ignore[override]

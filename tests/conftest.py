@@ -84,16 +84,29 @@ def llama():
     return tiny_model("llama")
 
 
-STORAGE_TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4"}
+STORAGE_TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4", "mixed": "group=8,window=4"}
 """Options a storage policy needs on the tiny models (head dim 16); the rest run with defaults."""
 
 
-def storage_specs() -> list[str]:
-    """``dense`` and a spec of every registered storage policy (what the conformance suites run on)."""
-    from kvx.policy import list_policies
+def storage_specs(under_any_selection: bool = True) -> list[str]:
+    """``dense`` and a spec of every registered storage policy (what the conformance suites run on);
+    ``under_any_selection``: only those an evicting selection (snapkv) composes with (mixed storage
+    takes its precision from mikv alone, and has its own tests)."""
+    from kvx.compose import compose, from_spec
+    from kvx.policy import list_policies, make_policy
 
     names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
-    return ["dense"] + [f"{n}:{STORAGE_TINY_OPTIONS[n]}" if n in STORAGE_TINY_OPTIONS else n for n in names]
+    specs = ["dense"] + [f"{n}:{STORAGE_TINY_OPTIONS[n]}" if n in STORAGE_TINY_OPTIONS else n for n in names]
+    if not under_any_selection:
+        return specs
+    composable = ["dense"]
+    for spec in specs[1:]:
+        try:
+            compose(make_policy("snapkv", budget=1024, window=8), from_spec(spec))
+        except ValueError:
+            continue
+        composable.append(spec)
+    return composable
 
 
 def on_storage(spec: str, selection, **options):

@@ -263,9 +263,10 @@ class QuantizedLayer(PrefixTailLayer):
         super()._select_batch(fn)
 
 
-def check_bits(policy: str, bits: object, choices: tuple[int, ...]) -> None:
+def check_bits(policy: str, bits: object, choices: tuple[int, ...], option: str = "bits") -> None:
+    """Raise a ValueError naming the option and the valid choices unless ``bits`` is one of them."""
     if isinstance(bits, bool) or bits not in choices:
-        raise ValueError(f"{policy}: bits must be one of {', '.join(map(str, choices))}, got {bits!r}")
+        raise ValueError(f"{policy}: {option} must be one of {', '.join(map(str, choices))}, got {bits!r}")
 
 
 def check_fits_selection(storage: Any, selection: Any) -> None:

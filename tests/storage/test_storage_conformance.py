@@ -7,6 +7,9 @@ registered storage policy (a new one is covered as soon as it is registered):
   search re-orders it like dense storage; a lossy kind (quantized) stays close to them;
 - its key/value bytes are those of the tokens it keeps (lossless), or fewer (lossy);
 - a row in a padded batch gets what it gets alone.
+
+Storage that takes its decisions from one selection only (mixed precision, from ``mikv``) runs the
+first check with that selection (``WITH_THEIR_SELECTION``) and has its own tests for the rest.
 """
 
 import pytest
@@ -24,8 +27,9 @@ LOSSY = [spec for spec in SPECS if spec not in LOSSLESS]
 
 
 def test_every_storage_kind_is_reached_by_a_policy():
-    kinds = {"dense"} | {from_spec(spec).storage for spec in SPECS[1:]}
+    kinds = {"dense"} | {from_spec(spec).storage for spec in storage_specs(under_any_selection=False)[1:]}
     assert kinds == set(STORAGE_KINDS) and LOSSY  # (quantized storage is lossy)
+    assert "mixed" not in {from_spec(spec).storage for spec in SPECS[1:]}  # it needs mikv: tests/storage/test_mixed.py
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,13 @@ def model():
     return tiny_model("llama")
 
 
-@pytest.mark.parametrize("spec", SPECS)
-def test_it_attends_over_exactly_what_it_stores(model, spec, monkeypatch):
+WITH_THEIR_SELECTION = [("mixed:group=8,window=4", "mikv:budget=24,window=4,decode_interval=3")]
+"""Storage that needs a particular selection, with it (the rest run under h2o)."""
+
+
+@pytest.mark.parametrize("spec,selection", [(spec, "h2o:budget=24,recent=4,decode_interval=3") for spec in SPECS]
+                         + WITH_THEIR_SELECTION)
+def test_it_attends_over_exactly_what_it_stores(model, spec, selection, monkeypatch):
     """Every patched attention call's output equals reference attention over the layer's scoring
     view after the call's new tokens were added (prefill, chunked extend, decode with evictions)."""
     from kvx import attention
@@ -60,7 +69,8 @@ def test_it_attends_over_exactly_what_it_stores(model, spec, monkeypatch):
 
     monkeypatch.setattr(attention, "_select", checking)
     monkeypatch.setattr(kvx.methods.Dense, "attend", recording)
-    with kvx.patched(model, on_storage(spec, "h2o", budget=24, recent=4, decode_interval=3), chunk_size=16):
+    policy = from_spec(selection if spec == "dense" else f"{selection}+{spec}")
+    with kvx.patched(model, policy, chunk_size=16):
         greedy(model, random_ids(1, 60, seed=20), new_tokens=12)
     assert len(checked) > 20
     for out, expected in checked:
