@@ -482,6 +482,8 @@ YAML_ERRORS = [
     ("policy-spec-typo", "lengths: [200]\npolicies: ['snapkv:budget=0']\n", "run.yaml: snapkv: budget must be >= 1, got 0"),
     ("chat-template-text", "lengths: [200]\nuse_chat_template: maybe\n", "run.yaml: use_chat_template must be true or false"),
     ("max-new-tokens-negative", "lengths: [200]\nmax_new_tokens: -2\n", "run.yaml: needle: max_new_tokens must be >= 1"),
+    ("schedule-for-another-model", "lengths: [200]\npolicies:\n  - {name: pyramidkv, budget: 64, window: 16, "
+     "schedule: [64, 64, 64]}\n", "pyramidkv: the schedule lists 3 budgets but the model has 2 layers"),
     ("values-one-multivalue", "lengths: [200]\nvariants: [multivalue]\nvalues: 1\n",
      "run.yaml: needle: values must be >= 2, got 1"),
 ]
@@ -493,6 +495,13 @@ def test_error_cli_yaml(text, message, paths, capsys):
     config.write_text(text)
     argv = fill(["needle", "--model", "{model}", "--out", "{out}", "--no-progress", "--config", str(config)], paths)
     assert re.search(message, cli_error(argv, capsys))
+    assert not Path(paths["out"], "results.jsonl").exists()  # refused before any cell
+
+
+def test_error_bench_policy_the_model_cannot_take_is_refused_before_timing(model):
+    runs = [needle.PolicyRun("dense"), needle.PolicyRun("pyramidkv", {"budget": 64, "window": 16, "schedule": [64] * 3})]
+    with pytest.raises(ValueError, match="the schedule lists 3 budgets but the model has 2 layers"):
+        bench.bench_e2e(model, [32], runs, new_tokens=1, repeats=1, warmup=0)
 
 
 def test_error_cli_debug_shows_the_traceback(capsys):

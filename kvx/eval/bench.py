@@ -27,7 +27,7 @@ import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of
 from kvx.eval.measure import Timing, available_bytes, measure_peak, stamp, time_call
-from kvx.eval.needle import DENSE, PolicyRun, first_repeat
+from kvx.eval.needle import DENSE, PolicyRun, check_patchable, first_repeat
 from kvx.kernels import reference
 from kvx.policy import check_positive_int
 
@@ -174,6 +174,7 @@ def bench_e2e(
     """One row per (policy, length); see the module docstring. ``chunk_size``: policies prefill in
     chunks with compression between them (dense always runs in one piece, as users run it)."""
     check_counts(lengths=lengths, new_tokens=new_tokens, repeats=repeats, warmup=warmup, chunk_size=chunk_size)
+    check_patchable(model, policies, chunk_size=chunk_size)
     device = next(model.parameters()).device
     header = stamp(device)
     rows = []

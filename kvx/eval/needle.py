@@ -391,6 +391,15 @@ def check_prompts(config: NeedleConfig, tokenizer: Any) -> None:
             build_cell_prompt(config, tokenizer, Cell(length, 0.0, variant, 0), template)
 
 
+def check_patchable(model: torch.nn.Module, runs: list[PolicyRun], **patch_options: Any) -> None:
+    """Patch ``model`` with each run's policy once and unpatch it: a policy this model cannot take
+    (a schedule for another layer count, an architecture kvx refuses) raises before any work."""
+    for run in runs:
+        if run.name != DENSE:
+            with kvx.patched(model, run.policy(), **patch_options):
+                pass
+
+
 class NeedleRunner:
     """Runs the grid for every policy on one model; see the module docstring."""
 
@@ -418,9 +427,11 @@ class NeedleRunner:
     def run(self, progress: bool = True, fresh: bool = False) -> list[dict[str, Any]]:
         """Run every pending cell, appending each result as it finishes; returns this grid's rows.
 
-        Before any cell: every prompt length is checked, and an existing results file must come
-        from the same identity (``fresh``: it is moved aside, and a new one started)."""
+        Before any cell: every prompt length is checked, every policy patches this model, and an
+        existing results file must come from the same identity (``fresh``: it is moved aside, and a
+        new one started)."""
         check_prompts(self.config, self.tokenizer)
+        check_patchable(self.model, self.config.policies, **self._chunking())
         self.warn_past_positions()
         self.open_results(fresh)
         todo = self.pending()
@@ -485,14 +496,17 @@ class NeedleRunner:
     def build(self, cell: Cell):
         return build_cell_prompt(self.config, self.tokenizer, cell, self.template)
 
+    def _chunking(self) -> dict[str, Any]:
+        """``patch``'s chunk size for this run: generating on top of a compressed context, no chunked
+        prefill (the question is short, and transformers before 5.21 would prefill the whole prompt
+        again on top of the cache)."""
+        return {"chunk_size": None} if self.config.compress == "context" else {}
+
     def run_cell(self, run: PolicyRun, cell: Cell) -> dict[str, Any]:
         prompt = self.build(cell)
         ids = torch.tensor([prompt.ids], device=self.model.device)
         new_tokens = self.config.max_new_tokens or (8 * len(prompt.spec.expected) + 4)
-        # generating on top of a compressed context: no chunked prefill there (the question is short,
-        # and transformers before 5.21 would prefill the whole prompt again on top of the cache)
-        chunking = {"chunk_size": None} if self.config.compress == "context" else {}
-        context = (kvx.patched(self.model, run.policy(), **chunking) if run.name != DENSE
+        context = (kvx.patched(self.model, run.policy(), **self._chunking()) if run.name != DENSE
                    else contextlib.nullcontext())
         start = time.perf_counter()
         with context, torch.inference_mode():
