@@ -171,6 +171,14 @@ def input_file(path: str, flag: str) -> Path:
     return given
 
 
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of file ``path``, or an error naming ``flag``."""
+    try:
+        return input_file(path, flag).read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kvx.demo import run_demo
 
@@ -193,7 +201,7 @@ def _cmd_needle(args: argparse.Namespace) -> int:
         policies=policies if args.policy else None,
         distractors=args.distractors,
         max_new_tokens=args.max_new_tokens,
-        haystack_text=input_file(args.haystack, "--haystack").read_text() if args.haystack else None,
+        haystack_text=read_text(args.haystack, "--haystack") if args.haystack else None,
         use_chat_template=False if args.no_chat_template else None,
         compress=args.compress,
     )

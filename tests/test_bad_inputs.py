@@ -60,7 +60,7 @@ def dirs(tmp_path_factory):
     tok = build_tokenizer()
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id, max_position_embeddings=256)
-    paths = {name: root / name for name in ("model", "other", "no_tokenizer", "no_weights")}
+    paths = {name: root / name for name in ("model", "other", "no_tokenizer", "no_weights", "big_vocab")}
     tiny_model("llama", **ids).save_pretrained(paths["model"])
     tok.save_pretrained(paths["model"])
     tiny_model("llama", seed=1, **ids).save_pretrained(paths["other"])
@@ -68,17 +68,32 @@ def dirs(tmp_path_factory):
     tiny_model("llama", **ids).save_pretrained(paths["no_tokenizer"])
     tiny_model("llama", **ids).config.save_pretrained(paths["no_weights"])
     tok.save_pretrained(paths["no_weights"])
+    _tokenizer_with_shifted_ids(tok).save_pretrained(paths["big_vocab"])
     return paths
+
+
+def _tokenizer_with_shifted_ids(tok):
+    """A word-level tokenizer for the same words whose ids start past the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: index + 1000 for word, index in tok.get_vocab().items()}
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = tok.backend_tokenizer.pre_tokenizer
+    inner.decoder = tok.backend_tokenizer.decoder
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                                   unk_token="<unk>")
 
 
 @pytest.fixture
 def paths(dirs, tmp_path):
     """Placeholders of the CLI tables: the model directories, a fresh --out, a plain file."""
-    plain, empty = tmp_path / "file.txt", tmp_path / "empty.txt"
+    plain, empty, binary = tmp_path / "file.txt", tmp_path / "empty.txt", tmp_path / "binary.bin"
     plain.write_text("not a directory\n")
     empty.write_text("")
+    binary.write_bytes(b"lengths: [1k]\n\xff\xfe\x00")
     return {**{k: str(v) for k, v in dirs.items()}, "out": str(tmp_path / "out"), "file": str(plain),
-            "empty": str(empty), "tmp": str(tmp_path)}
+            "empty": str(empty), "binary": str(binary), "tmp": str(tmp_path)}
 
 
 def cli_error(argv: list[str], capsys) -> str:
@@ -402,6 +417,10 @@ CLI_ERRORS = [
     ("needle-out-under-file", ["--out", "{file}/sub"], r"--out .*file.txt/sub: cannot create the directory"),
     ("needle-haystack-missing", ["--haystack", "{tmp}/nope.txt"], r"--haystack .*nope.txt: no such file"),
     ("needle-haystack-dir", ["--haystack", "{tmp}"], r"--haystack .*: not a file"),
+    ("needle-haystack-binary", ["--haystack", "{binary}"], r"--haystack .*binary.bin: not UTF-8 text \(byte 0xff at offset 14\)"),
+    ("needle-config-binary", ["--config", "{binary}"], r"binary.bin: not UTF-8 text \(byte 0xff at offset 14\)"),
+    ("needle-foreign-tokenizer", ["--tokenizer", "{big_vocab}"], r"the tokenizer gives token id \d+, past the model's "
+                                                                  r"vocabulary \(\d+ tokens\): it is not this model's"),
     ("needle-haystack-empty", ["--haystack", "{empty}"], "the haystack text file is empty"),
     ("needle-no-dense-alone", ["needle", "--model", "{model}", "--out", "{out}", "--no-dense", "--lengths", "200"],
      "--no-dense leaves no policy to run; add --policy NAME"),

@@ -382,13 +382,17 @@ def build_cell_prompt(config: NeedleConfig, tokenizer: Any, cell: Cell, template
     return build_prompt(tokenizer, cell.length, cell.depth, spec, rng, config.haystack_text, template)
 
 
-def check_prompts(config: NeedleConfig, tokenizer: Any) -> None:
+def check_prompts(config: NeedleConfig, tokenizer: Any, vocab_size: int | None = None) -> None:
     """Build one prompt per length and variant: a length too short for its needles (or an empty
-    haystack) raises before any cell runs, not after others have."""
+    haystack) raises before any cell runs, not after others have; given the model's ``vocab_size``,
+    so does a tokenizer whose ids the model does not have (one that belongs to another model)."""
     template = PromptTemplate(tokenizer, config.use_chat_template)
     for length in config.lengths:
         for variant in config.variants:
-            build_cell_prompt(config, tokenizer, Cell(length, 0.0, variant, 0), template)
+            top = max(build_cell_prompt(config, tokenizer, Cell(length, 0.0, variant, 0), template).ids)
+            if vocab_size is not None and top >= vocab_size:
+                raise ValueError(f"the tokenizer gives token id {top}, past the model's vocabulary ({vocab_size} "
+                                 "tokens): it is not this model's tokenizer; pass the model's own with --tokenizer")
 
 
 def check_patchable(model: torch.nn.Module, runs: list[PolicyRun], **patch_options: Any) -> None:
@@ -430,7 +434,7 @@ class NeedleRunner:
         Before any cell: every prompt length is checked, every policy patches this model, and an
         existing results file must come from the same identity (``fresh``: it is moved aside, and a
         new one started)."""
-        check_prompts(self.config, self.tokenizer)
+        check_prompts(self.config, self.tokenizer, decoder_config(self.model.config).vocab_size)
         check_patchable(self.model, self.config.policies, **self._chunking())
         self.warn_past_positions()
         self.open_results(fresh)
@@ -710,6 +714,8 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
         raise ImportError("reading a YAML run needs pyyaml: pip install 'kvx[eval]'") from None
     try:
         data = yaml.safe_load(Path(path).read_text())
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
