@@ -25,7 +25,7 @@ import torch
 
 from kvx.kernels.quant import Packed
 
-BLOCK_TOKENS = 1024
+BLOCK_ELEMENTS = 2**20  # codes unpacked per block (4 MB of float32): fewer, larger ops where rows are few
 TINY_WEIGHT = 1e-30  # softmax weights below this (relative to the block's largest, 1) count as 0
 
 
@@ -36,15 +36,18 @@ def packed_decode(
     valid: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
-    block: int = BLOCK_TOKENS,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per head ``[B, H, 1, D]`` over packed keys/values of ``S`` tokens; ``valid [B,
     Hkv, S]`` masks padding -> ``(out [B, H, 1, Dv], lse [B, H, 1])`` float32 (no valid token:
-    out 0, lse -inf)."""
+    out 0, lse -inf). ``block``: tokens per block (default: ``BLOCK_ELEMENTS`` codes per block,
+    at least 1024 tokens)."""
     batch, heads, _, dim = query.shape
     kv_heads, tokens = keys.codes.shape[1], keys.tokens
     rows, groups, value_dim = batch * kv_heads, heads // kv_heads, values.dim
     q = query.reshape(rows, groups, dim).float()  # heads of a KV head are consecutive
+    if block is None:
+        block = max(1024, BLOCK_ELEMENTS // (rows * max(dim, value_dim)))
     if keys.axis == "channel" and keys.group_index is None:
         block = max(keys.group, block // keys.group * keys.group)  # whole key groups per block
     buffer = torch.empty(rows * min(block, max(tokens, 1)) * max(dim, value_dim), dtype=torch.float32,
