@@ -771,6 +771,14 @@ def test_fault_resuming_with_another_model_is_refused_then_fresh_starts_over(pat
     assert needle.read_results(Path(paths["out"], "results.jsonl")).identity["model"].endswith("other")
 
 
+def test_fault_empty_results_file_starts_over(paths, capsys):
+    """A results file killed before its first line holds nothing: the run starts it, no warning."""
+    Path(paths["out"]).mkdir()
+    Path(paths["out"], "results.jsonl").write_text("")
+    assert main(needle_args(paths)) == 0
+    assert len(_rows(paths)) == 4 and "warning" not in capsys.readouterr().err
+
+
 def test_fault_results_without_identity_are_refused(paths, capsys):
     results = Path(paths["out"], "results.jsonl")
     results.parent.mkdir()

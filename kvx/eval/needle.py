@@ -463,6 +463,8 @@ class NeedleRunner:
         except OSError as err:
             raise ValueError(f"output directory {self.out_dir}: cannot create it ({err.strerror or err})") from None
         existing = read_results(self.results_path) if self.results_path.exists() else None
+        if existing == Results():  # an empty file (killed before its first line): nothing to keep
+            existing = None
         if existing is not None and fresh:
             aside = self._aside_path()
             os.replace(self.results_path, aside)
