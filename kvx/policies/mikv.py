@@ -36,6 +36,7 @@ class MiKV(BudgetedPolicy):
                               "mixed storage (MiKV, Yang et al., 2024)")
     storage: ClassVar[str] = "mixed"  # needed: kvx.compose (and so kvx.patch) adds the mixed storage policy
 
+    budget: int = option(1024, "tokens per layer and KV head kept at high precision (the others go to low precision)")
     scorer: Any = option("snapkv", "policy whose scores rank tokens (snapkv, h2o, tova, keyformer, knorm), or an object")
     window: int = option(32, "the scorer's window (observation or recent tokens), always important")
 
