@@ -250,3 +250,16 @@ def test_bytes_against_a_bfloat16_cache_at_32k(spec, limit):
     assert stored / (2 * tokens * dim * 2) <= limit
     assert all(seg.valid is None for seg in layer._present()) and layer.slots_of(layer.SINKS) == 4
     assert layer.keys.shape[-2] < 128 + 32
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen3", "mistral"])
+def test_int8_keeps_the_dense_tokens_on_other_architectures(model_type):
+    """Softcapped logits and sliding-window layers (gemma2), q/k norms (qwen3): the packed read
+    path serves them as the dense one does."""
+    model = tiny_model(model_type)
+    ids = random_ids(1, 80, seed=30)
+    dense_seq, dense_logits, _ = greedy(model, ids, new_tokens=6)
+    seq, logits, cache = _patched_greedy(model, "int8:group=8,window=4,sink=2", ids)
+    assert torch.equal(seq, dense_seq)
+    torch.testing.assert_close(logits, dense_logits, rtol=0, atol=5e-3)
+    assert "quantized" in {s["kind"] for s in cache.stats()}
