@@ -146,6 +146,8 @@ class KVCache(Cache):
     """
 
     def __init__(self, config: PretrainedConfig, storage: str = "dense"):
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"kvx.KVCache needs the model's config (model.config), got {type(config).__name__}")
         storage_policy = _storage_policy(storage)
         self.storage = "dense" if storage_policy is None else to_spec(storage_policy)
         layers = [

@@ -232,6 +232,8 @@ def test_kvcache_takes_a_storage_spec(model):
         kvx.KVCache(model.config, storage="snapkv")
     with pytest.raises(ValueError, match="unknown policy 'kiwi'"):
         kvx.KVCache(model.config, storage="kiwi")
+    with pytest.raises(TypeError, match=r"needs the model's config \(model.config\), got NoneType"):
+        kvx.KVCache(None)
 
 
 @pytest.mark.parametrize("spec,limit", [("int8:window=128,sink=4", 0.57), ("kivi:bits=4,window=128,sink=4", 0.33),
