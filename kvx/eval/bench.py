@@ -16,6 +16,7 @@ import contextlib
 import csv
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,12 @@ def bench_e2e(
     chunk_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (policy, length); see the module docstring. ``chunk_size``: policies prefill in
-    chunks with compression between them (dense always runs in one piece, as users run it)."""
+    chunks with compression between them (dense always runs in one piece, as users run it).
+
+    Repetitions are interleaved: each round runs every policy once, in an order rotated from round
+    to round, so a burst of load on a shared machine hits all of them alike; a ratio against dense
+    is computed per round, and its median and spread are reported (a warning when the spread is
+    wide)."""
     check_counts(lengths=lengths, new_tokens=new_tokens, repeats=repeats, warmup=warmup, chunk_size=chunk_size)
     check_patchable(model, policies, chunk_size=chunk_size)
     device = next(model.parameters()).device
@@ -181,16 +187,15 @@ def bench_e2e(
     for length in lengths:
         ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
         ids = ids.to(device)
+        samples = _interleaved_samples(model, ids, policies, new_tokens, repeats, warmup, chunk_size, progress)
+        dense = next((samples[run.label] for run in policies if run.name == DENSE), None)
         baseline: dict[str, Any] | None = None
         for run in policies:
-            if progress:
-                progress(f"{run.label} @ {length}")
-            row = _bench_one(model, ids, run, new_tokens, repeats, warmup, chunk_size)
+            row = _row(model, ids, run, samples[run.label], new_tokens, chunk_size)
             if run.name == DENSE:
                 baseline = row
-            if baseline is not None:
-                row["prefill_speedup"] = baseline["prefill_s"] / row["prefill_s"]
-                row["decode_speedup"] = row["decode_tok_s"] / baseline["decode_tok_s"]
+            if baseline is not None and dense is not None:
+                row.update(_ratios(samples[run.label], dense, f"{run.label} @ {length}"))
                 row["kv_vs_dense"] = row["kv_bytes"] / baseline["kv_bytes"]
                 row["peak_vs_dense"] = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] else None
             rows.append({**header, "model": model.config.model_type, "layers": model.config.num_hidden_layers,
@@ -199,37 +204,83 @@ def bench_e2e(
     return rows
 
 
-def _bench_one(model, ids, run: PolicyRun, new_tokens: int, repeats: int, warmup: int,
-               chunk_size: int | None) -> dict[str, Any]:
-    device = ids.device
+SPREAD_WARNING = 1.5
+"""A ratio whose highest repetition exceeds its lowest by this factor is reported as unreliable."""
+
+
+def _interleaved_samples(model, ids, policies: list[PolicyRun], new_tokens: int, repeats: int, warmup: int,
+                         chunk_size: int | None, progress) -> dict[str, dict[str, list[float]]]:
+    """Per policy label: ``{"prefill": [s, ...], "decode": [s, ...]}``, one entry per timed round
+    (warm-up rounds dropped), every policy once per round in a rotated order."""
+    samples = {run.label: {"prefill": [], "decode": []} for run in policies}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(policies)
+        for run in policies[shift:] + policies[:shift]:
+            if progress:
+                timed = round_index - warmup + 1
+                progress(f"{run.label} @ {ids.shape[1]} " + (f"(repetition {timed}/{repeats})" if timed > 0 else "(warm-up)"))
+            prefill_s, decode_s = _time_once(model, ids, run, new_tokens, chunk_size)
+            if round_index >= warmup:
+                samples[run.label]["prefill"].append(prefill_s)
+                samples[run.label]["decode"].append(decode_s)
+    return samples
+
+
+def _patched_for(model, run: PolicyRun, chunk_size: int | None):
+    if run.name == DENSE:
+        return contextlib.nullcontext()
+    return kvx.patched(model, run.policy(), chunk_size=chunk_size)
+
+
+def _time_once(model, ids, run: PolicyRun, new_tokens: int, chunk_size: int | None) -> tuple[float, float]:
+    """Seconds of one fresh prefill and of decoding ``new_tokens`` on its cache, under ``run``."""
     chunk_size = chunk_size if run.name != DENSE else None
-    patch = (kvx.patched(model, run.policy(), chunk_size=chunk_size) if run.name != DENSE
-             else contextlib.nullcontext())
-    with patch:
-        prefill_samples, decode_samples = [], []
-        for i in range(repeats + warmup):  # each repetition: a fresh prefill, then decoding on its cache
-            outputs = []
-            prefill = time_call(lambda: outputs.append(_prefill(model, ids, chunk_size)), device, repeats=1, warmup=0)
-            decode = time_call(lambda: _decode(model, outputs[0], new_tokens), device, repeats=1, warmup=0)
-            if i >= warmup:
-                prefill_samples.append(prefill.median)
-                decode_samples.append(decode.median)
-        cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids, chunk_size), new_tokens), device)
-    prefill = Timing.of(prefill_samples)
-    decode_s = Timing.of(decode_samples).median
+    with _patched_for(model, run, chunk_size):
+        outputs = []
+        prefill = time_call(lambda: outputs.append(_prefill(model, ids, chunk_size)), ids.device, repeats=1, warmup=0)
+        decode = time_call(lambda: _decode(model, outputs[0], new_tokens), ids.device, repeats=1, warmup=0)
+    return prefill.median, decode.median
+
+
+def _row(model, ids, run: PolicyRun, samples: dict[str, list[float]], new_tokens: int,
+         chunk_size: int | None) -> dict[str, Any]:
+    """Times from ``samples``; KV bytes and peak memory from one more (untimed) prefill and decode."""
+    chunk_size = chunk_size if run.name != DENSE else None
+    with _patched_for(model, run, chunk_size):
+        cache, peak = measure_peak(lambda: _decode(model, _prefill(model, ids, chunk_size), new_tokens), ids.device)
+    prefill = Timing.of(samples["prefill"])
+    decode = samples["decode"]
     return {
         "policy": run.label,
         "prefill_s": prefill.median,
         "prefill_low_s": prefill.low,
         "prefill_high_s": prefill.high,
-        "decode_tok_s": new_tokens / decode_s,
-        "decode_tok_s_low": new_tokens / max(decode_samples),
-        "decode_tok_s_high": new_tokens / min(decode_samples),
+        "decode_tok_s": new_tokens / Timing.of(decode).median,
+        "decode_tok_s_low": new_tokens / max(decode),
+        "decode_tok_s_high": new_tokens / min(decode),
         "kv_bytes": cache_nbytes(cache),
         "peak_bytes": peak.tracked,
         "peak_rss_bytes": peak.rss,
-        "repeats": repeats,
+        "repeats": len(decode),
     }
+
+
+def _ratios(samples: dict[str, list[float]], dense: dict[str, list[float]], what: str) -> dict[str, float]:
+    """Speed-ups against dense computed round by round (dense time / policy time): median, lowest
+    and highest; a warning when they spread wider than ``SPREAD_WARNING``."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        ratios = [d / p for d, p in zip(dense[phase], samples[phase])]
+        timing = Timing.of(ratios)
+        out[f"{phase}_speedup"], out[f"{phase}_speedup_low"], out[f"{phase}_speedup_high"] = (
+            timing.median, timing.low, timing.high)
+        out[f"{phase}_speedup_spread"] = f"{timing.low:.3g}-{timing.high:.3g}"
+        if timing.low > 0 and timing.high / timing.low > SPREAD_WARNING:
+            warnings.warn(
+                f"{what}: the {phase} speed-up against dense spread from {timing.low:.2f} to {timing.high:.2f} over "
+                f"{len(ratios)} interleaved repetitions: the machine is busy; use fewer threads or more --repeats",
+                UserWarning, stacklevel=2)
+    return out
 
 
 # ---------------------------------------------------------------- kernels
@@ -440,7 +491,9 @@ def markdown_table(rows: list[dict[str, Any]], kind: str, columns: list[str]) ->
         f"# kvx bench {kind}: {first['device']}",
         "",
         f"torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
-        f"commit {first['commit']}. Ratios are against dense in the same run.",
+        f"commit {first['commit']}. Ratios are against dense in the same run"
+        + (", computed per round of interleaved repetitions (median, and lowest-highest as spread)." if kind == "e2e"
+           else "."),
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -460,8 +513,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-E2E_COLUMNS = ["policy", "length", "chunk_size", "prefill_s", "prefill_speedup", "decode_tok_s", "decode_speedup", "kv_bytes",
-               "kv_vs_dense", "peak_bytes", "peak_vs_dense", "peak_rss_bytes"]
+E2E_COLUMNS = ["policy", "length", "chunk_size", "prefill_s", "prefill_speedup", "prefill_speedup_spread", "decode_tok_s",
+               "decode_speedup", "decode_speedup_spread", "kv_bytes", "kv_vs_dense", "peak_bytes", "peak_vs_dense",
+               "peak_rss_bytes"]
 KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
                   "fraction_of_peak", "vs_sdpa", "vs_flash_attn"]
 

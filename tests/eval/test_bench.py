@@ -13,6 +13,9 @@ from kvx.tiny import tiny_model
 
 STAMP = {"device", "torch", "triton", "transformers", "commit"}
 
+# real timings of tiny shapes spread widely: the spread warning is tested on its own, with fixed times
+pytestmark = pytest.mark.filterwarnings("ignore:.*interleaved repetitions:UserWarning")
+
 
 def test_e2e_rows(tmp_path):
     model = tiny_model("llama")
@@ -34,6 +37,40 @@ def test_e2e_rows(tmp_path):
     assert [p.suffix for p in paths] == [".json", ".csv", ".md"]
     assert len(json.loads(paths[0].read_text())) == 8
     assert "| snapkv:budget=32,window=8 | 160 |" in paths[2].read_text()
+
+
+def test_e2e_repetitions_are_interleaved_and_ratios_per_round(monkeypatch):
+    """Every round runs each policy once, in an order rotated from round to round; each speed-up
+    is the median of per-round ratios, with its lowest and highest."""
+    model = tiny_model("llama")
+    policies = bench.parse_policy_list("dense,snapkv:budget=16;window=4,streaming_llm:sink=2;window=14")
+    order, original = [], bench._time_once
+
+    def recording(model, ids, run, new_tokens, chunk_size):
+        order.append(run.label)
+        return original(model, ids, run, new_tokens, chunk_size)
+
+    monkeypatch.setattr(bench, "_time_once", recording)
+    rows = bench.bench_e2e(model, [64], policies, new_tokens=2, repeats=3, warmup=1)
+    labels = [p.label for p in policies]
+    assert order == labels + labels[1:] + labels[:1] + labels[2:] + labels[:2] + labels  # warm-up, 3 rounds
+    for row in rows:
+        assert row["repeats"] == 3
+        assert row["prefill_speedup_low"] <= row["prefill_speedup"] <= row["prefill_speedup_high"]
+        assert row["decode_speedup_low"] <= row["decode_speedup"] <= row["decode_speedup_high"]
+    dense = rows[0]
+    assert dense["prefill_speedup"] == dense["prefill_speedup_low"] == dense["prefill_speedup_high"] == 1
+
+
+def test_a_wide_spread_is_warned(monkeypatch):
+    model = tiny_model("llama")
+    policies = bench.parse_policy_list("dense,snapkv:budget=16;window=4")
+    # round 1: dense, snapkv; round 2 (rotated): snapkv, then dense 3x slower to prefill
+    times = iter([(1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (3.0, 1.0)])
+    monkeypatch.setattr(bench, "_time_once", lambda *args: next(times))
+    with pytest.warns(UserWarning, match=r"prefill speed-up against dense spread from 1.00 to 3.00 over 2 interleaved"):
+        rows = bench.bench_e2e(model, [64], policies, new_tokens=2, repeats=2, warmup=0)
+    assert rows[1]["prefill_speedup_spread"] == "1-3" and rows[1]["prefill_speedup"] == 2
 
 
 def test_kernel_rows(tmp_path, capsys):
