@@ -14,7 +14,7 @@ import torch
 
 from kvx.kernels import quant, quant_torch
 from kvx.kernels.quant import Packed
-from kvx.kernels.ragged_decode import choose_backend
+from kvx.kernels.ragged_decode import choose_backend, combine_splits
 
 
 def packed_decode_attention(
@@ -86,7 +86,7 @@ def _triton_packed_decode(query, keys, values, valid, scaling, softcap, splits, 
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(value_dim)),
         BLOCK_N=block, SPLITS=splits, enable_fp_fusion=False,  # code * scale + zero rounded twice, as the reference
     )
-    out, lse = _combine_splits(acc, running_max, running_sum)
+    out, lse = combine_splits(acc, running_max, running_sum)
     return out.reshape(batch, heads, 1, value_dim), lse.reshape(batch, heads, 1)
 
 
@@ -99,18 +99,6 @@ def _packed_args(p: Packed, prefix: str) -> tuple[list[torch.Tensor], dict[str, 
     meta = {"BITS": p.bits, "GROUP": p.group, "CHANNEL": p.axis == "channel", "HAS_ZERO": p.zero is not None,
             "HAS_INDEX": p.axis == "channel" and p.group_index is not None}
     return [codes, scale, zero, index], {f"{prefix}_{name}": value for name, value in meta.items()}
-
-
-def _combine_splits(acc: torch.Tensor, running_max: torch.Tensor, running_sum: torch.Tensor):
-    """Partial results ``acc [R, splits, G, Dv]``, ``running_max/sum [R, splits, G]`` ->
-    ``(out [R, G, Dv], lse [R, G])`` float32; a row that saw nothing: out 0, lse -inf."""
-    total_max = running_max.amax(dim=1, keepdim=True)
-    weight = torch.exp(running_max - total_max).nan_to_num(0.0)
-    denominator = (running_sum * weight).sum(dim=1)  # [R, G]
-    out = (acc * weight[..., None]).sum(dim=1) / denominator[..., None].clamp_min(1e-30)
-    lse = torch.log(denominator) + total_max[:, 0]
-    out = torch.where(denominator[..., None] > 0, out, torch.zeros_like(out))
-    return out, lse
 
 
 # ---------------------------------------------------------------- quantize

@@ -82,11 +82,18 @@ def _triton_ragged_decode(query, keys, values, offsets, scaling, softcap, splits
         G=groups, D=dim, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_N=32, SPLITS=splits, USE_SOFTCAP=softcap is not None,
     )
-    # combine the splits: [segments, splits, G]
+    out, lse = combine_splits(acc, running_max, running_sum)
+    return out.reshape(batch, heads, 1, dim), lse.reshape(batch, heads, 1)
+
+
+def combine_splits(acc: torch.Tensor, running_max: torch.Tensor, running_sum: torch.Tensor):
+    """Partial results of a split-KV decode kernel, ``acc [R, splits, G, Dv]`` and ``running_max /
+    running_sum [R, splits, G]`` -> ``(out [R, G, Dv], lse [R, G])`` float32; a row that saw nothing:
+    out 0, lse -inf."""
     total_max = running_max.amax(dim=1, keepdim=True)
     weight = torch.exp(running_max - total_max).nan_to_num(0.0)
-    denominator = (running_sum * weight).sum(dim=1)  # [segments, G]
+    denominator = (running_sum * weight).sum(dim=1)  # [R, G]
     out = (acc * weight[..., None]).sum(dim=1) / denominator[..., None].clamp_min(1e-30)
     lse = torch.log(denominator) + total_max[:, 0]
     out = torch.where(denominator[..., None] > 0, out, torch.zeros_like(out))
-    return out.reshape(batch, heads, 1, dim), lse.reshape(batch, heads, 1)
+    return out, lse
