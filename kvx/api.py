@@ -82,9 +82,8 @@ def patch(
     )
     if generation_config is not None:
         generation_config.prefill_chunk_size = chunk_size
-        if chunk_size is not None and "generate" not in vars(model):
-            model.generate = types.MethodType(_generate_in_one_piece_where_needed, model)
-            state.wrapped_generate = True
+        if chunk_size is not None:
+            _wrap_generate(model, state)
     state.method = axes.attention_method() or state.method  # dense unless the policy brings a method
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
@@ -115,17 +114,39 @@ def _warn_if_nothing_to_compress(model: torch.nn.Module, axes) -> None:
         )
 
 
+def _wrap_generate(model: torch.nn.Module, state: PatchState) -> None:
+    """Give ``model`` a ``generate`` (:func:`_generate_in_one_piece_where_needed`) that calls the one
+    it had (an instance one the user set, or the class's); a bound method, so copies of the model
+    call their own."""
+    state.original_generate = vars(model).get("generate")
+    state.wrapped_generate = types.MethodType(_generate_in_one_piece_where_needed, model)
+    model.generate = state.wrapped_generate
+
+
 def _generate_in_one_piece_where_needed(model: torch.nn.Module, *args: Any, **kwargs: Any):
     """``generate`` of a model patched with a chunk size: calls that cannot prefill in chunks
     (``use_cache=False``: no cache to fill; ``inputs_embeds``: transformers splits ``input_ids``)
     prefill in one piece, as they would unpatched. A ``prefill_chunk_size`` the caller gives is
-    left to transformers."""
+    left to transformers. Everything else goes to the model's own ``generate``."""
     if "prefill_chunk_size" not in kwargs:
         config = kwargs.get("generation_config") or model.generation_config
         use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
         if use_cache is False or kwargs.get("inputs_embeds") is not None:
             kwargs["prefill_chunk_size"] = None
+    original = getattr(getattr(model, STATE_ATTR, None), "original_generate", None)
+    if original is not None:
+        return original(*args, **kwargs)
     return type(model).generate(model, *args, **kwargs)
+
+
+def _unwrap_generate(model: torch.nn.Module, state: PatchState) -> None:
+    """Undo :func:`_wrap_generate`, unless the user replaced ``generate`` since (theirs stays)."""
+    if state.wrapped_generate is None or vars(model).get("generate") is not state.wrapped_generate:
+        return
+    if state.original_generate is None:
+        del model.generate
+    else:
+        model.generate = state.original_generate
 
 
 def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:
@@ -155,8 +176,7 @@ def unpatch(model: torch.nn.Module) -> None:
     model.set_attn_implementation(state.original_attn_implementation)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.prefill_chunk_size = state.original_chunk_size
-    if state.wrapped_generate:
-        vars(model).pop("generate", None)
+    _unwrap_generate(model, state)
     state.active_cache = None
     for module in model.modules():
         if hasattr(module, STATE_ATTR):
@@ -317,7 +337,7 @@ def _cache_injector(owner: torch.nn.Module):
 
 def _refuse_attention_maps(module: torch.nn.Module, kwargs: dict) -> None:
     """``output_attentions=True`` would come back empty: kvx's attention returns no weights."""
-    if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+    if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         raise ValueError(
             "output_attentions=True: a kvx-patched model returns no attention maps (its attention reads the "
             "compressed cache, and evicted tokens have no weights); run kvx.unpatch(model) to get them"

@@ -42,7 +42,8 @@ class PatchState:
     original_attn_implementation: str
     original_chunk_size: int | None = None
     chunk_size: int | None = None
-    wrapped_generate: bool = False  # patch gave the model a generate() that drops chunking where impossible
+    wrapped_generate: Any = None  # the generate() patch gave the model (drops chunking where impossible)
+    original_generate: Any = None  # the instance generate() the model had before, if any
     hook_handles: list[Any] = field(default_factory=list)
     active_cache: KVCache | None = None
     method: Method = field(default_factory=Dense)

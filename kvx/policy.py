@@ -119,13 +119,23 @@ class Policy:
         unless the options are consistent. Subclasses extend it (calling ``super().validate()``)."""
 
     def __post_init__(self) -> None:
-        self.validate()
+        self._validate_quietly()
         object.__setattr__(self, "_kvx_validated", True)
+
+    def _validate_quietly(self) -> None:
+        """Run :meth:`validate`; what it assigns (a normalised option, a derived attribute) is stored
+        as is, without validating again."""
+        object.__setattr__(self, "_kvx_validating", True)
+        try:
+            self.validate()
+        finally:
+            object.__setattr__(self, "_kvx_validating", False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Assigning an option re-validates the policy; an invalid value raises and is not kept. A
-        name that is not an option (``policy.bugdet = 8``) raises rather than being ignored."""
-        if name.startswith("_") or not self.__dict__.get("_kvx_validated"):
+        name that is not an option (``policy.bugdet = 8``) raises rather than being ignored.
+        Inside :meth:`validate`, assignments are stored as they are."""
+        if name.startswith("_") or not self.__dict__.get("_kvx_validated") or self.__dict__.get("_kvx_validating"):
             object.__setattr__(self, name, value)
             return
         options = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
@@ -134,10 +144,10 @@ class Policy:
         previous = getattr(self, name)
         object.__setattr__(self, name, value)
         try:
-            self.validate()
+            self._validate_quietly()
         except Exception:
             object.__setattr__(self, name, previous)
-            self.validate()  # rebuild what validate derives (a scorer) from the restored options
+            self._validate_quietly()  # rebuild what validate derives (a scorer) from the restored options
             raise
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:

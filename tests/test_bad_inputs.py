@@ -703,6 +703,68 @@ def test_valid_lengths_past_the_models_positions_run_with_a_warning(paths, capsy
     assert {r["prompt_tokens"] for r in _rows(paths)} == {300}
 
 
+def test_valid_validate_may_normalise_an_option_and_set_a_derived_attribute():
+    """What a policy's validate() assigns (a normalised option, a derived value) is stored without
+    validating again: no recursion, no 'has no option' error."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from kvx.policy import BudgetedPolicy, option
+
+    @dataclass
+    class Normalising(BudgetedPolicy):
+        name: ClassVar[str] = "normalising"
+        summary: ClassVar[str] = "test"
+        mode: str = option("MEAN", "a case-insensitive choice")
+
+        def validate(self):
+            super().validate()
+            self.mode = self.mode.lower()
+            self.half = self.budget // 2
+
+    policy = Normalising(budget=8)
+    policy.budget = 10
+    policy.mode = "MAX"
+    assert (policy.mode, policy.half) == ("max", 5)
+
+
+def test_valid_output_attentions_false_overrides_the_config(model):
+    eager = tiny_model("llama")
+    eager.set_attn_implementation("eager")
+    eager.config.output_attentions = True
+    with kvx.patched(eager, "snapkv", budget=8, window=4):
+        out = eager(random_ids(1, 20), output_attentions=False)
+    assert out.logits.shape == (1, 20, eager.config.vocab_size)
+
+
+def test_valid_a_generate_of_the_users_survives_patch_and_unpatch(model):
+    """An instance generate the model had is what the patched generate calls, and comes back at
+    unpatch; one the user sets while patched stays after unpatch."""
+    calls = []
+
+    def before(*args, **kwargs):
+        calls.append("before")
+        return type(model).generate(model, *args, **kwargs)
+
+    model.generate = before
+    try:
+        kvx.patch(model, "snapkv", budget=8, window=4, chunk_size=8)
+        out = model.generate(random_ids(1, 20), use_cache=False, max_new_tokens=2, pad_token_id=0)
+        assert out.shape == (1, 22) and calls == ["before"]
+        kvx.unpatch(model)
+        assert model.generate is before
+        kvx.patch(model, "snapkv", budget=8, window=4, chunk_size=8)
+
+        def during(*args, **kwargs):
+            return "during"
+
+        model.generate = during
+        kvx.unpatch(model)
+        assert model.generate is during
+    finally:
+        vars(model).pop("generate", None)
+
+
 # ---------------------------------------------------------------- faults survived
 
 
