@@ -765,6 +765,36 @@ def test_valid_a_generate_of_the_users_survives_patch_and_unpatch(model):
         vars(model).pop("generate", None)
 
 
+def test_valid_the_weights_fingerprint_sees_a_change_in_a_few_columns():
+    """Zeroing a block of columns of one matrix (pruning a head's inputs) changes the fingerprint;
+    an even stride over the flattened matrix would have read one column only."""
+    first, second = tiny_model("llama"), tiny_model("llama")
+    assert needle.weights_fingerprint(first) == needle.weights_fingerprint(second)
+    with torch.no_grad():
+        second.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0
+    assert needle.weights_fingerprint(first) != needle.weights_fingerprint(second)
+
+
+def test_valid_a_hub_id_without_an_organisation_is_not_taken_for_a_missing_directory():
+    needle._check_local("gpt2", "--model")  # a hub id: loading it is transformers' business
+    needle._check_local("meta-llama/Llama-3.1-8B", "--model")
+    with pytest.raises(ValueError, match="--model ./gpt2: no such directory"):
+        needle._check_local("./gpt2", "--model")
+
+
+def test_valid_the_run_identity_names_one_directory_however_it_is_spelled(tmp_path, monkeypatch):
+    tiny = tiny_model("llama")
+    tiny.save_pretrained(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    config = needle.NeedleConfig(lengths=[256])
+    tokenizer = build_tokenizer()
+    identities = []
+    for spelling in ("m", str(tmp_path / "m"), "./m/"):
+        tiny.name_or_path = spelling
+        identities.append(needle.run_identity(tiny, tokenizer, config, None)["model"])
+    assert identities == [str((tmp_path / "m").resolve())] * 3
+
+
 # ---------------------------------------------------------------- faults survived
 
 

@@ -276,12 +276,20 @@ def _digest(*parts: Any) -> str:
 
 def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     """A fingerprint of a model's weights: every tensor's name, shape and dtype, and ``samples``
-    evenly spaced values of it (two models that differ anywhere in practice differ here)."""
+    values of it at positions drawn with a fixed seed (so no row or column is skipped the way an
+    even stride over a matrix skips all but one column). A change confined to a few entries can
+    escape it: it tells runs apart, it is not a checksum. Tensors without data (``meta``, offloaded)
+    count by name, shape and dtype only."""
     parts: list[Any] = []
     for name, tensor in sorted(model.state_dict().items()):
+        parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.device.type == 'meta'}")
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
         flat = tensor.detach().reshape(-1)
-        picked = flat[:: max(1, flat.numel() // samples)].to("cpu").contiguous()
-        parts += [f"{name}:{tuple(tensor.shape)}:{tensor.dtype}", picked.view(torch.uint8).numpy().tobytes()]
+        positions = torch.randint(0, flat.numel(), (min(samples, flat.numel()),),
+                                  generator=torch.Generator().manual_seed(flat.numel()))
+        picked = flat[positions.to(flat.device)].to("cpu").contiguous()
+        parts.append(picked.view(torch.uint8).numpy().tobytes())
     return _digest(*parts)
 
 
@@ -296,12 +304,14 @@ def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, m
     """What produced a run's rows: the model (path, config, weights, dtype), the tokenizer, the
     settings that shape a cell's prompt or answer, and kvx's version. The grid (lengths, depths,
     variants, samples, policies) is not part of it: a rerun may add cells."""
-    if model_path is not None and Path(model_path).expanduser().exists():
+    if model_path is None:
+        model_path = getattr(model, "name_or_path", "") or ""
+    if model_path and Path(model_path).expanduser().exists():  # one spelling per directory
         model_path = str(Path(model_path).expanduser().resolve())
     model_config = {k: v for k, v in model.config.to_dict().items()
                     if k not in ("_name_or_path", "transformers_version") and not k.startswith("_attn_implementation")}
     return {
-        "model": str(model_path if model_path is not None else getattr(model, "name_or_path", "")),
+        "model": str(model_path),
         "model_config": _digest(json.dumps(model_config, sort_keys=True, default=str)),
         "weights": weights_fingerprint(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -365,9 +375,9 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None):
 
 
 def _check_local(path: str, flag: str) -> None:
-    """A path that names a local directory (not a hub id ``org/name``) must be one."""
+    """A path that names a local directory (not a hub id: ``gpt2``, ``org/name``) must be one."""
     given = Path(path).expanduser()
-    looks_local = given.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1
+    looks_local = given.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
     if given.exists() and not given.is_dir():
         raise ValueError(f"{flag} {path}: is a file; give the model's directory")
     if looks_local and not given.exists():
