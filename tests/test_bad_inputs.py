@@ -795,6 +795,15 @@ def test_valid_the_run_identity_names_one_directory_however_it_is_spelled(tmp_pa
     assert identities == [str((tmp_path / "m").resolve())] * 3
 
 
+def test_valid_pyramidkv_keeps_a_scorer_objects_larger_window_in_every_layer():
+    scorer = kvx.make_policy("snapkv", budget=64, window=48)
+    policy = kvx.make_policy("pyramidkv", budget=64, window=8, scorer=scorer)
+    budgets = policy.layer_budgets(4, 64)
+    assert min(budgets) == 48 and sum(budgets) / 4 == pytest.approx(64, abs=1)
+    with pytest.raises(ValueError, match=r"schedule\[0\] \(40\) is below window \(48\)"):
+        kvx.make_policy("pyramidkv", budget=64, window=8, scorer=scorer, schedule=[40, 40, 40, 40])
+
+
 # ---------------------------------------------------------------- faults survived
 
 

@@ -50,12 +50,17 @@ class PyramidKV(BudgetedPolicy):
     def validate(self) -> None:
         super().validate()
         check_number(self.name, "beta", self.beta, low=1)
+        self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
         if isinstance(self.schedule, (list, tuple)):
             self._check_schedule_list()
         elif not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
             raise ValueError(f"pyramidkv: schedule must be one of {', '.join(SCHEDULES)} or a list of budgets; "
                              f"got {self.schedule!r}")
-        self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
+
+    def always_kept(self) -> int:
+        """The window, or more where a scorer object keeps more (its own window)."""
+        scorer = self.__dict__.get("_scorer")
+        return max(self.window, scorer.always_kept() if scorer is not None else 0)
 
     def _check_schedule_list(self) -> None:
         """Every entry of a schedule list is a budget that holds the window; no ratio with it."""
@@ -63,9 +68,10 @@ class PyramidKV(BudgetedPolicy):
             raise ValueError("pyramidkv: the schedule list is empty; give one budget per layer")
         for layer, budget in enumerate(self.schedule):
             check_positive_int(self.name, f"schedule[{layer}]", budget)
-            if budget < self.window:
-                raise ValueError(f"pyramidkv: schedule[{layer}] ({budget}) is below window ({self.window}): the "
-                                 f"window tokens are always kept, so no layer's budget may be smaller")
+            if budget < self.always_kept():
+                raise ValueError(f"pyramidkv: schedule[{layer}] ({budget}) is below window ({self.always_kept()}): "
+                                 "the window tokens (the scorer's, if larger) are always kept, so no layer's budget "
+                                 "may be smaller")
         if self.ratio is not None:
             raise ValueError("pyramidkv: a schedule list gives absolute budgets; it cannot be combined with ratio")
 
@@ -81,16 +87,17 @@ class PyramidKV(BudgetedPolicy):
             return list(self.schedule)
         if self.schedule == "uniform" or num_layers == 1:
             return [budget] * num_layers
-        low = max(budget / self.beta, self.window)  # the floor: the window is always kept
+        kept = self.always_kept()
+        low = max(budget / self.beta, kept)  # the floor: the window is always kept
         high = 2 * budget - low  # the average stays the budget
-        return [max(self.window, round(high - (high - low) * i / (num_layers - 1))) for i in range(num_layers)]
+        return [max(kept, round(high - (high - low) * i / (num_layers - 1))) for i in range(num_layers)]
 
     def capacity(self, view: CompressionView) -> torch.Tensor:
         budget = self.layer_budgets(view.num_layers, self.budget)[view.layer_idx]
         if self.ratio is None or isinstance(self.schedule, (list, tuple)):
             return capacity_tensor(view, budget)
         average = super().capacity(view)  # [B], from the ratio
-        return (average.double() * budget / self.budget).round().long().clamp(min=self.window)
+        return (average.double() * budget / self.budget).round().long().clamp(min=self.always_kept())
 
     def observe(self, view: CompressionView) -> None:
         self._scorer.observe(view)
