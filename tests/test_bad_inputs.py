@@ -358,6 +358,13 @@ def test_error_assignment_after_patching_is_validated(model):
     assert policy.budget == 8 and max(s["kept_max"] for s in cache.stats()) == 8
 
 
+def test_error_a_schedule_assigned_after_patching_must_fit_the_model(model):
+    policy = kvx.patch(model, "pyramidkv", budget=16, window=4, schedule=[16, 16])
+    policy.schedule = [16, 8, 4]  # valid by itself: the model is only known at the next forward
+    with pytest.raises(ValueError, match="the schedule lists 3 budgets but the model has 2 layers"):
+        greedy(model, random_ids(1, 30), new_tokens=1)
+
+
 # ---------------------------------------------------------------- CLI: one line, exit 2, names the mistake
 
 CLI_ERRORS = [

@@ -84,6 +84,7 @@ class PyramidKV(BudgetedPolicy):
     def layer_budgets(self, num_layers: int, budget: int) -> list[int]:
         """Budget of every layer for an average of ``budget``."""
         if isinstance(self.schedule, (list, tuple)):
+            self.check_model(num_layers)  # (a list assigned after patching is checked here)
             return list(self.schedule)
         if self.schedule == "uniform" or num_layers == 1:
             return [budget] * num_layers
