@@ -383,9 +383,10 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def tiny_config(model_type: str) -> PretrainedConfig:
-    """The default config of ``model_type``, shrunk (see the module docstring). Raises CannotBuildTiny when the
-    default or the shrunk config does not validate."""
+def tiny_config(model_type: str, windows: bool = True) -> PretrainedConfig:
+    """The default config of ``model_type``, shrunk (see the module docstring); ``windows=False``: with its
+    sliding windows removed (sliding layer types made full, or ``sliding_window=None``), the form of checkpoints
+    that attend over everything. Raises CannotBuildTiny when the default or the shrunk config does not validate."""
     try:
         with _quiet():
             default = AutoConfig.for_model(model_type, **CONFIG_KWARGS.get(model_type, {}))
@@ -403,12 +404,23 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     if cfg.get("is_decoder") is False and not cfg.get("is_encoder_decoder"):
         cfg["is_decoder"] = True  # BERT-style models are causal LMs (and cache their keys) only as decoders
     _apply_overrides(cfg, overrides, text_path)
+    if not windows:
+        _remove_windows(cfg if text_path is None else cfg[text_path])
     try:
         with _quiet():
             config = type(default).from_dict(cfg)
     except Exception as exc:
         raise CannotBuildTiny(_reason("shrunk config invalid", exc)) from exc
     return config
+
+
+def _remove_windows(cfg: dict[str, Any]) -> None:
+    """Every attention layer of ``cfg`` attends over everything: sliding layer types made full (the window
+    size stays, some models read it), or, without layer types, no sliding window."""
+    if isinstance(cfg.get("layer_types"), list):
+        cfg["layer_types"] = ["full_attention" if kind == "sliding_attention" else kind for kind in cfg["layer_types"]]
+    elif "sliding_window" in cfg:
+        cfg["sliding_window"] = None
 
 
 def _model_config(config: PretrainedConfig, model_class: type) -> PretrainedConfig:
@@ -420,13 +432,13 @@ def _model_config(config: PretrainedConfig, model_class: type) -> PretrainedConf
     return next((value for value in vars(config).values() if isinstance(value, wanted)), config)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_config(tiny_config(model_type))`` in fp32, eval mode, on the CPU, with weights
-    from the model's own init after ``torch.manual_seed(seed)``. Raises CannotBuildTiny when it cannot be built (or,
-    for KNOWN_BROKEN types, cannot generate)."""
+def tiny_model(model_type: str, seed: int = 0, windows: bool = True) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_config(tiny_config(model_type, windows))`` in fp32, eval mode, on the CPU, with
+    weights from the model's own init after ``torch.manual_seed(seed)``. Raises CannotBuildTiny when it cannot be
+    built (or, for KNOWN_BROKEN types, cannot generate)."""
     if model_type in KNOWN_BROKEN:
         raise CannotBuildTiny(KNOWN_BROKEN[model_type])
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, windows)
     torch.manual_seed(seed)
     try:
         with _quiet():

@@ -112,8 +112,29 @@ def _check(model: torch.nn.Module, outcome: Outcome) -> None:
     kinds = {type(layer) for layer in cache.layers}
     if not any(issubclass(kind, DenseLayer) for kind in kinds):
         outcome.notes.append("no layer to compress: every attention layer has the model's own sliding window")
+        outcome.notes.append(_check_without_windows(outcome.model_type))
     elif any(not issubclass(kind, (DenseLayer, SlidingWindowLayer)) for kind in kinds):
         outcome.notes.append("layers that are not plain attention keep transformers' own cache layers")
+
+
+def _check_without_windows(model_type: str) -> str:
+    """The same check on the model type with its sliding windows removed (checkpoints that attend over
+    everything), as a note: a verdict on a model kvx compresses, not only one it leaves alone."""
+    try:
+        model = tiny_model(model_type, windows=False)
+    except CannotBuildTiny as exc:
+        return f"with its windows removed: not built ({exc})"
+    second = Outcome(model_type, VERIFIED)
+    try:
+        _check(model, second)
+    except Exception as exc:  # noqa: BLE001 - reported in the note
+        _record_failure(second, exc)
+    finally:
+        if kvx.is_patched(model):
+            kvx.unpatch(model)
+    if second.status == VERIFIED and not any(note.startswith("no layer to compress") for note in second.notes):
+        return "with its windows removed: verified, compressing every attention layer"
+    return f"with its windows removed: {second.reason or 'still nothing to compress'}"
 
 
 def _eviction_problem(cache: Any, bound: int) -> str:

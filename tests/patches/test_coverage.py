@@ -50,6 +50,15 @@ def test_fast_subset(model_type):
         assert "kvx does not support model_type" in outcome.reason
 
 
+def test_a_model_whose_layers_are_all_sliding_is_also_verified_compressing():
+    """Mistral's tiny default config has a sliding window on every layer, which kvx leaves to the
+    model: the check also runs it with the window removed, where kvx compresses every layer."""
+    outcome = coverage.check_model_type("mistral")
+    assert outcome.status == coverage.VERIFIED
+    assert outcome.notes == ["no layer to compress: every attention layer has the model's own sliding window",
+                             "with its windows removed: verified, compressing every attention layer"]
+
+
 @pytest.mark.skipif(os.environ.get("KVX_COVERAGE") != "all", reason="the full sweep runs with KVX_COVERAGE=all")
 def test_every_causal_lm_model_type():
     outcomes = coverage.check_all(progress=False)
