@@ -208,21 +208,28 @@ SPREAD_WARNING = 1.5
 """A ratio whose highest repetition exceeds its lowest by this factor is reported as unreliable."""
 
 
+def rotated_rounds(items: list, rounds: int):
+    """``(round, item)`` for every item in every round, the order rotated by one each round (so a
+    burst of load on a shared machine falls on every item alike)."""
+    for round_index in range(rounds):
+        shift = round_index % len(items)
+        for item in items[shift:] + items[:shift]:
+            yield round_index, item
+
+
 def _interleaved_samples(model, ids, policies: list[PolicyRun], new_tokens: int, repeats: int, warmup: int,
                          chunk_size: int | None, progress) -> dict[str, dict[str, list[float]]]:
     """Per policy label: ``{"prefill": [s, ...], "decode": [s, ...]}``, one entry per timed round
     (warm-up rounds dropped), every policy once per round in a rotated order."""
     samples = {run.label: {"prefill": [], "decode": []} for run in policies}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(policies)
-        for run in policies[shift:] + policies[:shift]:
-            if progress:
-                timed = round_index - warmup + 1
-                progress(f"{run.label} @ {ids.shape[1]} " + (f"(repetition {timed}/{repeats})" if timed > 0 else "(warm-up)"))
-            prefill_s, decode_s = _time_once(model, ids, run, new_tokens, chunk_size)
-            if round_index >= warmup:
-                samples[run.label]["prefill"].append(prefill_s)
-                samples[run.label]["decode"].append(decode_s)
+    for round_index, run in rotated_rounds(policies, warmup + repeats):
+        if progress:
+            timed = round_index - warmup + 1
+            progress(f"{run.label} @ {ids.shape[1]} " + (f"(repetition {timed}/{repeats})" if timed > 0 else "(warm-up)"))
+        prefill_s, decode_s = _time_once(model, ids, run, new_tokens, chunk_size)
+        if round_index >= warmup:
+            samples[run.label]["prefill"].append(prefill_s)
+            samples[run.label]["decode"].append(decode_s)
     return samples
 
 
@@ -445,16 +452,31 @@ def bench_kernels(
             if progress:
                 progress(f"{op} L={case.kv_len} d={case.head_dim} gqa={case.heads // case.kv_heads}")
             q, k, v = _attention_inputs(case, device, dtype)
-            ours = time_call(KERNELS[op](q, k, v), device, repeats)
+            causal = op in CAUSAL_OPS
+            calls = {"kvx": KERNELS[op](q, k, v),
+                     **{name: (lambda fn=fn: fn(q, k, v, causal)) for name, fn in baselines.items()}}
+            times = _interleaved_times(calls, device, repeats)
+            ours = Timing.of(times["kvx"])
             row = {**header, **case.__dict__, "impl": "kvx", "seconds": ours.median}
             row.update(_rates(case, ours.median, elem, peaks))
-            for name, dense_fn in baselines.items():
-                causal = op in CAUSAL_OPS
-                dense = time_call(lambda: dense_fn(q, k, v, causal), device, repeats)
-                row[f"{name}_seconds"] = dense.median
-                row[f"vs_{name}"] = dense.median / ours.median
+            for name in baselines:
+                ratios = Timing.of([d / o for d, o in zip(times[name], times["kvx"])])
+                row[f"{name}_seconds"] = Timing.of(times[name]).median
+                row[f"vs_{name}"] = ratios.median
+                row[f"vs_{name}_spread"] = f"{ratios.low:.3g}-{ratios.high:.3g}"
             rows.append(row)
     return rows
+
+
+def _interleaved_times(calls: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` times each after one warm-up, the calls taking turns in a
+    rotated order (see :func:`rotated_rounds`)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index, name in rotated_rounds(list(calls), repeats + 1):
+        seconds = time_call(calls[name], device, repeats=1, warmup=0).median
+        if round_index > 0:
+            times[name].append(seconds)
+    return times
 
 
 def _rates(case: KernelCase, seconds: float, elem: int, peaks: dict[str, float]) -> dict[str, float]:
@@ -517,7 +539,7 @@ E2E_COLUMNS = ["policy", "length", "chunk_size", "prefill_s", "prefill_speedup",
                "decode_speedup", "decode_speedup_spread", "kv_bytes", "kv_vs_dense", "peak_bytes", "peak_vs_dense",
                "peak_rss_bytes"]
 KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
-                  "fraction_of_peak", "vs_sdpa", "vs_flash_attn"]
+                  "fraction_of_peak", "vs_sdpa", "vs_sdpa_spread", "vs_flash_attn"]
 
 
 def write_plot(rows: list[dict[str, Any]], out_dir: Path, kind: str) -> Path | None:
