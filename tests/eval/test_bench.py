@@ -97,7 +97,7 @@ def test_kernel_rows(tmp_path, capsys):
         assert 0 < row["fraction_of_peak"] and row["bound"] in ("memory", "compute")
     for row in rows:  # decode reads each key once per group of query heads: a few flops per byte, below any
         # machine's balance (the "bound" label compares with peaks measured in the run, so it moves with load)
-        if row["op"] in ("attention_decode", "ragged_decode", "packed_decode"):
+        if row["op"] in ("attention_decode", "ragged_decode"):
             case = bench.KernelCase(row["op"], row["batch"], row["heads"], row["kv_heads"], row["q_len"], row["kv_len"],
                                     row["head_dim"])
             assert case.flops() / case.bytes(4) < 2.5  # (GQA up to 4 here)
