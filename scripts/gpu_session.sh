@@ -2,7 +2,8 @@
 # The GPU side of kvx, for a session that has a GPU. Steps:
 #   tests    the Triton kernel tests and the ragged end-to-end test, compiled for the GPU;
 #   kernels  `kvx bench kernels` on the GPU (bf16), 4K-64K keys;
-#   e2e      `kvx bench e2e` on Llama-3-8B's shape with 4 layers, 32K-128K tokens, every policy vs dense;
+#   e2e      `kvx bench e2e` on Llama-3-8B's shape with 4 layers, 32K-128K tokens, every policy (quantized
+#            storage and its compositions too) vs dense;
 #   all      the three in order (may pass one device call's 10 minutes: run the steps one per call).
 # Needs torch, triton and transformers on the machine; kvx runs from this tree, no install.
 #
@@ -20,6 +21,7 @@ unset TRITON_INTERPRET
 kvx() { python3 -m kvx.cli "$@"; }
 policies="dense,snapkv:budget=2048,streaming_llm:sink=4;window=2044,h2o:budget=2048,tova:budget=2048"
 policies+=",keyformer:budget=2048,knorm:budget=2048,pyramidkv:budget=2048,head_budget:budget=2048"
+policies+=",int8,kivi:bits=4,kivi:bits=2,snapkv:budget=2048+kivi:bits=4,mikv:budget=2048"  # quantized (fused decode)
 
 python3 - <<'PY' | tee "$out/versions.txt"
 import torch, triton, transformers
