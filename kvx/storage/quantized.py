@@ -272,14 +272,16 @@ def check_bits(policy: str, bits: object, choices: tuple[int, ...], option: str 
 def check_fits_selection(storage: Any, selection: Any) -> None:
     """Refuse a full-precision window (plus sinks) that holds everything a composed selection keeps:
     nothing would ever be quantized, while the name claims it is."""
-    budget = getattr(selection, "budget", None)
-    if selection is None or budget is None or getattr(selection, "ratio", None) is not None:
+    if selection is None or getattr(selection, "ratio", None) is not None:
         return
-    if storage.window + storage.sink >= budget:
+    kept = getattr(selection, "budget", None)
+    if kept is None and hasattr(selection, "sink") and hasattr(selection, "window"):
+        kept = selection.sink + selection.window  # streaming_llm
+    if kept is not None and storage.window + storage.sink >= kept:
         raise ValueError(
-            f"{storage.name}: window ({storage.window}) + sink ({storage.sink}) must be below the budget of "
-            f"{selection.name} ({budget}): every token it keeps would stay at full precision; lower "
-            f"{storage.name}'s window or raise the budget"
+            f"{storage.name}: window ({storage.window}) + sink ({storage.sink}) must be below the {kept} tokens "
+            f"{selection.name} keeps: every one of them would stay at full precision; lower {storage.name}'s "
+            "window or keep more"
         )
 
 

@@ -72,9 +72,12 @@ def test_bad_layouts_are_refused_by_name():
 
 
 def test_a_window_that_holds_the_whole_budget_is_refused():
-    with pytest.raises(ValueError, match=r"kivi: window \(128\) \+ sink \(0\) must be below the budget of snapkv \(64\)"):
+    with pytest.raises(ValueError, match=r"kivi: window \(128\) \+ sink \(0\) must be below the 64 tokens snapkv keeps"):
         kvx.compose(kvx.make_policy("snapkv", budget=64, window=8), "kivi")
+    with pytest.raises(ValueError, match=r"int8: window \(40\) \+ sink \(0\) must be below the 40 tokens streaming_llm"):
+        kvx.compose(kvx.make_policy("streaming_llm", sink=4, window=36), kvx.make_policy("int8", window=40))
     kvx.compose(kvx.make_policy("snapkv", budget=256, window=8), "kivi")  # fits
+    kvx.compose(kvx.make_policy("streaming_llm", sink=4, window=252), "kivi")
 
 
 def test_head_budgets_need_ragged_storage_not_quantized():
