@@ -10,19 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvx.policy import StoragePolicy, check_positive_int, option, register_policy
-from kvx.storage.quantized import QuantizedLayer, QuantSpec, check_fits_selection
+from kvx.policy import option, register_policy
+from kvx.storage.quantized import QuantizedStoragePolicy, QuantSpec
 
 
 @register_policy
 @dataclass
-class Int8(StoragePolicy):
+class Int8(QuantizedStoragePolicy):
     """8-bit keys and values, per-token groups, symmetric or asymmetric."""
 
     name: ClassVar[str] = "int8"
     summary: ClassVar[str] = "storage: 8-bit keys and values, per-token groups of channels"
-    storage: ClassVar[str] = "quantized"
-    lossy: ClassVar[bool] = True  # what it stores differs from the model's keys and values
 
     group: int = option(32, "channels per scale (must divide the head dim)")
     symmetric: bool = option(False, "symmetric codes (scale only) instead of scale and zero point")
@@ -31,18 +29,9 @@ class Int8(StoragePolicy):
 
     def validate(self) -> None:
         super().validate()
-        check_positive_int(self.name, "group", self.group)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"{self.name}: symmetric must be true or false, got {self.symmetric!r}")
-        check_positive_int(self.name, "window", self.window, minimum=0)
-        check_positive_int(self.name, "sink", self.sink, minimum=0)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(8, 8, self.group, "token", symmetric=self.symmetric, window=self.window,
                          sink=self.sink, owner=self.name)
-
-    def make_layer(self) -> QuantizedLayer:
-        return QuantizedLayer(self.spec())
-
-    def check_selection(self, selection) -> None:
-        check_fits_selection(self, selection)

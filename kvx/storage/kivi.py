@@ -12,20 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvx.policy import StoragePolicy, check_positive_int, option, register_policy
-from kvx.storage.quantized import QuantizedLayer, QuantSpec, check_bits, check_fits_selection
+from kvx.policy import option, register_policy
+from kvx.storage.quantized import QuantizedStoragePolicy, QuantSpec, check_bits
 
 
 @register_policy
 @dataclass
-class Kivi(StoragePolicy):
+class Kivi(QuantizedStoragePolicy):
     """2- or 4-bit keys per channel and values per token, a full-precision window (Liu et al., 2024)."""
 
     name: ClassVar[str] = "kivi"
     summary: ClassVar[str] = ("storage: 2/4-bit KV, keys per channel, values per token, recent tokens in full "
                               "precision (KIVI, Liu et al., 2024)")
-    storage: ClassVar[str] = "quantized"
-    lossy: ClassVar[bool] = True  # what it stores differs from the model's keys and values
     valid_bits: ClassVar[tuple[int, ...]] = (2, 4)
 
     bits: int = option(4, "bits per key and value element: 2 or 4")
@@ -36,16 +34,7 @@ class Kivi(StoragePolicy):
     def validate(self) -> None:
         super().validate()
         check_bits(self.name, self.bits, self.valid_bits)
-        check_positive_int(self.name, "group", self.group)
-        check_positive_int(self.name, "window", self.window, minimum=0)
-        check_positive_int(self.name, "sink", self.sink, minimum=0)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.bits, self.group, "channel", symmetric=False, window=self.window,
                          sink=self.sink, owner=self.name)
-
-    def make_layer(self) -> QuantizedLayer:
-        return QuantizedLayer(self.spec())
-
-    def check_selection(self, selection) -> None:
-        check_fits_selection(self, selection)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvx.policy import StoragePolicy, check_positive_int, option, register_policy
-from kvx.storage.quantized import QuantizedLayer, QuantSpec, check_bits
+from kvx.policy import option, register_policy
+from kvx.storage.quantized import QuantizedLayer, QuantizedStoragePolicy, QuantSpec, check_bits
 
 
 class MixedLayer(QuantizedLayer):
@@ -26,14 +26,13 @@ class MixedLayer(QuantizedLayer):
 
 @register_policy
 @dataclass
-class Mixed(StoragePolicy):
+class Mixed(QuantizedStoragePolicy):
     """Two precisions for old tokens, chosen by a mixed-precision selection (``mikv``)."""
 
     name: ClassVar[str] = "mixed"
     summary: ClassVar[str] = ("storage: old tokens at high or low precision as a selection marks them (with mikv; "
                               "MiKV, Yang et al., 2024)")
     storage: ClassVar[str] = "mixed"
-    lossy: ClassVar[bool] = True
 
     high_bits: int = option(8, "bits of the old tokens the selection marks important: 8, or 16 (full precision)")
     low_bits: int = option(2, "bits of the other old tokens: 2 or 4")
@@ -45,9 +44,6 @@ class Mixed(StoragePolicy):
         super().validate()
         check_bits(self.name, self.high_bits, (8, 16), option="high_bits")
         check_bits(self.name, self.low_bits, (2, 4), option="low_bits")
-        check_positive_int(self.name, "group", self.group)
-        check_positive_int(self.name, "window", self.window, minimum=0)
-        check_positive_int(self.name, "sink", self.sink, minimum=0)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(self.low_bits, self.low_bits, self.group, "token", window=self.window, sink=self.sink,

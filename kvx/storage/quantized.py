@@ -27,12 +27,12 @@ quantized exactly as the row alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from kvx.kernels import quant
-from kvx.policy import mask_to_indices
+from kvx.policy import StoragePolicy, check_positive_int, mask_to_indices
 from kvx.storage.prefix import PrefixTailLayer, View
 from kvx.storage.segments import FullSegment, PackedSegment, Segment
 
@@ -261,6 +261,34 @@ class QuantizedLayer(PrefixTailLayer):
         """Re-order or repeat rows (beam search): every segment moves with its row."""
         self.segments = [None if segment is None else segment.map_rows(fn) for segment in self.segments]
         super()._select_batch(fn)
+
+
+class QuantizedStoragePolicy(StoragePolicy):
+    """What the quantized storage policies share: ``group``, ``window`` and ``sink`` options checked,
+    layers built from :meth:`spec`, the head dim checked at patch, a composed selection checked
+    (:func:`check_fits_selection`). Subclasses are dataclasses that give :meth:`spec`."""
+
+    storage: ClassVar[str] = "quantized"
+    lossy: ClassVar[bool] = True  # what it stores differs from the model's keys and values
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int(self.name, "group", self.group)
+        check_positive_int(self.name, "window", self.window, minimum=0)
+        check_positive_int(self.name, "sink", self.sink, minimum=0)
+
+    def spec(self) -> QuantSpec:
+        raise NotImplementedError
+
+    def make_layer(self) -> QuantizedLayer:
+        return QuantizedLayer(self.spec())
+
+    def check_head_dim(self, dim: int) -> None:
+        """Raise unless keys and values of head dim ``dim`` fit the layout (``kvx.patch`` asks)."""
+        self.spec().check_head_dims(dim, dim)
+
+    def check_selection(self, selection: Any) -> None:
+        check_fits_selection(self, selection)
 
 
 def check_bits(policy: str, bits: object, choices: tuple[int, ...], option: str = "bits") -> None:
