@@ -70,6 +70,7 @@ def patch(
     policy = make_policy(policy, **options)
     axes = as_composed(policy)
     axes.check_model(decoder_config(model.config).num_hidden_layers)
+    _check_head_dims(axes, found.modules)
     _warn_if_nothing_to_compress(model, axes)
     if is_patched(model):
         unpatch(model)
@@ -147,6 +148,16 @@ def _unwrap_generate(model: torch.nn.Module, state: PatchState) -> None:
         del model.generate
     else:
         model.generate = state.original_generate
+
+
+def _check_head_dims(axes, modules: list[torch.nn.Module]) -> None:
+    """A storage whose layout depends on the head dim (quantized groups) checks it at patch, not at
+    the first forward; the dim is the attention modules' own ``head_dim`` where they have one."""
+    check = getattr(axes.storage_part, "check_head_dim", None)
+    if check is None:
+        return
+    for dim in sorted({getattr(module, "head_dim", None) for module in modules} - {None}):
+        check(dim)
 
 
 def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:

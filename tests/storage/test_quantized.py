@@ -71,6 +71,14 @@ def test_bad_layouts_are_refused_by_name():
         kvx.compose("int8", "kivi")
 
 
+def test_a_group_that_does_not_divide_the_head_dim_is_refused_at_patch(model):
+    with pytest.raises(ValueError, match=r"int8: group \(32\) must divide the head dim \(16\)"):
+        kvx.patch(model, "int8")
+    assert not kvx.is_patched(model)
+    with pytest.raises(ValueError, match=r"mixed: group \(32\) must divide the head dim \(16\)"):
+        kvx.patch(model, "mikv", budget=64)
+
+
 def test_a_window_that_holds_the_whole_budget_is_refused():
     with pytest.raises(ValueError, match=r"kivi: window \(128\) \+ sink \(0\) must be below the 64 tokens snapkv keeps"):
         kvx.compose(kvx.make_policy("snapkv", budget=64, window=8), "kivi")
