@@ -38,10 +38,12 @@ from kvx.storage.base import Storage
 
 def _storage_policy(storage: str) -> Policy | None:
     """The storage policy a spec names (``ragged``, ``kivi:bits=2``), or None for ``dense``."""
-    storage_names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
-    choices = f"dense, or a storage policy with options ({', '.join(storage_names)}; e.g. 'kivi:bits=2')"
+    def choices() -> str:
+        names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
+        return f"dense, or a storage policy with options ({', '.join(names)}; e.g. 'kivi:bits=2')"
+
     if not isinstance(storage, str):
-        raise TypeError(f"KVCache storage must be a string: {choices}; got {type(storage).__name__}")
+        raise TypeError(f"KVCache storage must be a string: {choices()}; got {type(storage).__name__}")
     if storage == "dense":
         return None
     try:
@@ -49,7 +51,7 @@ def _storage_policy(storage: str) -> Policy | None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"KVCache storage {storage!r}: {err}") from None
     if policy.axis != "storage":
-        raise ValueError(f"KVCache storage {storage!r} is a {policy.axis} policy; choose {choices}")
+        raise ValueError(f"KVCache storage {storage!r} is a {policy.axis} policy; choose {choices()}")
     return policy
 
 

@@ -59,7 +59,6 @@ class Composed(Policy):
                 f"kvx.compose: {self.selection.name} needs {needed} storage, not {storage_part.name} "
                 f"({storage_part.storage}); compose it with {needed}, or with no storage policy to get {needed}'s defaults"
             )
-        self._storage = given
         self.storage_part = storage_part
         check = getattr(storage_part, "check_selection", None)
         if check is not None:  # e.g. a full-precision window that holds every token the selection keeps

@@ -119,8 +119,8 @@ def _per_element(p: Packed, per_group: torch.Tensor) -> torch.Tensor:
     per_group = per_group.float()
     if p.axis == "token":  # [B, Hkv, S, D/g] -> [B, Hkv, S, D]
         return per_group.repeat_interleave(p.group, dim=-1)
-    index = p.token_groups()[..., None].expand(*p.token_groups().shape, per_group.shape[-1])
-    return per_group.gather(2, index)  # [B, Hkv, S_groups, D] -> [B, Hkv, S, D]
+    groups = p.token_groups()
+    return per_group.gather(2, groups[..., None].expand(*groups.shape, per_group.shape[-1]))  # [B, Hkv, S_groups, D] -> [B, Hkv, S, D]
 
 
 def _grouped(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
@@ -241,15 +241,7 @@ def packed_attention_with_lse(
             groups = query.shape[1] // valid.shape[1]
             mask = reference.expand_kv_heads(valid[..., start:stop], groups)[:, :, None, :]
         parts.append(reference.attention_with_lse(query, k, v, mask, scaling, softcap))
-    return _merge_with_lse(parts)
-
-
-def _merge_with_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge partial ``(out, lse)`` pairs into one ``(out, lse)`` float32."""
-    lse = torch.stack([p[1] for p in parts]).logsumexp(0)
-    weights = [torch.exp(p[1] - lse).nan_to_num(0.0)[..., None] for p in parts]
-    out = sum(w * p[0].float() for w, p in zip(weights, parts))
-    return out, lse
+    return reference.merge_with_lse(parts)
 
 
 def _token_slice(p: Packed, start: int, stop: int) -> Packed:

@@ -252,10 +252,15 @@ def attention_with_lse(
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Combine attention over disjoint key sets from their ``(out, lse)``: the attention over all of them."""
+    return merge_with_lse(parts)[0]
+
+
+def merge_with_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_attention` and the log-sum-exp of all the parts' logits: ``(out, lse)``."""
     lses = torch.stack([lse for _, lse in parts])  # [P, B, H, q]
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).nan_to_num(0.0)[..., None]
-    return sum(w * out for w, (out, _) in zip(weights, parts))
+    return sum(w * out for w, (out, _) in zip(weights, parts)), total
 
 
 def ragged_attention(

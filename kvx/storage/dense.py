@@ -93,6 +93,12 @@ class DenseLayer(Storage):
         # a copy: `valid` is often a view of a much larger mask that must not stay alive
         self.valid = None if valid is None or bool(valid.all()) else valid.clone(memory_format=torch.contiguous_format)
 
+    def valid_mask(self) -> torch.Tensor:
+        """``[B, Hkv, S]`` bool over the dense slots: ``valid``, or all True when it is None."""
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
+
     def kept_per_head(self) -> torch.Tensor:
         """``[B, Hkv]`` real tokens stored per row and KV head."""
         if self.keys is None:
@@ -123,10 +129,7 @@ class DenseLayer(Storage):
         return reference.attention(query, key, value, mask, scaling, softcap, sinks)
 
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
-        valid = self.valid
-        if valid is None:
-            valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
-        return ScoringInputs(self.keys, self.values, valid, self.state, mask)
+        return ScoringInputs(self.keys, self.values, self.valid_mask(), self.state, mask)
 
     def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
         if keep is not None:

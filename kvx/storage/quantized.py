@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvx.kernels import quant
-from kvx.policy import StoragePolicy, check_positive_int, mask_to_indices
+from kvx.policy import StoragePolicy, check_positive_int
 from kvx.storage.prefix import PrefixTailLayer, View
 from kvx.storage.segments import FullSegment, PackedSegment, Segment
 
@@ -111,11 +111,6 @@ class QuantizedLayer(PrefixTailLayer):
     def has_prefix(self) -> bool:
         return self.prefix_slots > 0
 
-    def _tail_valid(self) -> torch.Tensor:
-        if self.valid is not None:
-            return self.valid
-        return torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
-
     # --- the prefix in its layout (kvx.storage.prefix.PrefixTailLayer) -------------------------
 
     def dense_view(self) -> View:
@@ -123,7 +118,7 @@ class QuantizedLayer(PrefixTailLayer):
         parts = [segment.kv(self.keys.dtype) for segment in self._present()]
         valid = [segment.valid_mask(batch, kv_heads, device) for segment in self._present()]
         return (torch.cat([*(k for k, _ in parts), self.keys], dim=2), torch.cat([*(v for _, v in parts), self.values], dim=2),
-                torch.cat([*valid, self._tail_valid()], dim=-1))
+                torch.cat([*valid, self.valid_mask()], dim=-1))
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         batch, kv_heads, device = *self.keys.shape[:2], self.keys.device
@@ -188,7 +183,7 @@ class QuantizedLayer(PrefixTailLayer):
         row and KV head), after the first ``sink`` of them into the sinks the first time."""
         if self.keys is None or self.keys.shape[-2] == 0:
             return
-        valid = self._tail_valid()
+        valid = self.valid_mask()
         age = valid.long().cumsum(-1) - 1  # rank of each real tail token from the oldest
         sinks = valid & (age < self.spec.sink) if self.spec.sink and not self.has_prefix else None
         done = 0 if sinks is None else sinks.sum(-1, keepdim=True)  # [B, Hkv, 1]
@@ -216,12 +211,10 @@ class QuantizedLayer(PrefixTailLayer):
     def _move_to(self, index: int, mask: torch.Tensor) -> None:
         """Append the tail tokens marked in ``mask [B, Hkv, T]`` to segment ``index`` in its layout
         (padding slots, where a row has fewer, as zeros)."""
-        indices, slot_valid = mask_to_indices(mask)
-        keys = _gather(self.keys, indices) * slot_valid[..., None]
-        values = _gather(self.values, indices) * slot_valid[..., None]
-        segment = self._new_segment(index, keys, values)
-        segment.valid = None if bool(slot_valid.all()) else slot_valid
-        segment.state = {name: stat.gather(2, indices) for name, stat in self.state.items()}
+        moved = FullSegment(state=self.state, keys=self.keys, values=self.values).keep(mask)
+        real = 1 if moved.valid is None else moved.valid[..., None]
+        segment = self._new_segment(index, moved.keys * real, moved.values * real)
+        segment.valid, segment.state = moved.valid, moved.state
         current = self.segments[index]
         self.segments[index] = segment if current is None else current.append(segment)
 
@@ -312,7 +305,3 @@ def check_fits_selection(storage: Any, selection: Any) -> None:
             "window or keep more"
         )
 
-
-def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``x [B, Hkv, S, D]`` at token ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, D]``."""
-    return x.gather(2, indices[..., None].expand(*indices.shape, x.shape[-1]))

@@ -53,8 +53,8 @@ class RaggedLayer(PrefixTailLayer):
         prefix padded to its longest head (a transient view for scoring)."""
         from kvx.kernels.reference import unpack_ragged
 
-        batch, kv_heads, tail = self.keys.shape[:3]
-        tail_valid = self.valid if self.valid is not None else self.keys.new_ones(batch, kv_heads, tail, dtype=torch.bool)
+        batch, kv_heads = self.keys.shape[:2]
+        tail_valid = self.valid_mask()
         if not self.has_prefix:
             return self.keys, self.values, tail_valid
         keys, valid = unpack_ragged(self.prefix_keys, self.prefix_offsets, batch, kv_heads)
