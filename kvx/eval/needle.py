@@ -522,25 +522,13 @@ class NeedleRunner:
         prompt = self.build(cell)
         ids = torch.tensor([prompt.ids], device=self.model.device)
         new_tokens = self.config.max_new_tokens or (8 * len(prompt.spec.expected) + 4)
-        context = (kvx.patched(self.model, run.policy(), **self._chunking()) if run.name != DENSE
-                   else contextlib.nullcontext())
-        start = time.perf_counter()
-        with context, torch.inference_mode():
-            cache = None
-            if run.name != DENSE and self.config.compress == "context":
-                cache = kvx.compress_context(self.model, ids[:, : prompt.question_start])
-            out = self.model.generate(
-                ids,
-                **cache_kwargs(cache),
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                return_dict_in_generate=True,
-                pad_token_id=self.tokenizer.pad_token_id
-                if self.tokenizer.pad_token_id is not None
-                else self.tokenizer.eos_token_id,
-            )
-        seconds = time.perf_counter() - start
+        out, seconds = policy_generate(
+            self.model, run, ids, prompt.question_start if self.config.compress == "context" else None,
+            self._chunking(), max_new_tokens=new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id,
+        )
         answer = self.tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
         cache = cache_of(out)
         return {
@@ -556,6 +544,24 @@ class NeedleRunner:
             "kept_tokens": _kept_tokens(cache),
             "seconds": round(seconds, 4),
         }
+
+
+def policy_generate(model, run: PolicyRun, ids: torch.Tensor, context_end: int | None = None,
+                    patch_options: dict[str, Any] | None = None, **generate_kwargs: Any) -> tuple[Any, float]:
+    """Greedy ``model.generate(ids, ...)`` patched with ``run``'s policy (as it is for dense), and
+    the seconds it took. ``context_end``: query-aware, the policy compresses ``ids[:, :context_end]``
+    alone (``kvx.compress_context``) and the rest is appended uncompressed. ``patch_options`` go to
+    ``kvx.patched``; the output is ``generate``'s dict (``kvx.cache_of(out)`` is its cache)."""
+    context = (kvx.patched(model, run.policy(), **(patch_options or {})) if run.name != DENSE
+               else contextlib.nullcontext())
+    start = time.perf_counter()
+    with context, torch.inference_mode():
+        cache = None
+        if run.name != DENSE and context_end is not None:
+            cache = kvx.compress_context(model, ids[:, :context_end])
+        out = model.generate(ids, **cache_kwargs(cache), attention_mask=torch.ones_like(ids), do_sample=False,
+                             return_dict_in_generate=True, **generate_kwargs)
+    return out, time.perf_counter() - start
 
 
 def _kept_tokens(cache) -> int:
