@@ -300,7 +300,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     lengths = _parse_ints(args.lengths, "--lengths")
     if args.bench == "e2e":
-        policies = bench.parse_policy_list(args.policies)
+        policies = (bench.parse_policy_list(args.policies) if args.policies else
+                    bench.parse_policy_specs(args.policy or ["snapkv", "streaming_llm"]))
         out = output_dir(args.out)
         model = bench.build_model(args.model, device, dtype, max(lengths) + args.new_tokens, args.layers)
         rows = bench.bench_e2e(model, lengths, policies, args.new_tokens, args.repeats, args.warmup,
@@ -432,9 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a local model directory or a random-weight preset: {', '.join(PRESETS)} (default tiny-llama)")
     e2e.add_argument("--layers", type=int_at_least(1), help="override the number of layers (to fit a large shape)")
     e2e.add_argument("--lengths", default="4k,16k", help="context lengths (default 4k,16k)")
-    e2e.add_argument("--policies", default="dense,snapkv,streaming_llm",
-                     help="comma-separated, options after ':' joined by ';', '+' composes (e.g. "
-                          "snapkv:budget=512;window=16+ragged)")
+    chosen = e2e.add_mutually_exclusive_group()
+    chosen.add_argument("--policy", action="append", metavar="NAME[:k=v,...][+NAME...]",
+                        help="a policy to compare with dense (repeatable), the spec syntax of needle and sweep files, "
+                             "e.g. snapkv:budget=512,window=16+ragged (default: snapkv and streaming_llm)")
+    chosen.add_argument("--policies", metavar="SPEC,SPEC,...",
+                        help="the same specs in one comma-separated list (dense,snapkv:budget=512,window=16,"
+                             "streaming_llm): an item starting with key=value belongs to the spec before it")
     e2e.add_argument("--new-tokens", type=int_at_least(1), default=32, help="decoded tokens timed per run (default 32)")
     e2e.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed warm-up runs (default 1)")
     e2e.add_argument("--chunk-size", type=int_at_least(1), help="policies prefill in chunks of this many tokens, compressing "

@@ -19,7 +19,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 kvx() { python3 -m kvx.cli "$@"; }
-policies="dense,snapkv:budget=2048,streaming_llm:sink=4;window=2044,h2o:budget=2048,tova:budget=2048"
+policies="dense,snapkv:budget=2048,streaming_llm:sink=4,window=2044,h2o:budget=2048,tova:budget=2048"
 policies+=",keyformer:budget=2048,knorm:budget=2048,pyramidkv:budget=2048,head_budget:budget=2048"
 policies+=",int8,kivi:bits=4,kivi:bits=2,snapkv:budget=2048+kivi:bits=4,mikv:budget=2048"  # quantized (fused decode)
 

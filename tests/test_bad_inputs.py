@@ -461,7 +461,10 @@ BENCH_ERRORS = [
     ("e2e-lengths-twice", ["e2e", "--lengths", "4k,4096"], "--lengths lists 4096 twice"),
     ("e2e-policy-unknown", ["e2e", "--policies", "dense,snapkvv"], "unknown policy 'snapkvv'"),
     ("e2e-policy-budget", ["e2e", "--policies", "snapkv:budget=0"], "snapkv: budget must be >= 1, got 0"),
-    ("e2e-policy-window", ["e2e", "--policies", "snapkv:budget=16;window=32"], r"window \(32\) must not exceed budget \(16\)"),
+    ("e2e-policy-window", ["e2e", "--policy", "snapkv:budget=16,window=32"], r"window \(32\) must not exceed budget \(16\)"),
+    ("e2e-policies-semicolon", ["e2e", "--policies", "snapkv:budget=16;window=8"], "';' no longer separates options"),
+    ("e2e-policy-twice", ["e2e", "--policy", "h2o:budget=64", "--policy", "h2o:budget=64"], "--policy lists h2o:budget=64 twice"),
+    ("e2e-policy-and-policies", ["e2e", "--policy", "h2o", "--policies", "snapkv"], "--policies: not allowed with"),
     ("e2e-model-unknown", ["e2e", "--model", "no-such-model"], "unknown model 'no-such-model'.*tiny-llama"),
     ("e2e-dtype", ["e2e", "--dtype", "float64"], "unknown dtype 'float64'"),
     ("e2e-device-gpu", ["e2e", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
@@ -660,8 +663,8 @@ def test_valid_lengths(text, tokens):
 
 @pytest.mark.parametrize("spec,label", [
     ("SnapKV:budget=64,window=8", "snapkv:budget=64,window=8"),
-    ("snapkv:budget=64;window=8+ragged", "snapkv:budget=64,window=8+ragged"),
-    ("streaming-llm:sink=2;window=30", "streaming_llm:sink=2,window=30"),
+    ("snapkv:budget=64,window=8+ragged", "snapkv:budget=64,window=8+ragged"),
+    ("streaming-llm:sink=2,window=30", "streaming_llm:sink=2,window=30"),
     ("dense", "dense"),
 ])
 def test_valid_policy_specs_on_the_command_line(spec, label):

@@ -93,21 +93,32 @@ def build_model(spec: str, device: torch.device, dtype: torch.dtype, max_length:
 
 
 def parse_policy_list(text: str) -> list[PolicyRun]:
-    """``dense,snapkv:budget=1024;window=32,streaming_llm`` -> runs, dense first (options of one
-    policy are separated by ``;`` since ``,`` separates policies)."""
+    """``--policies``: specs separated by commas, ``dense,snapkv:budget=1024,window=32+ragged,streaming_llm``
+    -> runs, dense first. The same spec syntax as ``--policy``: an item that starts with ``key=value``
+    (``window=32``, ``window=32+ragged``) continues the spec before it, any other item starts a spec
+    (a policy name never holds ``=``, an option value never ``:`` or ``+``), so the list reads one way only."""
+    if ";" in text:
+        raise ValueError(f"--policies {text!r}: ';' no longer separates options; write them with ',' as everywhere "
+                         "else (snapkv:budget=512,window=16), or give each policy with --policy SPEC")
+    specs: list[str] = []
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        head = item.split("+", 1)[0]
+        if "=" in head and ":" not in head and specs:
+            specs[-1] += "," + item  # an option of the spec before it
+        else:
+            specs.append(item)
+    return parse_policy_specs(specs, flag="--policies")
+
+
+def parse_policy_specs(specs: list[str], flag: str = "--policy") -> list[PolicyRun]:
+    """One run per spec (``name[:key=value,...][+name...]``, the syntax of ``kvx.compose.from_spec``),
+    dense first whether listed or not; a policy listed twice is an error naming ``flag``."""
     from kvx.eval.needle import parse_policies
 
-    items = [p.strip().replace(";", ",") for p in text.split(",") if p.strip()]
-    merged: list[str] = []
-    for item in items:  # re-attach "k=v" pieces split by the comma
-        if "=" in item and ":" not in item and merged:
-            merged[-1] += "," + item
-        else:
-            merged.append(item)
-    runs = parse_policies([m for m in merged if m != DENSE], [], with_dense=True)
+    runs = parse_policies([s for s in specs if s.strip() != DENSE], [], with_dense=True)
     repeated = first_repeat(run.label for run in runs)
     if repeated is not None:
-        raise ValueError(f"--policies lists {repeated} twice; give each policy once")
+        raise ValueError(f"{flag} lists {repeated} twice; give each policy once")
     return runs
 
 

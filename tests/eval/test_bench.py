@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*interleaved repetitions:UserWa
 
 def test_e2e_rows(tmp_path):
     model = tiny_model("llama")
-    policies = bench.parse_policy_list("dense,snapkv:budget=32;window=8,streaming_llm:sink=2;window=30,"
-                                       "h2o:budget=32;recent=8+ragged")
+    policies = bench.parse_policy_list("dense,snapkv:budget=32,window=8,streaming_llm:sink=2,window=30,"
+                                       "h2o:budget=32,recent=8+ragged")
     assert [p.label for p in policies] == ["dense", "snapkv:budget=32,window=8", "streaming_llm:sink=2,window=30",
                                            "h2o:budget=32,recent=8+ragged"]
     rows = bench.bench_e2e(model, [96, 160], policies, new_tokens=3, repeats=1, warmup=0)
@@ -39,11 +39,22 @@ def test_e2e_rows(tmp_path):
     assert "| snapkv:budget=32,window=8 | 160 |" in paths[2].read_text()
 
 
+@pytest.mark.parametrize("listed,specs", [
+    ("dense,snapkv:budget=256,window=8+kivi:bits=4,group=16,streaming_llm", ["snapkv:budget=256,window=8+kivi:bits=4,group=16",
+                                                                             "streaming_llm"]),
+    ("h2o:budget=8,recent=4+ragged,tova", ["h2o:budget=8,recent=4+ragged", "tova"]),
+])
+def test_policies_list_reads_as_repeated_policy_specs(listed, specs):
+    """--policies is --policy's specs joined by commas: the same runs, in the same order."""
+    assert [r.label for r in bench.parse_policy_list(listed)] == [r.label for r in bench.parse_policy_specs(specs)]
+    assert len(bench.parse_policy_specs(specs)) == len(specs) + 1  # dense first
+
+
 def test_e2e_repetitions_are_interleaved_and_ratios_per_round(monkeypatch):
     """Every round runs each policy once, in an order rotated from round to round; each speed-up
     is the median of per-round ratios, with its lowest and highest."""
     model = tiny_model("llama")
-    policies = bench.parse_policy_list("dense,snapkv:budget=16;window=4,streaming_llm:sink=2;window=14")
+    policies = bench.parse_policy_list("dense,snapkv:budget=16,window=4,streaming_llm:sink=2,window=14")
     order, original = [], bench._time_once
 
     def recording(model, ids, run, new_tokens, chunk_size):
@@ -64,7 +75,7 @@ def test_e2e_repetitions_are_interleaved_and_ratios_per_round(monkeypatch):
 
 def test_a_wide_spread_is_warned(monkeypatch):
     model = tiny_model("llama")
-    policies = bench.parse_policy_list("dense,snapkv:budget=16;window=4")
+    policies = bench.parse_policy_list("dense,snapkv:budget=16,window=4")
     # round 1: dense, snapkv; round 2 (rotated): snapkv, then dense 3x slower to prefill
     times = iter([(1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (3.0, 1.0)])
     monkeypatch.setattr(bench, "_time_once", lambda *args: next(times))
