@@ -304,6 +304,19 @@ def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, m
     """What produced a run's rows: the model (path, config, weights, dtype), the tokenizer, the
     settings that shape a cell's prompt or answer, and kvx's version. The grid (lengths, depths,
     variants, samples, policies) is not part of it: a rerun may add cells."""
+    return {
+        **model_identity(model, tokenizer, model_path),
+        "settings": {"distractors": config.distractors, "values": config.values,
+                     "max_new_tokens": config.max_new_tokens, "use_chat_template": config.use_chat_template,
+                     "compress": config.compress,
+                     "haystack": None if config.haystack_text is None else _digest(config.haystack_text)},
+        "kvx": kvx.__version__,
+    }
+
+
+def model_identity(model: torch.nn.Module, tokenizer: Any, model_path: str | None) -> dict[str, Any]:
+    """The model and tokenizer part of a run's identity: path (resolved, so every spelling of one
+    directory is one model), a digest of the config, the weights' fingerprint, dtype, tokenizer."""
     if model_path is None:
         model_path = getattr(model, "name_or_path", "") or ""
     if model_path and Path(model_path).expanduser().exists():  # one spelling per directory
@@ -316,11 +329,6 @@ def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, m
         "weights": weights_fingerprint(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "settings": {"distractors": config.distractors, "values": config.values,
-                     "max_new_tokens": config.max_new_tokens, "use_chat_template": config.use_chat_template,
-                     "compress": config.compress,
-                     "haystack": None if config.haystack_text is None else _digest(config.haystack_text)},
-        "kvx": kvx.__version__,
     }
 
 
