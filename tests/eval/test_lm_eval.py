@@ -1,0 +1,107 @@
+"""The lm-eval bridge: kvx's model type runs a local harness task end to end on the shipped model,
+dense and compressed, and the compressed run really held less (kept counts and bytes)."""
+
+import json
+
+import pytest
+
+import kvx
+from kvx.cli import main
+from kvx.eval import lm_eval_bridge as bridge
+from kvx.eval import needle
+
+TASK = "kvx_tiny_needle"
+LENGTH = 192
+SINK, WINDOW = 4, 16
+
+
+def write_task(directory, tokenizer, docs: int = 3) -> None:
+    """A generate_until task over needle prompts of the shipped model, its data a local JSONL file."""
+    config = needle.NeedleConfig(lengths=[LENGTH], use_chat_template=False)
+    rows = []
+    for i in range(docs):
+        prompt = needle.build_cell_prompt(config, tokenizer, needle.Cell(LENGTH, 20.0 + 30 * i, "single", i))
+        rows.append({"prompt": tokenizer.decode(prompt.ids, skip_special_tokens=True),
+                     "answer": " ".join(prompt.spec.expected[0])})  # the tokenizer spells digits apart
+    (directory / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "task.yaml").write_text(f"""task: {TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {directory / 'data.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: [" ."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""")
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lm-eval-task")
+    write_task(directory, needle.load_tokenizer(str(needle.DEFAULT_MODEL)))
+    return directory
+
+
+def test_dense_and_compressed_end_to_end(task_dir, tmp_path, capsys):
+    """``kvx lm-eval`` on the local task: dense answers, streaming_llm keeps sink + window tokens per
+    layer and holds proportionally fewer bytes, and loses the needle it evicted."""
+    out = tmp_path / "out"
+    assert main(["lm-eval", "--tasks", TASK, "--include-path", str(task_dir), "--no-default-tasks",
+                 "--policy", f"streaming_llm:sink={SINK},window={WINDOW}", "--out", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "lm-eval.json").read_text())}
+    dense, compressed = rows["dense"], rows[f"streaming_llm:sink={SINK},window={WINDOW}"]
+    assert dense["calls"] == compressed["calls"] == 3 and dense["metric"] == "exact_match,none"
+    assert dense["score"] == 1.0  # the shipped model retrieves every needle at this length
+    assert dense["kept_tokens_min"] > LENGTH - 8  # dense keeps the whole prompt (and what it generated)
+    assert compressed["kept_tokens_min"] == SINK + WINDOW
+    assert compressed["kv_bytes_mean"] / dense["kv_bytes_mean"] == pytest.approx(
+        (SINK + WINDOW) / dense["kept_tokens_mean"], rel=0.02)
+    assert compressed["score"] < dense["score"]
+    assert "| streaming_llm:sink=4,window=16 | kvx_tiny_needle | exact_match,none |" in capsys.readouterr().out
+
+
+def test_model_args_patch_the_harness_model():
+    """``--model kvx --model_args pretrained=...,policy=snapkv,budget=64,window=8``, as lm-eval builds it:
+    the options after ``policy`` belong to its spec, and the model is patched with them."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("kvx").create_from_arg_string(
+        f"pretrained={needle.DEFAULT_MODEL},policy=snapkv+kivi:bits=4,group=16,window=64,dtype=float32",
+        {"batch_size": 1, "device": "cpu"})
+    policy = kvx.policy_of(lm.model)
+    assert policy is not None and kvx.is_patched(lm.model)
+    snapkv, kivi = policy.parts
+    assert (kivi.bits, kivi.group, kivi.window) == (4, 16, 64)
+    assert snapkv.window == kvx.make_policy("snapkv").window  # not given to snapkv: its default
+    assert lm.policy_label == "snapkv+kivi:bits=4,group=16,window=64"
+    assert bridge.policy_label("snapkv", {"budget": 64, "window": 8}) == "snapkv:budget=64,window=8"
+
+
+@pytest.mark.parametrize("policy,options,message", [
+    ("snapkv", {"budgt": 64}, r"snapkv.*budgt"),
+    (None, {"budget": 64}, r"model_args budget: neither an HFLM argument nor a policy option"),
+    ("snapkv:budget", {}, r"options are written key=value, got 'budget'"),
+    ("snapkvv", {}, r"unknown policy 'snapkvv'"),
+])
+def test_bad_model_args(policy, options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        bridge.policy_from_args(policy, options)
+
+
+def test_unknown_task_and_missing_include_path(task_dir, tmp_path):
+    manager = bridge.task_manager(task_dir, include_defaults=False)
+    with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) 'kvx_tiny_needel' \(did you mean kvx_tiny_needle"):
+        bridge.check_tasks(["kvx_tiny_needel"], manager)
+    with pytest.raises(FileNotFoundError, match="no-such-dir: no such directory"):
+        bridge.task_manager(tmp_path / "no-such-dir")
