@@ -32,7 +32,9 @@ from kvx.compat import (
     cache_argument_name,
     cache_kwargs,
     cache_of,
+    config_field,
     decoder_config,
+    find_rope,
 )
 from kvx.compose import as_composed
 from kvx.patches import NO_CHUNKED_PREFILL, find_attention
@@ -70,6 +72,7 @@ def patch(
     policy = make_policy(policy, **options)
     axes = as_composed(policy)
     axes.check_model(decoder_config(model.config).num_hidden_layers)
+    axes.prepare(model)
     _check_head_dims(axes, found.modules)
     _warn_if_nothing_to_compress(model, axes)
     if is_patched(model):
@@ -86,6 +89,7 @@ def patch(
         if chunk_size is not None:
             _wrap_generate(model, state)
     state.method = axes.attention_method() or state.method  # dense unless the policy brings a method
+    state.ropes = _find_ropes(axes, found, model.config)
     for module in found.modules:
         setattr(module, CONTEXT_ATTR, LayerContext(state, module.layer_idx))
     for module in found.unmanaged:
@@ -158,6 +162,19 @@ def _check_head_dims(axes, modules: list[torch.nn.Module]) -> None:
         return
     for dim in sorted({getattr(module, "head_dim", None) for module in modules} - {None}):
         check(dim)
+
+
+def _find_ropes(axes, found, config) -> dict[int, Any]:
+    """The model's RoPE per layer, for a storage that keeps keys before RoPE (``kvquant``); a model
+    whose RoPE kvx cannot reuse is refused at patch."""
+    if not getattr(axes.storage_part, "needs_rope", False):
+        return {}
+    layer_types = config_field(decoder_config(config), "layer_types")
+    try:
+        return {module.layer_idx: find_rope(found.cache_owner, module, layer_types) for module in found.modules}
+    except ValueError as err:
+        raise ValueError(f"{axes.storage_part.name} stores keys before RoPE, which this {found.model_type} model does "
+                         f"not allow: {err}") from None
 
 
 def _chunk_size(chunk_size: int | None | str, model_type: str) -> int | None:
@@ -340,6 +357,8 @@ def _cache_injector(owner: torch.nn.Module):
             )
         else:
             _check_continues(cache, args, kwargs)
+        if state.ropes:
+            cache.bind_ropes(state.ropes)
         state.active_cache = cache
         return args, kwargs
 

@@ -47,6 +47,7 @@ class PatchState:
     hook_handles: list[Any] = field(default_factory=list)
     active_cache: KVCache | None = None
     method: Method = field(default_factory=Dense)
+    ropes: dict[int, Any] = field(default_factory=dict)  # layer -> the model's RoPE, for storage that needs it
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, 
     """Ask the selection policy what to keep, and have the storage drop the rest (not once the cache
     is frozen, and not in a phase where the policy promises to do nothing)."""
     policy, phase = context.state.axes, _phase(layer, query.shape[-2])
-    if context.state.active_cache.frozen or not policy.wants_view(phase):
+    if context.state.active_cache.frozen or not policy.wants_view_at(phase, layer.seen):
         return
     inputs = layer.scoring_inputs(query, mask)
     view = CompressionView(

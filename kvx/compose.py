@@ -81,12 +81,19 @@ class Composed(Policy):
     def wants_view(self, phase: Phase) -> bool:
         return self.selection is not None and self.selection.wants_view(phase)
 
+    def wants_view_at(self, phase: Phase, seen: int) -> bool:
+        return self.selection is not None and self.selection.wants_view_at(phase, seen)
+
     def attention_method(self) -> Any:
         return next((m for m in (part.attention_method() for part in self.parts) if m is not None), None)
 
     def check_model(self, num_layers: int) -> None:
         for part in self.parts:
             part.check_model(num_layers)
+
+    def prepare(self, model: Any) -> None:
+        for part in self.parts:
+            part.prepare(model)
 
     def describe(self) -> str:
         return "+".join(part.describe() for part in self.parts)

@@ -164,6 +164,11 @@ class Policy:
         building the view: for ragged storage that is a copy of the whole layer per forward."""
         return True
 
+    def wants_view_at(self, phase: Phase, seen: int) -> bool:
+        """:meth:`wants_view` for a layer that has now seen ``seen`` tokens (new ones included): a
+        policy that acts only every N tokens answers False in between, so kvx builds no view then."""
+        return self.wants_view(phase)
+
     def select(self, view: CompressionView) -> torch.Tensor | None:
         """Indices ``[B, Hkv, K]`` (ascending) of the tokens to keep, where every row and head keeps
         the same number (a convenience over :meth:`select_mask`)."""
@@ -189,6 +194,10 @@ class Policy:
 
     def check_model(self, num_layers: int) -> None:
         """Raise if the policy cannot serve a model of ``num_layers`` layers (called by ``patch``)."""
+
+    def prepare(self, model: Any) -> None:
+        """Called by ``patch`` with the model before patching it: raise if the policy cannot serve this
+        model (a head pattern profiled on another one), or reset what it learned on another model."""
 
     def describe(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
