@@ -16,6 +16,7 @@ FULL_BUDGET = {
     "keyformer": {"budget": 1024},
     "knorm": {"budget": 1024, "decode_interval": 1},
     "pyramidkv": {"budget": 4096, "decode_interval": 1},  # the last layer keeps 4096 / 20 >= 48
+    "retrieval_heads": {"ratio": 1.0, "sink": 0, "recent": 1},  # every head a retrieval head
 }
 
 
