@@ -181,6 +181,13 @@ class KVCache(Cache):
         cls.__init__(cache, config, storage)
         return cache
 
+    def bind_ropes(self, ropes: dict[int, Any]) -> None:
+        """Give the layers that store keys before RoPE (``kvquant``) their model's RoPE
+        (:class:`kvx.compat.Rope`, by layer index); ``kvx.patch`` does it for every cache it uses."""
+        for idx, rope in ropes.items():
+            if getattr(self.layers[idx], "needs_rope", False):
+                self.layers[idx].rope = rope
+
     def real_tokens_seen(self) -> torch.Tensor | None:
         """``[B]`` real (non-padding) tokens seen per row, or None before any compressed layer has any."""
         return next((layer.real_seen for layer in self.layers

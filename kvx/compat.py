@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +68,7 @@ __all__ = [
     "DynamicSlidingWindowLayer",
     "MIN_VERSION",
     "PretrainedConfig",
+    "Rope",
     "TRANSFORMERS_VERSION",
     "attention_function",
     "cache_argument_name",
@@ -77,6 +80,7 @@ __all__ = [
     "config_field",
     "decoder_config",
     "default_cache_layers",
+    "find_rope",
     "is_dense_layer",
     "is_pretrained_model",
     "is_sliding_layer",
@@ -231,3 +235,71 @@ def is_sliding_layer(layer: CacheLayerMixin) -> bool:
     """A plain sliding- or chunked-window layer (the model bounds it; kvx leaves it)."""
     return type(layer) is DynamicSlidingWindowLayer
 
+
+
+# --- the model's own rotary position embedding (pre-RoPE key storage) --------------------------
+
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+"""RoPE types whose frequencies change with the sequence length: a key rotated and stored at one
+length cannot be rotated back the same way later."""
+
+
+@dataclass
+class Rope:
+    """A model's own rotary position embedding, to move stored keys between their rotated form and
+    the pre-RoPE form (KVQuant stores keys before RoPE). kvx never re-implements RoPE: ``rotary`` is
+    the model's rotary module (``cos, sin = rotary(x, position_ids[, layer_type])``) and ``apply`` its
+    modeling file's ``apply_rotary_pos_emb(q, k, cos, sin)``; ``layer_type`` is passed to rotary
+    modules that take one (Gemma 3: local and global RoPE)."""
+
+    rotary: torch.nn.Module
+    apply: Callable
+    layer_type: str | None = None
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [N, n]`` long -> ``cos, sin [N, n, Drot]`` float32, as the model computes them."""
+        probe = torch.empty(0, dtype=torch.float32, device=positions.device)  # gives the dtype and device
+        extra = () if self.layer_type is None else (self.layer_type,)
+        cos, sin = self.rotary(probe, positions, *extra)
+        return cos.float(), sin.float()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Keys ``x [B, Hkv, n, D]`` at ``positions [B, Hkv, n]`` rotated as the model rotates them
+        (``inverse``: rotated back to their pre-RoPE form), in float32. The inverse divides by ``cos^2 +
+        sin^2``, so RoPE variants that scale both (YaRN's attention factor) invert exactly too."""
+        batch, heads, tokens, dim = x.shape
+        cos, sin = self.cos_sin(positions.reshape(batch * heads, tokens).long())  # [B*Hkv, n, Drot]
+        if inverse:
+            norm = cos * cos + sin * sin
+            cos, sin = cos / norm, -sin / norm
+        flat = x.float().reshape(batch * heads, 1, tokens, dim)  # one head per "row": cos unsqueezes at dim 1
+        _, rotated = self.apply(flat, flat, cos, sin)
+        return rotated.reshape(batch, heads, tokens, dim)
+
+
+def find_rope(owner: torch.nn.Module, module: torch.nn.Module, layer_types: list[str] | None) -> Rope:
+    """The RoPE of attention ``module`` in the model whose forward is ``owner`` (it computes the
+    position embeddings once per forward), or a ValueError saying why it cannot be reused."""
+    name = type(module).__name__
+    rotaries = [child for child_name, child in owner.named_children() if child_name.endswith("rotary_emb")]
+    if len(rotaries) != 1:
+        found = "no rotary embedding module" if not rotaries else f"{len(rotaries)} rotary embedding modules"
+        raise ValueError(f"{type(owner).__name__} has {found} (a child named *rotary_emb), so the RoPE of its {name} "
+                         "cannot be reused")
+    rotary = rotaries[0]
+    apply = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+    if apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"]:
+        raise ValueError(f"{name}'s modeling file has no apply_rotary_pos_emb(q, k, cos, sin), so its RoPE cannot be "
+                         "applied to stored keys")
+    rope_types = {str(value) for attr, value in vars(rotary).items() if attr.endswith("rope_type")}
+    dynamic = sorted(t for t in rope_types if any(kind in t for kind in DYNAMIC_ROPE_TYPES))
+    if dynamic:
+        raise ValueError(f"{name} uses {', '.join(dynamic)} RoPE, whose frequencies change with the sequence length; "
+                         "keys stored before RoPE could not be rotated back as the model rotated them")
+    layer_type = None
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        layer_type = (layer_types or [])[module.layer_idx] if layer_types else None
+        if layer_type is None:
+            raise ValueError(f"{type(rotary).__name__} takes a layer type, but the config gives none for layer "
+                             f"{module.layer_idx}")
+    return Rope(rotary, apply, layer_type)

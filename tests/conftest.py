@@ -84,7 +84,8 @@ def llama():
     return tiny_model("llama")
 
 
-STORAGE_TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4", "mixed": "group=8,window=4"}
+STORAGE_TINY_OPTIONS = {"int8": "group=8", "kivi": "group=8,window=4", "mixed": "group=8,window=4",
+                        "kvquant": "group=8,window=4"}
 """Options a storage policy needs on the tiny models (head dim 16); the rest run with defaults."""
 
 

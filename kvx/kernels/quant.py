@@ -17,6 +17,12 @@ Layout of one packed tensor (:class:`Packed`), standing for ``x [B, Hkv, S, D]``
 So the quantized part costs exactly ``bits / 8 + 2 * 2 / group`` bytes per element (asymmetric),
 ``bits / 8 + 2 / group`` (symmetric), plus ``group_index`` after an eviction inside it.
 
+Dense-and-sparse (KVQuant: Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference
+with KV Cache Quantization", 2024): with ``outliers=k``, the ``k`` elements of each token farthest
+from their group's mean are kept exactly, ``outlier_index [B, Hkv, S, k]`` (uint8, or int16 past
+256 channels) and ``outlier_value [B, Hkv, S, k]`` (the input's dtype), and are left out of the
+scale and zero point, so the other elements get finer steps.
+
 Attention over packed keys and values (:func:`packed_attention_with_lse`) dequantizes a block of
 tokens at a time: never the whole cache per step.
 """
@@ -46,6 +52,8 @@ class Packed:
     group: int
     axis: str
     group_index: torch.Tensor | None = None
+    outlier_index: torch.Tensor | None = None
+    outlier_value: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -57,7 +65,12 @@ class Packed:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it holds (its bytes)."""
-        return [t for t in (self.codes, self.scale, self.zero, self.group_index) if t is not None]
+        return [t for t in (self.codes, self.scale, self.zero, self.group_index, self.outlier_index,
+                            self.outlier_value) if t is not None]
+
+    @property
+    def has_outliers(self) -> bool:
+        return self.outlier_index is not None
 
     def token_groups(self) -> torch.Tensor:
         """``[B, Hkv, S]`` long: the scale group of every token (``"channel"`` axis)."""
@@ -69,9 +82,16 @@ class Packed:
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
         """Apply a row (batch) re-order / repeat / select ``fn`` to every tensor."""
-        return replace(self, codes=fn(self.codes), scale=fn(self.scale),
-                       zero=None if self.zero is None else fn(self.zero),
-                       group_index=None if self.group_index is None else fn(self.group_index))
+        maybe = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(self, codes=fn(self.codes), scale=fn(self.scale), zero=maybe(self.zero),
+                       group_index=maybe(self.group_index), outlier_index=maybe(self.outlier_index),
+                       outlier_value=maybe(self.outlier_value))
+
+    def per_token(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The outlier fields with ``fn`` applied along their token axis (they are per token)."""
+        if self.outlier_index is None:
+            return {}
+        return {"outlier_index": fn(self.outlier_index), "outlier_value": fn(self.outlier_value)}
 
 
 def check_layout(bits: int, group: int, dim: int, axis: str, who: str = "quantized storage") -> None:
@@ -86,12 +106,18 @@ def check_layout(bits: int, group: int, dim: int, axis: str, who: str = "quantiz
         raise ValueError(f"{who}: group ({group}) must divide the head dim ({dim}) for per-token groups")
 
 
-def quantize(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False) -> Packed:
-    """Quantize ``x [B, Hkv, S, D]``; on the ``"channel"`` axis ``S`` must be a multiple of ``group``."""
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False, outliers: int = 0) -> Packed:
+    """Quantize ``x [B, Hkv, S, D]``; on the ``"channel"`` axis ``S`` must be a multiple of ``group``.
+    ``outliers``: elements per token kept exactly (dense-and-sparse, module docstring)."""
     batch, heads, tokens, dim = x.shape
     check_layout(bits, group, dim, axis)
     if axis == "channel" and tokens % group:
         raise ValueError(f"per-channel groups take a multiple of {group} tokens, got {tokens}")
+    if not 0 <= outliers <= dim:
+        raise ValueError(f"outliers per token must be between 0 and the head dim ({dim}), got {outliers}")
+    sparse = {}
+    if outliers:
+        x, sparse = _split_outliers(x, group, axis, outliers)
     grouped = _grouped(x.float(), group, axis)  # [..., n_groups, group] along the grouped axis
     scale, zero = _scale_and_zero(grouped, bits, symmetric)
     levels = 2**bits - 1
@@ -100,7 +126,18 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool 
     else:
         codes = torch.round((grouped - zero.float()[..., None]) / scale.float()[..., None])
     codes = torch.nan_to_num(codes, nan=0.0).clamp_(0, levels).to(torch.uint8)
-    return Packed(_pack(_ungrouped(codes, x.shape, group, axis), bits), scale, zero, bits, group, axis)
+    return Packed(_pack(_ungrouped(codes, x.shape, group, axis), bits), scale, zero, bits, group, axis, **sparse)
+
+
+def _split_outliers(x: torch.Tensor, group: int, axis: str, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The ``count`` elements of each token of ``x [B, Hkv, S, D]`` farthest from their group's mean:
+    ``x`` with them set to that mean (so they widen no group's range), and their indices and values."""
+    grouped = _grouped(x.float(), group, axis)
+    center = _ungrouped(grouped.mean(-1, keepdim=True).expand_as(grouped), x.shape, group, axis)  # [B, Hkv, S, D]
+    index = (x.float() - center).abs().topk(count, dim=-1).indices  # [B, Hkv, S, k]
+    inliers = x.scatter(-1, index, center.gather(-1, index).to(x.dtype))
+    index_dtype = torch.uint8 if x.shape[-1] <= 256 else torch.int16
+    return inliers, {"outlier_index": index.to(index_dtype), "outlier_value": x.gather(-1, index)}
 
 
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,6 +148,8 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         x = (codes - 2 ** (p.bits - 1)) * scale
     else:
         x = codes * scale + _per_element(p, p.zero)
+    if p.outlier_index is not None:
+        x.scatter_(-1, p.outlier_index.long(), p.outlier_value.float())
     return x.to(dtype)
 
 
@@ -179,7 +218,13 @@ def concat(first: Packed | None, second: Packed) -> Packed:
         offset = first.scale.shape[2]  # the second's groups follow the first's
         group_index = torch.cat([first.token_groups(), second.token_groups() + offset], 2)
         group_index = group_index.to(torch.int16 if scale.shape[2] < 2**15 else torch.int32)
-    return replace(first, codes=codes, scale=scale, zero=zero, group_index=group_index)
+    if first.has_outliers != second.has_outliers:
+        raise ValueError("cannot join packed tensors with and without outliers")
+    sparse = {}
+    if first.has_outliers:
+        sparse = {"outlier_index": torch.cat([first.outlier_index, second.outlier_index], dim=2),
+                  "outlier_value": torch.cat([first.outlier_value, second.outlier_value], dim=2)}
+    return replace(first, codes=codes, scale=scale, zero=zero, group_index=group_index, **sparse)
 
 
 def gather_tokens(p: Packed, indices: torch.Tensor, slot_valid: torch.Tensor | None = None) -> Packed:
@@ -187,15 +232,15 @@ def gather_tokens(p: Packed, indices: torch.Tensor, slot_valid: torch.Tensor | N
     on padding slots, which hold any token). Per-channel groups keep their scales: each kept token
     records its group (``group_index``), and groups no real token uses any more are dropped, so
     memory follows the kept tokens."""
-    codes = p.codes.gather(2, indices[..., None].expand(*indices.shape, p.codes.shape[-1]))
+    gather = lambda t: t.gather(2, indices[..., None].expand(*indices.shape, t.shape[-1]))  # noqa: E731
+    codes, sparse = gather(p.codes), p.per_token(gather)
     if p.axis == "token":
-        gather = lambda t: t.gather(2, indices[..., None].expand(*indices.shape, t.shape[-1]))  # noqa: E731
-        return replace(p, codes=codes, scale=gather(p.scale), zero=None if p.zero is None else gather(p.zero))
+        return replace(p, codes=codes, scale=gather(p.scale), zero=None if p.zero is None else gather(p.zero), **sparse)
     groups = p.token_groups().gather(2, indices)
     if slot_valid is not None:  # padding slots (on the left) share the first real token's group
         first = groups.masked_fill(~slot_valid, torch.iinfo(groups.dtype).max).amin(-1, keepdim=True)
         groups = torch.where(slot_valid, groups, first.clamp(max=max(p.scale.shape[2] - 1, 0)))
-    return _compact_groups(replace(p, codes=codes), groups, p.scale, p.zero)
+    return _compact_groups(replace(p, codes=codes, **sparse), groups, p.scale, p.zero)
 
 
 def _compact_groups(p: Packed, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> Packed:
@@ -222,11 +267,13 @@ def packed_attention_with_lse(
     scaling: float,
     softcap: float | None = None,
     block: int = 1024,
+    key_transform: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query [B, H, q, D]`` over every (valid) packed token: ``(out [B, H, q, Dv],
     lse [B, H, q])`` float32, for :func:`kvx.kernels.reference.merge_attention`. Dequantizes
     ``block`` tokens at a time (GQA native, no expansion of keys/values); ``valid [B, Hkv, S]``
-    masks padding slots. No token: out 0, lse -inf."""
+    masks padding slots. ``key_transform(keys, start, stop)``: applied to each dequantized block of
+    keys (float32) before use (pre-RoPE keys get their RoPE there). No token: out 0, lse -inf."""
     if keys.tokens == 0:
         shape = query.shape[:3]
         return (torch.zeros(*shape, values.dim, device=query.device),
@@ -234,7 +281,8 @@ def packed_attention_with_lse(
     parts = []
     for start in range(0, keys.tokens, block):
         stop = min(start + block, keys.tokens)
-        k = dequantize(_token_slice(keys, start, stop), query.dtype)
+        k = dequantize(_token_slice(keys, start, stop))
+        k = (k if key_transform is None else key_transform(k, start, stop)).to(query.dtype)
         v = dequantize(_token_slice(values, start, stop), query.dtype)
         mask = None
         if valid is not None:
@@ -246,15 +294,15 @@ def packed_attention_with_lse(
 
 def _token_slice(p: Packed, start: int, stop: int) -> Packed:
     """Tokens ``start:stop`` of ``p`` (per-channel scales re-indexed to the slice's groups)."""
-    codes = p.codes[:, :, start:stop]
+    codes, sparse = p.codes[:, :, start:stop], p.per_token(lambda t: t[:, :, start:stop])
     if p.axis == "token":
         return replace(p, codes=codes, scale=p.scale[:, :, start:stop],
-                       zero=None if p.zero is None else p.zero[:, :, start:stop])
+                       zero=None if p.zero is None else p.zero[:, :, start:stop], **sparse)
     groups = p.token_groups()[..., start:stop]
     index = groups[..., None].expand(*groups.shape, p.scale.shape[-1])
     take = lambda t: t.gather(2, index)  # noqa: E731  per-token scales of the slice [B, Hkv, n, D]
     return replace(p, codes=codes, scale=take(p.scale), zero=None if p.zero is None else take(p.zero),
-                   group=1, group_index=None)
+                   group=1, group_index=None, **sparse)
 
 
 def error_bound(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False) -> torch.Tensor:

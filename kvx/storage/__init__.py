@@ -2,7 +2,8 @@
 
 ``dense``: every KV head of a row keeps the same slots; ``ragged``: each KV head its own number of
 tokens, packed; ``quantized``: old tokens as packed low-bit codes (the ``int8`` and ``kivi``
-policies); ``mixed``: old tokens at two precisions chosen by a selection (``mixed``, with ``mikv``). A selection policy names the kind it needs in its ``storage`` attribute; a storage
+policies); ``kvquant``: quantized with keys stored before RoPE and exact outliers (``kvquant``);
+``mixed``: old tokens at two precisions chosen by a selection (``mixed``, with ``mikv``). A selection policy names the kind it needs in its ``storage`` attribute; a storage
 policy (``kvx.compose(selection, storage)``) provides one and builds its layers.
 """
 
@@ -10,15 +11,17 @@ from typing import Any
 
 from kvx.storage.base import Storage
 from kvx.storage.dense import DenseLayer
+from kvx.storage.kvquant import KvQuantLayer
 from kvx.storage.mixed import MixedLayer
 from kvx.storage.quantized import QuantizedLayer
 from kvx.storage.ragged import RaggedLayer
 
 STORAGE_KINDS: dict[str, type[DenseLayer]] = {
     "dense": DenseLayer, "ragged": RaggedLayer, "quantized": QuantizedLayer, "mixed": MixedLayer,
+    "kvquant": KvQuantLayer,
 }
 
-from kvx.storage import int8, kivi  # noqa: E402  (register the quantized storage policies)
+from kvx.storage import int8, kivi, kvquant  # noqa: E402  (register the quantized storage policies)
 
 
 def make_layer(storage_policy: Any | None) -> Storage:
@@ -30,4 +33,5 @@ def make_layer(storage_policy: Any | None) -> Storage:
     return make() if make is not None else STORAGE_KINDS[storage_policy.storage]()
 
 
-__all__ = ["STORAGE_KINDS", "DenseLayer", "MixedLayer", "QuantizedLayer", "RaggedLayer", "int8", "kivi", "make_layer"]
+__all__ = ["STORAGE_KINDS", "DenseLayer", "KvQuantLayer", "MixedLayer", "QuantizedLayer", "RaggedLayer", "int8", "kivi",
+           "kvquant", "make_layer"]

@@ -26,6 +26,7 @@ quantized exactly as the row alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -57,6 +58,12 @@ class QuantSpec:
     high_bits: int | None = None
     """Mixed precision: tokens a selection marks important are held at ``high_bits`` (8: packed
     per token; 16: full precision), the rest at ``key_bits`` / ``value_bits`` (None: one precision)."""
+    outliers: float = 0.0
+    """Dense-and-sparse: the fraction of each token's elements (rounded up per token) kept exactly
+    beside the low-bit codes (:func:`kvx.kernels.quant.quantize`)."""
+
+    def outliers_per_token(self, dim: int) -> int:
+        return math.ceil(self.outliers * dim - 1e-9)
 
     @property
     def unit(self) -> int:
@@ -213,20 +220,25 @@ class QuantizedLayer(PrefixTailLayer):
         (padding slots, where a row has fewer, as zeros)."""
         moved = FullSegment(state=self.state, keys=self.keys, values=self.values).keep(mask)
         real = 1 if moved.valid is None else moved.valid[..., None]
-        segment = self._new_segment(index, moved.keys * real, moved.values * real)
+        segment = self._new_segment(index, moved.keys * real, moved.values * real, moved.state)
         segment.valid, segment.state = moved.valid, moved.state
         current = self.segments[index]
         self.segments[index] = segment if current is None else current.append(segment)
 
-    def _new_segment(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> Segment:
+    def _new_segment(self, index: int, keys: torch.Tensor, values: torch.Tensor,
+                     state: dict[str, torch.Tensor]) -> Segment:
+        """Tokens ``keys / values [B, Hkv, n, D]`` (with their statistics ``state``) in segment
+        ``index``'s layout."""
         spec = self.spec
         if index == self.SINKS or (index == self.HIGH and spec.high_bits == 16):
             return FullSegment(keys=keys, values=values)
         if index == self.HIGH:
             return PackedSegment(keys=quant.quantize(keys, spec.high_bits, spec.group, "token", spec.symmetric),
                                  values=quant.quantize(values, spec.high_bits, spec.group, "token", spec.symmetric))
-        return PackedSegment(keys=quant.quantize(keys, spec.key_bits, spec.group, spec.key_axis, spec.symmetric),
-                             values=quant.quantize(values, spec.value_bits, spec.group, "token", spec.symmetric))
+        key_outliers, value_outliers = spec.outliers_per_token(keys.shape[-1]), spec.outliers_per_token(values.shape[-1])
+        return PackedSegment(
+            keys=quant.quantize(keys, spec.key_bits, spec.group, spec.key_axis, spec.symmetric, key_outliers),
+            values=quant.quantize(values, spec.value_bits, spec.group, "token", spec.symmetric, value_outliers))
 
     # --- counts, bytes, rows ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvx.compat import Rope
 from kvx.kernels import quant, reference
 from kvx.kernels.quant_kernels import packed_decode_attention
 
@@ -135,36 +136,56 @@ class FullSegment(Segment):
         return reference.attention_with_lse(query, self.keys, self.values, self._visible(groups), scaling, softcap)
 
 
+POSITION = "kvx_position"
+"""The per-token statistic holding each token's position (pre-RoPE keys are rotated to it on read)."""
+
+
 @dataclass
 class PackedSegment(Segment):
-    """Packed low-bit keys and values (:class:`kvx.kernels.quant.Packed`)."""
+    """Packed low-bit keys and values (:class:`kvx.kernels.quant.Packed`).
+
+    ``rope``: None, or the model's RoPE (:class:`kvx.compat.Rope`) when the keys are packed before
+    RoPE (KVQuant); they are rotated to their positions (the ``POSITION`` statistic) as they are read."""
 
     keys: quant.Packed | None = None
     values: quant.Packed | None = None
+    rope: Rope | None = None
 
     @property
     def tokens(self) -> int:
         return self.keys.tokens
 
     def kv(self, dtype):
-        return quant.dequantize(self.keys, dtype), quant.dequantize(self.values, dtype)
+        keys = quant.dequantize(self.keys)
+        if self.rope is not None:
+            keys = self.rope.rotate(keys, self.state[POSITION])
+        return keys.to(dtype), quant.dequantize(self.values, dtype)
 
     def kv_tensors(self):
         return self.keys.tensors() + self.values.tensors()
 
     def _gather_kv(self, indices, slot_valid):
         return PackedSegment(keys=quant.gather_tokens(self.keys, indices, slot_valid),
-                             values=quant.gather_tokens(self.values, indices, slot_valid))
+                             values=quant.gather_tokens(self.values, indices, slot_valid), rope=self.rope)
 
     def _cat_kv(self, other):
-        return PackedSegment(keys=quant.concat(self.keys, other.keys), values=quant.concat(self.values, other.values))
+        return PackedSegment(keys=quant.concat(self.keys, other.keys), values=quant.concat(self.values, other.values),
+                             rope=self.rope)
 
     def _map_kv(self, fn):
-        return PackedSegment(keys=self.keys.map_rows(fn), values=self.values.map_rows(fn))
+        return PackedSegment(keys=self.keys.map_rows(fn), values=self.values.map_rows(fn), rope=self.rope)
 
     def decode_part(self, query, scaling, softcap):
-        """Dequantization fused into the decode kernel (the CPU path on CPU)."""
-        return packed_decode_attention(query, self.keys, self.values, self.valid, scaling, softcap)
+        """Dequantization fused into the decode kernel (the CPU path on CPU); pre-RoPE keys and
+        outliers go through the block-wise path, which rotates and patches each dequantized block."""
+        if self.rope is None and not self.keys.has_outliers and not self.values.has_outliers:
+            return packed_decode_attention(query, self.keys, self.values, self.valid, scaling, softcap)
+        rotate = None
+        if self.rope is not None:
+            positions = self.state[POSITION]
+            rotate = lambda keys, start, stop: self.rope.rotate(keys, positions[..., start:stop])  # noqa: E731
+        return quant.packed_attention_with_lse(query, self.keys, self.values, self.valid, scaling, softcap,
+                                               key_transform=rotate)
 
 
 def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
