@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps; default: where from_pretrained puts it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_needle)
+    from kvx.eval.longbench.cli import add_longbench_command
+
+    add_longbench_command(sub)
 
     from kvx.eval.bench import KERNELS, PRESETS
 
