@@ -734,6 +734,21 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
           - dense
           - {name: snapkv, budget: 256, window: 32}
     """
+    data = read_yaml_mapping(Path(path), {f for f in NeedleConfig.__dataclass_fields__})
+    try:
+        if "lengths" in data:
+            data["lengths"] = [parse_length(n) for n in _nonempty_list("lengths", data["lengths"])]
+        if "policies" in data:
+            data["policies"] = [_yaml_policy(i, p) for i, p in enumerate(_nonempty_list("policies", data["policies"]))]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return NeedleConfig(**data)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from None
+
+
+def read_yaml_mapping(path: Path, known: Iterable[str]) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (empty when the file is), or an error naming the file and what is
+    wrong: not UTF-8, not YAML (with the line), not a mapping, or keys outside ``known`` (listed)."""
     try:
         import yaml
     except ImportError:
@@ -746,7 +761,7 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    known = {f for f in NeedleConfig.__dataclass_fields__}
+    known = set(known)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -755,15 +770,7 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
     unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-    try:
-        if "lengths" in data:
-            data["lengths"] = [parse_length(n) for n in _nonempty_list("lengths", data["lengths"])]
-        if "policies" in data:
-            data["policies"] = [_yaml_policy(i, p) for i, p in enumerate(_nonempty_list("policies", data["policies"]))]
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return NeedleConfig(**data)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{path}: {err}") from None
+    return data
 
 
 def _yaml_policy(index: int, entry: Any) -> PolicyRun:
