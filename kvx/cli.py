@@ -417,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_longbench_command(sub)
 
+    from kvx.eval import profile_heads
     from kvx.eval.bench import KERNELS, PRESETS
 
     p = sub.add_parser("bench", help="speed and memory of policies (e2e) and attention ops (kernels) against dense")
@@ -452,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--head-dims", default="64,128", help="head dims (default 64,128)")
     kernels.add_argument("--gqa", default="1,4,8", help="query heads per KV head, each dividing the 32 query heads "
                          "(default 1,4,8)")
+    from kvx.eval.lm_eval_command import add_lm_eval_command
+
+    add_lm_eval_command(sub)
+    from kvx.eval.sweep import add_sweep_command
+
+    add_sweep_command(sub)
+    profile_heads.add_parser(sub)
     _debug_everywhere(parser)
     return parser
 
