@@ -229,7 +229,7 @@ class LongBenchRunner:
             "length": sample.length, "prompt_tokens": len(prompt.ids), "question_tokens": prompt.question_tokens,
             "truncated": prompt.truncated, "chat": prompt.chat, "query_aware": query_aware and run.name != DENSE,
             "applied": run.policy().describe() if run.name != DENSE else DENSE,
-            "prediction": prediction, "answers": sample.answers, "all_classes": sample.all_classes,
+            "new_tokens": out.sequences.shape[1] - ids.shape[1], "prediction": prediction, "answers": sample.answers, "all_classes": sample.all_classes,
             "score": score_sample(task.metric, prediction, sample.answers, sample.all_classes, task.first_line),
             **cache_report(cache_of(out)), "seconds": round(seconds, 4),
         }
