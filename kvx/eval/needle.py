@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -35,6 +34,8 @@ from kvx.cache import cache_nbytes
 from kvx.compat import cache_kwargs, cache_of, decoder_config
 from kvx.compose import parse_spec, split_option
 from kvx.eval.haystack import KEYS, VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
+from kvx.eval.results import Results, ResultsFile
+from kvx.eval.results import identity_differences as _identity_differences  # noqa: F401 (kvx.eval.sweep)
 from kvx.policy import Policy, check_positive_int, make_policy, policy_class
 
 DENSE = "dense"
@@ -190,76 +191,31 @@ ROW_FIELDS: dict[str, tuple[type, ...]] = {
 IDENTITY_KEY = "kvx_needle_run"
 
 
-@dataclass
-class Results:
-    """A results file read back: the identity of the run that wrote it (None: none recorded), its
-    rows (one per cell, in file order) and what could not be read, as ``line N: why``."""
-
-    identity: dict[str, Any] | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+def _results_file(path: Path) -> ResultsFile:
+    """``path`` as a needle results file (identity ``kvx_needle_run``, one row per cell and policy)."""
+    return ResultsFile(Path(path), IDENTITY_KEY, _row_key, _check_row)
 
 
 def read_results(path: Path) -> Results:
     """Read ``results.jsonl``: a torn, malformed, foreign or repeated line is a problem reported
     by its number, never an exception and never a row."""
-    results = Results()
-    if not path.exists():
-        return results
-    seen: dict[tuple, int] = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        row, why = _parse_row(line)
-        if row is not None and IDENTITY_KEY in row:
-            if number != 1:
-                why = "a run identity after the first line"
-            else:
-                results.identity = row[IDENTITY_KEY]
-                continue
-        elif row is not None and _row_key(row) in seen:
-            why = f"repeats the cell of line {seen[_row_key(row)]}"
-        if why:
-            results.problems.append(f"{path} line {number}: {why}; ignored")
-            continue
-        seen[_row_key(row)] = number
-        results.rows.append(row)
-    return results
+    return _results_file(path).read()
 
 
-def _parse_row(line: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(row, None)``, or ``(None or the object, why it is not a result row)``."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None, "not JSON (a row torn by a killed run?)"
-    if not isinstance(row, dict):
-        return None, f"not a result row (a JSON {type(row).__name__})"
-    if IDENTITY_KEY in row:
-        return row, None
+def _check_row(row: dict[str, Any]) -> str | None:
+    """Why a JSON object is not a result row of kvx needle (None when it is)."""
     missing = [k for k in ROW_FIELDS if k not in row]
     if missing:
-        return None, f"not a result row of kvx needle (no {', '.join(missing)})"
+        return f"not a result row of kvx needle (no {', '.join(missing)})"
     wrong = [k for k, kinds in ROW_FIELDS.items() if isinstance(row[k], bool) or not isinstance(row[k], kinds)]
     if wrong or row["variant"] not in VARIANTS or not 0 <= row["score"] <= 1:
-        return None, f"a result row with invalid {', '.join(wrong) or 'variant or score'}"
-    return row, None
+        return f"a result row with invalid {', '.join(wrong) or 'variant or score'}"
+    return None
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
     """The rows of a results file that can be read (see :func:`read_results`)."""
     return read_results(path).rows
-
-
-def _end_torn_line(path: Path) -> None:
-    """After a run killed mid-write, start the next row on a line of its own."""
-    if path.exists() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, 2)
-            torn = f.read(1) != b"\n"
-        if torn:
-            with path.open("a") as f:
-                f.write("\n")
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -330,15 +286,6 @@ def model_identity(model: torch.nn.Module, tokenizer: Any, model_path: str | Non
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
-
-
-def _identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each part of two identities that differs (settings one by one)."""
-    flat = lambda identity: {**{k: v for k, v in identity.items() if k != "settings"},  # noqa: E731
-                             **{f"settings.{k}": v for k, v in identity.get("settings", {}).items()}}
-    before, after = flat(old), flat(new)
-    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)]
 
 
 def load_model(path: str, tokenizer_path: str | None = None, dtype: str = "auto", device: str | None = None):
@@ -457,12 +404,9 @@ class NeedleRunner:
         self.warn_past_positions()
         self.open_results(fresh)
         todo = self.pending()
-        _end_torn_line(self.results_path)
-        with self.results_path.open("a") as sink:
+        with _results_file(self.results_path).appender() as append:
             for run, cell in _progress(todo, progress, desc="needle"):
-                row = self.run_cell(run, cell)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+                append(self.run_cell(run, cell))
         return self.rows()
 
     def warn_past_positions(self) -> None:
@@ -476,46 +420,7 @@ class NeedleRunner:
     def open_results(self, fresh: bool = False) -> None:
         """Make ``results.jsonl`` ready to append to: new (with this run's identity), or an existing
         one of the same identity (its problems reported as warnings); refuse one of another."""
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"output directory {self.out_dir}: cannot create it ({err.strerror or err})") from None
-        existing = read_results(self.results_path) if self.results_path.exists() else None
-        if existing == Results():  # an empty file (killed before its first line): nothing to keep
-            existing = None
-        if existing is not None and fresh:
-            aside = self._aside_path()
-            os.replace(self.results_path, aside)
-            warnings.warn(f"{self.results_path} moved to {aside.name}; starting a new results file", stacklevel=3)
-            existing = None
-        if existing is None:
-            self.results_path.write_text(json.dumps({IDENTITY_KEY: self.identity}) + "\n")
-            return
-        self._check_identity(existing)
-        for problem in existing.problems:
-            warnings.warn(problem, stacklevel=3)
-
-    def _check_identity(self, existing: Results) -> None:
-        """Refuse to resume a results file written by another model, tokenizer, settings or kvx."""
-        if existing.identity is None:
-            raise ValueError(
-                f"{self.results_path} records no run identity (written by an older kvx or another tool), so its rows "
-                "cannot be trusted to come from this model and settings; pass --fresh (fresh=True) to start a new "
-                "file, or another --out"
-            )
-        differences = _identity_differences(existing.identity, self.identity)
-        if differences:
-            raise ValueError(
-                f"{self.results_path} was written by another run ({'; '.join(differences)}); resuming would mix "
-                "its rows with this one's: pass --fresh (fresh=True) to start a new file, or another --out"
-            )
-
-    def _aside_path(self) -> Path:
-        """``results-N.jsonl``, the first N not taken."""
-        number = 1
-        while (self.out_dir / f"results-{number}.jsonl").exists():
-            number += 1
-        return self.out_dir / f"results-{number}.jsonl"
+        _results_file(self.results_path).open(self.identity, fresh)
 
     def build(self, cell: Cell):
         return build_cell_prompt(self.config, self.tokenizer, cell, self.template)

@@ -58,7 +58,7 @@ class ResultsFile:
                     results.identity = row[self.identity_key]
                     continue
             elif row is not None and self.row_key(row) in seen:
-                why = f"repeats the row of line {seen[self.row_key(row)]}"
+                why = f"repeats the cell of line {seen[self.row_key(row)]}"
             if why:
                 results.problems.append(f"{self.path} line {number}: {why}; ignored")
                 continue
