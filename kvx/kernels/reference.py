@@ -292,3 +292,55 @@ def ragged_attention(
         lse[segment] = torch.logsumexp(logits, dim=-1)
         out[segment] = torch.exp(logits - lse[segment, :, None]) @ values[start:stop].float()
     return out.reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
+
+
+# ---------------------------------------------------------------- block-sparse attention
+# The block grid: ``S`` keys in ``ceil(S / n)`` blocks of ``n`` slots aligned to the *end* (the last
+# block ends at the last key, the first may be partial), so a row of a left-padded batch meets the
+# same blocks of real tokens as the row alone. The ``q`` new queries are the last ``q`` slots; they
+# span the last ``ceil(q / n)`` blocks of the grid, the *query blocks*. A block index
+# ``[B, H, Qb, K]`` (int, ascending, ``-1`` = no block) lists, for each query head and query block,
+# the key blocks it computes; within them attention is causal over valid keys as usual.
+
+
+def block_grid(q_len: int, kv_len: int, block_size: int) -> tuple[int, int, int]:
+    """``(Qb, Nb, pad)``: query blocks, key blocks, and the empty slots in front of the first key
+    block (``Nb * n - S``). Query block ``j`` is key block ``Nb - Qb + j`` of the grid."""
+    num_key_blocks = -(-kv_len // block_size)
+    return -(-q_len // block_size), num_key_blocks, num_key_blocks * block_size - kv_len
+
+
+def block_sparse_mask(block_index: torch.Tensor, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
+    """``[B, H, q, S]`` bool: the (query, key) pairs inside the blocks ``block_index [B, H, Qb, K]``
+    selects (before causal and padding masks). Tests and the reference only: it is ``q x S``."""
+    batch, heads = block_index.shape[:2]
+    num_query_blocks, num_key_blocks, pad = block_grid(q_len, kv_len, block_size)
+    device = block_index.device
+    selected = torch.zeros(batch, heads, num_query_blocks, num_key_blocks + 1, dtype=torch.bool, device=device)
+    index = torch.where(block_index < 0, num_key_blocks, block_index).long()  # -1 -> a spare column
+    selected.scatter_(-1, index, True)
+    query_block = (torch.arange(kv_len - q_len, kv_len, device=device) + pad) // block_size
+    key_block = (torch.arange(kv_len, device=device) + pad) // block_size
+    return selected[:, :, query_block - (num_key_blocks - num_query_blocks)][..., key_block]
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    block_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention, as dense attention with the equivalent mask: ``(out [B, H, q,
+    Dv], lse [B, H, q])`` float32 of ``query [B, H, q, D]`` (the last ``q`` of ``S`` slots) over
+    ``key [B, Hkv, S, D]`` / ``value [B, Hkv, S, Dv]``, computing only the key blocks of
+    ``block_index [B, H, Qb, K]`` (see the block grid above); ``key_valid [B, Hkv, S]`` bool masks
+    padding. A query that sees nothing: out 0, lse -inf. (MInference's block-sparse attention.)"""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    mask = block_sparse_mask(block_index, q_len, kv_len, block_size) & causal_mask(q_len, kv_len, query.device)
+    if key_valid is not None:
+        mask = mask & expand_kv_heads(key_valid, query.shape[1] // key.shape[1])[:, :, None, :]
+    return attention_with_lse(query, key, value, mask, scaling, softcap)
