@@ -118,12 +118,8 @@ class RetrievalHeads(Policy):
 
     def _layer_heads(self, view: CompressionView) -> torch.Tensor | None:
         """``[Hkv]`` bool of this layer's retrieval heads; None while unknown (keep everything)."""
-        kv_heads = view.keys.shape[1]
         if self._table is not None:
-            if view.layer_idx >= self._table.shape[0] or self._table.shape[1] != kv_heads:
-                raise ValueError(f"{self.name}: pattern {self.pattern} has {self._table.shape[0]} layers x "
-                                 f"{self._table.shape[1]} KV heads, but layer {view.layer_idx} has {kv_heads} KV heads")
-            return self._table[view.layer_idx].to(view.keys.device)
+            return layer_row(self._table, view, f"{self.name}: pattern {self.pattern}")
         heads = self._learned.get(view.layer_idx)
         if heads is None and view.phase != "decode":
             scores = streaming_loss(view, self.sink, self.recent)
@@ -155,6 +151,16 @@ class RetrievalHeads(Policy):
         return keep
 
 
+def layer_row(table: torch.Tensor, view: CompressionView, source: str) -> torch.Tensor:
+    """Row ``view.layer_idx`` of a per-head ``table [L, Hkv]``, on the view's device; raises (naming
+    ``source``) when the table does not fit the layer's KV heads."""
+    kv_heads = view.keys.shape[1]
+    if view.layer_idx >= table.shape[0] or table.shape[1] != kv_heads:
+        raise ValueError(f"{source} has {table.shape[0]} layers x {table.shape[1]} KV heads, but layer "
+                         f"{view.layer_idx} has {kv_heads} KV heads")
+    return table[view.layer_idx].to(view.keys.device)
+
+
 def choose_heads(scores: torch.Tensor, ratio: float, threshold: float | None) -> torch.Tensor:
     """``[L, Hkv]`` bool retrieval heads from scores ``[L, Hkv]``: those at ``threshold`` or more, else
     the ``ceil(ratio x n)`` best of the ``n`` scored heads (ties: lower layer, then lower head). NaN
@@ -169,14 +175,17 @@ def choose_heads(scores: torch.Tensor, ratio: float, threshold: float | None) ->
     return chosen.view(scores.shape) & scored
 
 
-def streaming_keep(valid: torch.Tensor, sink: int, recent: int, compensated: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, Hkv, S]`` bool: the first ``sink`` and last ``recent`` real tokens of each (row, head),
-    and a compensation slot (``compensated > 0``) where there is one; ranks count real tokens only, so
-    a left-padded row keeps what it would alone."""
+def streaming_keep(valid: torch.Tensor, sink: int, recent: int | torch.Tensor,
+                   compensated: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, Hkv, S]`` bool: the first ``sink`` and last ``recent`` (an int, or ``[Hkv]`` per head) real
+    tokens of each (row, head), and a compensation slot (``compensated > 0``) where there is one; ranks
+    count real tokens only, so a left-padded row keeps what it would alone."""
     slot = compensated > 0 if compensated is not None else torch.zeros_like(valid)
     real = valid & ~slot
     rank = real.long().cumsum(-1) - 1
     count = real.sum(-1, keepdim=True)
+    if isinstance(recent, torch.Tensor):
+        recent = recent.to(valid.device)[None, :, None]  # [1, Hkv, 1]
     return (real & ((rank < sink) | (rank >= count - recent))) | (slot & valid)
 
 

@@ -144,7 +144,6 @@ def test_ratio_outside_zero_one_is_refused(ratio):
         kvx.make_policy("retrieval_heads", ratio=ratio)
 
 
-def test_composes_with_ragged_only():
+def test_composes_with_ragged_storage():
     assert kvx.compose(kvx.make_policy("retrieval_heads"), kvx.make_policy("ragged")).name == "retrieval_heads+ragged"
-    with pytest.raises(ValueError, match="needs ragged storage"):
-        kvx.compose(kvx.make_policy("retrieval_heads"), kvx.make_policy("int8"))
+    assert kvx.compose(kvx.make_policy("retrieval_heads")).storage == "ragged"  # implied when none is given
