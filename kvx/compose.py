@@ -15,6 +15,7 @@ composition is written ``snapkv:budget=1024+ragged`` (:func:`from_spec`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -53,7 +54,12 @@ class Composed(Policy):
             storage_part = make_policy(needed)
             self.implied = (storage_part,)
             self.parts = tuple(sorted(self.parts + self.implied, key=lambda part: AXES.index(part.axis)))
+        if needed == "ragged" and getattr(storage_part, "ragged", None) is False:  # quantized, per head unpadded
+            storage_part = dataclasses.replace(storage_part, ragged=True)
+            self.parts = tuple(storage_part if part.axis == "storage" else part for part in self.parts)
         given = storage_part.storage if storage_part is not None else "dense"
+        if getattr(storage_part, "ragged", False) is True:
+            given = "ragged"
         if needed != "dense" and given != needed:
             raise ValueError(
                 f"kvx.compose: {self.selection.name} needs {needed} storage, not {storage_part.name} "

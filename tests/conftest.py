@@ -98,6 +98,7 @@ def storage_specs(under_any_selection: bool = True) -> list[str]:
 
     names = [p["name"] for p in list_policies() if p["axis"] == "storage"]
     specs = ["dense"] + [f"{n}:{STORAGE_TINY_OPTIONS[n]}" if n in STORAGE_TINY_OPTIONS else n for n in names]
+    specs.append("kivi:group=8,window=4,ragged=true")  # quantized, each KV head unpadded (as under head_budget)
     if not under_any_selection:
         return specs
     composable = ["dense"]

@@ -8,7 +8,8 @@ keeps, in a layout only it knows, and reads them for attention. One attention ca
 2. :meth:`Storage.begin_step` records which new slots are padding and returns the mask of the new
    queries over what is stored,
 3. the method asks :meth:`Storage.attend` for the output (one new query: decode; several:
-   prefill, chunked prefill, extend),
+   prefill, chunked prefill, extend), or, to compute a subset of the (query, key) pairs itself
+   (block-sparse prefill), asks :meth:`Storage.causal_view` for what the queries attend over,
 4. the selection reads :meth:`Storage.scoring_inputs` and hands back a keep mask, which
    :meth:`Storage.apply_selection` applies (freeing what is dropped),
 5. :meth:`Storage.end_step` drops anything transient.
@@ -78,6 +79,23 @@ class Storage(CacheLayerMixin):
         """Attention ``[B, H, q, Dv]`` of ``query [B, H, q, D]`` over everything stored; ``key`` /
         ``value`` are what ``update`` returned. ``sinks``: ``[H]`` attention-sink logits or None."""
         raise NotImplementedError
+
+    def causal_view(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """What several new queries attend over, for a method that computes a subset of the pairs
+        itself: ``(keys [B, Hkv, S, D], values [B, Hkv, S, Dv], valid [B, Hkv, S] bool or None)``,
+        the queries being the last ``q`` slots and ``mask`` (from :meth:`begin_step`) exactly
+        causal over the valid slots. None when the mask is anything else (the method then calls
+        :meth:`attend`). Valid until :meth:`end_step`."""
+        return None
+
+    attention_blocks: tuple[int, int] | None = None
+    """``(computed, causal)`` attention blocks of the new queries so far, counted by a block-sparse
+    method (:meth:`count_blocks`); None where no method counted (``cache.stats()`` shows them)."""
+
+    def count_blocks(self, computed: int, causal: int) -> None:
+        """Add the attention blocks a method computed for this layer, of the ``causal`` ones."""
+        done, total = self.attention_blocks or (0, 0)
+        self.attention_blocks = (done + computed, total + causal)
 
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         """Everything stored as a dense view for a selection policy (may be built per call: only asked

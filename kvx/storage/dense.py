@@ -128,6 +128,11 @@ class DenseLayer(Storage):
     def attend(self, query, key, value, mask, scaling: float, softcap: float | None, sinks=None) -> torch.Tensor:
         return reference.attention(query, key, value, mask, scaling, softcap, sinks)
 
+    def causal_view(self, mask: torch.Tensor | None):
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()):
+            return None
+        return self.keys, self.values, self.valid
+
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         return ScoringInputs(self.keys, self.values, self.valid_mask(), self.state, mask)
 
@@ -161,7 +166,7 @@ class DenseLayer(Storage):
     get_max_cache_shape = get_max_length  # its name before transformers 5.10
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.real_seen = None
+        self.keys = self.values = self.valid = self.real_seen = self.attention_blocks = None
         self.state = {}
         self.is_initialized = False
         self.seen = self.past_stored = self.past_seen = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvx.policy import option, register_policy
-from kvx.storage.quantized import QuantizedStoragePolicy, QuantSpec
+from kvx.storage.quantized import RAGGED_HELP, QuantizedStoragePolicy, QuantSpec
 
 
 @register_policy
@@ -26,6 +26,7 @@ class Int8(QuantizedStoragePolicy):
     symmetric: bool = option(False, "symmetric codes (scale only) instead of scale and zero point")
     window: int = option(0, "most recent tokens kept at full precision")
     sink: int = option(0, "first tokens kept at full precision (attention sinks)")
+    ragged: bool = option(False, RAGGED_HELP)
 
     def validate(self) -> None:
         super().validate()

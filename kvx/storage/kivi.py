@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvx.policy import option, register_policy
-from kvx.storage.quantized import QuantizedStoragePolicy, QuantSpec, check_bits
+from kvx.storage.quantized import RAGGED_HELP, QuantizedStoragePolicy, QuantSpec, check_bits
 
 
 @register_policy
@@ -30,6 +30,7 @@ class Kivi(QuantizedStoragePolicy):
     group: int = option(32, "tokens per key scale (per channel), channels per value scale (per token)")
     window: int = option(128, "most recent tokens kept at full precision (quantized group by group as it fills)")
     sink: int = option(0, "first tokens kept at full precision (attention sinks)")
+    ragged: bool = option(False, RAGGED_HELP)
 
     def validate(self) -> None:
         super().validate()

@@ -27,7 +27,7 @@ import torch
 
 from kvx.compat import Rope
 from kvx.policy import option, register_policy
-from kvx.storage.quantized import QuantizedLayer, QuantizedStoragePolicy, QuantSpec, check_bits
+from kvx.storage.quantized import RAGGED_HELP, QuantizedLayer, QuantizedStoragePolicy, QuantSpec, check_bits
 from kvx.storage.segments import POSITION, Segment
 
 
@@ -92,6 +92,7 @@ class KvQuant(QuantizedStoragePolicy):
     group: int = option(32, "tokens per key scale (per channel, before RoPE), channels per value scale (per token)")
     window: int = option(128, "most recent tokens kept at full precision (quantized group by group as it fills)")
     sink: int = option(1, "first tokens kept at full precision (attention sinks)")
+    ragged: bool = option(False, RAGGED_HELP)
 
     def validate(self) -> None:
         super().validate()
@@ -104,4 +105,4 @@ class KvQuant(QuantizedStoragePolicy):
                          sink=self.sink, owner=self.name, outliers=float(self.outliers))
 
     def make_layer(self) -> KvQuantLayer:
-        return KvQuantLayer(self.spec())
+        return KvQuantLayer(self.layer_spec())

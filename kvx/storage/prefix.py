@@ -75,6 +75,15 @@ class PrefixTailLayer(DenseLayer):
         self._step_view = self.dense_view()
         return attend_over_view(query, self._step_view, self.keys.shape[-2], mask, scaling, softcap, sinks)
 
+    def causal_view(self, mask: torch.Tensor | None):
+        if not self.has_prefix:
+            return super().causal_view(mask)
+        # the mask covers the tail; the prefix is every real token (see view_mask)
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()):
+            return None
+        self._step_view = self.dense_view()  # what the selection then scores on
+        return self._step_view
+
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         if self._step_view is None:
             self._step_view = self.dense_view()

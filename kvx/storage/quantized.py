@@ -27,7 +27,7 @@ quantized exactly as the row alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +35,7 @@ import torch
 from kvx.kernels import quant
 from kvx.policy import StoragePolicy, check_positive_int
 from kvx.storage.prefix import PrefixTailLayer, View
-from kvx.storage.segments import FullSegment, PackedSegment, Segment
+from kvx.storage.segments import FullSegment, PackedSegment, RaggedSegment, Segment
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class QuantSpec:
     high_bits: int | None = None
     """Mixed precision: tokens a selection marks important are held at ``high_bits`` (8: packed
     per token; 16: full precision), the rest at ``key_bits`` / ``value_bits`` (None: one precision)."""
+    ragged: bool = False
+    """Each (row, KV head) holds its old tokens without padding to the longest (head-wise budgets:
+    :class:`~kvx.storage.segments.RaggedSegment`)."""
     outliers: float = 0.0
     """Dense-and-sparse: the fraction of each token's elements (rounded up per token) kept exactly
     beside the low-bit codes (:func:`kvx.kernels.quant.quantize`)."""
@@ -94,6 +97,8 @@ class QuantizedLayer(PrefixTailLayer):
     def __init__(self, spec: QuantSpec, **kwargs: Any):
         super().__init__(**kwargs)
         self.spec = spec
+        if spec.ragged:
+            self.kind = f"{self.kind}(ragged)"
         self.segments: list[Segment | None] = [None, None, None]
         self._decoding = False
 
@@ -222,6 +227,8 @@ class QuantizedLayer(PrefixTailLayer):
         real = 1 if moved.valid is None else moved.valid[..., None]
         segment = self._new_segment(index, moved.keys * real, moved.values * real, moved.state)
         segment.valid, segment.state = moved.valid, moved.state
+        if self.spec.ragged:
+            segment = RaggedSegment.from_padded(segment)
         current = self.segments[index]
         self.segments[index] = segment if current is None else current.append(segment)
 
@@ -285,8 +292,13 @@ class QuantizedStoragePolicy(StoragePolicy):
     def spec(self) -> QuantSpec:
         raise NotImplementedError
 
+    def layer_spec(self) -> QuantSpec:
+        """:meth:`spec` with the ``ragged`` option where the policy has it (set by ``kvx.compose``
+        under a selection that needs ragged storage)."""
+        return replace(self.spec(), ragged=bool(getattr(self, "ragged", False)))
+
     def make_layer(self) -> QuantizedLayer:
-        return QuantizedLayer(self.spec())
+        return QuantizedLayer(self.layer_spec())
 
     def check_head_dim(self, dim: int) -> None:
         """Raise unless keys and values of head dim ``dim`` fit the layout (``kvx.patch`` asks)."""
@@ -294,6 +306,10 @@ class QuantizedStoragePolicy(StoragePolicy):
 
     def check_selection(self, selection: Any) -> None:
         check_fits_selection(self, selection)
+
+
+RAGGED_HELP = ("each KV head keeps its old tokens without padding to the longest head (set by kvx.compose under "
+               "a head-wise selection such as head_budget)")
 
 
 def check_bits(policy: str, bits: object, choices: tuple[int, ...], option: str = "bits") -> None:

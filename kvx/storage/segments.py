@@ -195,3 +195,149 @@ def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def _real_or_none(valid: torch.Tensor) -> torch.Tensor | None:
     return None if bool(valid.all()) else valid.clone()
+
+
+class RaggedSegment:
+    """A segment whose every (row, KV head) holds its own number of tokens, with no padding to the
+    longest: quantized storage under head-wise budgets (``head_budget+kivi``), where one head may
+    keep many times what another keeps. ``parts[b][h]``: the tokens of row ``b``, KV head ``h`` as a
+    segment of shape ``[1, 1, n_bh, ...]`` in its own layout (None when it holds none).
+
+    It reads and is read as a :class:`Segment` left-padded to its longest (row, head) (``kv``,
+    ``valid_mask``, ``state``), but stores only real tokens; decode attends over each part in its own
+    layout (a loop over rows and KV heads: each part's kernel is vectorised over its tokens)."""
+
+    def __init__(self, parts: list[list[Segment | None]]):
+        self.parts = parts
+
+    @classmethod
+    def from_padded(cls, segment: Segment) -> RaggedSegment:
+        """Split ``segment [B, Hkv, n]`` into its (row, head) parts, dropping its padding slots."""
+        batch, kv_heads = segment.kv_tensors()[0].shape[:2]
+        valid = segment.valid_mask(batch, kv_heads, segment.kv_tensors()[0].device)
+        parts = []
+        for b in range(batch):
+            row = []
+            for h in range(kv_heads):
+                part = segment.map_rows(lambda t, b=b, h=h: t[b : b + 1, h : h + 1])
+                row.append(part.keep(valid[b : b + 1, h : h + 1]) if bool(valid[b, h].any()) else None)
+            parts.append(row)
+        return cls(parts)
+
+    # --- sizes --------------------------------------------------------------------------------
+
+    def _present(self) -> list[Segment]:
+        return [part for row in self.parts for part in row if part is not None]
+
+    def counts(self) -> torch.Tensor:
+        """``[B, Hkv]`` tokens of each part (CPU)."""
+        return torch.tensor([[0 if part is None else part.tokens for part in row] for row in self.parts])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts().max()) if self.parts else 0
+
+    def kept(self) -> torch.Tensor:
+        return self.counts()
+
+    # --- the padded view ----------------------------------------------------------------------
+
+    def _pad(self, pieces: list[list[torch.Tensor | None]], like: torch.Tensor, width: int) -> torch.Tensor:
+        """Stack per-part tensors ``[1, 1, n_bh, ...]`` into ``[B, Hkv, width, ...]``, padding on the left
+        with zeros (``like``: any part's tensor, for the trailing shape, dtype and device)."""
+        rows = []
+        for row in pieces:
+            heads = []
+            for piece in row:
+                n = 0 if piece is None else piece.shape[2]
+                pad = like.new_zeros(1, 1, width - n, *like.shape[3:])
+                heads.append(pad if piece is None else torch.cat([pad, piece], dim=2))
+            rows.append(torch.cat(heads, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _first(self) -> Segment:
+        return self._present()[0]
+
+    def kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [[None if part is None else part.kv(dtype) for part in row] for row in self.parts]
+        like_k, like_v = self._first().kv(dtype)
+        width = self.tokens
+        keys = self._pad([[None if p is None else p[0] for p in row] for row in pairs], like_k, width)
+        values = self._pad([[None if p is None else p[1] for p in row] for row in pairs], like_v, width)
+        return keys, values
+
+    def valid_mask(self, batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+        counts = self.counts().to(device)
+        slots = torch.arange(self.tokens, device=device)
+        return slots >= (self.tokens - counts)[..., None]  # real tokens are the last n_bh slots
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        names = set().union(*(part.state for part in self._present()))
+        return {name: self.stat(name, len(self.parts), len(self.parts[0]), self._first().kv_tensors()[0].device)
+                for name in names}
+
+    @state.setter
+    def state(self, padded: dict[str, torch.Tensor]) -> None:
+        width = self.tokens
+        for b, row in enumerate(self.parts):
+            for h, part in enumerate(row):
+                if part is not None:
+                    part.state = {name: stat[b : b + 1, h : h + 1, width - part.tokens :] for name, stat in padded.items()}
+
+    def stat(self, name: str, batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+        pieces = [[None if part is None else part.stat(name, 1, 1, device)[..., None] for part in row]
+                  for row in self.parts]
+        like = torch.zeros(1, 1, 0, 1, device=device)
+        return self._pad(pieces, like, self.tokens)[..., 0]
+
+    # --- changes ------------------------------------------------------------------------------
+
+    def keep(self, keep: torch.Tensor) -> RaggedSegment:
+        """The tokens marked in ``keep [B, Hkv, n]`` (a mask over the padded view)."""
+        width, parts = keep.shape[-1], []
+        for b, row in enumerate(self.parts):
+            kept_row = []
+            for h, part in enumerate(row):
+                mask = None if part is None else keep[b : b + 1, h : h + 1, width - part.tokens :]
+                kept_row.append(part.keep(mask) if mask is not None and bool(mask.any()) else None)
+            parts.append(kept_row)
+        return RaggedSegment(parts)
+
+    def append(self, other: RaggedSegment) -> RaggedSegment:
+        """Each part's tokens, then ``other``'s part of the same row and head."""
+        joined = [[a if b is None else b if a is None else a.append(b) for a, b in zip(mine, theirs)]
+                  for mine, theirs in zip(self.parts, other.parts)]
+        return RaggedSegment(joined)
+
+    def map_rows(self, fn) -> RaggedSegment:
+        """Re-order / repeat / select rows with ``fn`` (as it acts on a ``[B, ...]`` tensor)."""
+        rows = fn(torch.arange(len(self.parts), device=self._first().kv_tensors()[0].device)[:, None])[:, 0].tolist()
+        copy = lambda part: None if part is None else part.map_rows(lambda t: t)  # noqa: E731  (own state dicts)
+        return RaggedSegment([[copy(part) for part in self.parts[r]] for r in rows])
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [t for part in self._present() for t in part.held_tensors()]
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        return [t for part in self._present() for t in part.kv_tensors()]
+
+    def decode_part(self, query: torch.Tensor, scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query per head ``[B, H, 1, D]`` over each (row, KV head) part: ``(out [B, H, 1, Dv], lse [B, H, 1])``."""
+        batch, heads = query.shape[:2]
+        groups = heads // len(self.parts[0])
+        outs, lses = [], []
+        for b, row in enumerate(self.parts):
+            for h, part in enumerate(row):
+                q = query[b : b + 1, h * groups : (h + 1) * groups]
+                if part is None:
+                    outs.append(None)
+                    lses.append(torch.full((1, groups, 1), -torch.inf, device=query.device))
+                    continue
+                out, lse = part.decode_part(q, scaling, softcap)
+                outs.append(out)
+                lses.append(lse)
+        like = next(out for out in outs if out is not None)
+        outs = [torch.zeros_like(like) if out is None else out for out in outs]
+        out = torch.cat(outs, dim=1).reshape(batch, heads, 1, like.shape[-1])
+        return out, torch.cat(lses, dim=1).reshape(batch, heads, 1)

@@ -88,9 +88,12 @@ def test_a_window_that_holds_the_whole_budget_is_refused():
     kvx.compose(kvx.make_policy("streaming_llm", sink=4, window=252), "kivi")
 
 
-def test_head_budgets_need_ragged_storage_not_quantized():
-    with pytest.raises(ValueError, match=r"head_budget needs ragged storage, not kivi \(quantized\)"):
-        kvx.compose("head_budget", "kivi")
+def test_head_budgets_put_quantized_storage_in_its_ragged_form():
+    composed = kvx.compose("head_budget", "kivi")
+    assert composed.storage_part.ragged is True and composed.storage.endswith("ragged=true")
+    assert kvx.compose("snapkv", "kivi").storage_part.ragged is False
+    with pytest.raises(ValueError, match=r"head_budget needs ragged storage, not mixed \(mixed\)"):
+        kvx.compose("head_budget", "mixed")
 
 
 # --- the storage in a model --------------------------------------------------------------------
@@ -237,7 +240,7 @@ def test_beam_search_moves_every_part_with_its_row(model):
 
 def test_kvcache_takes_a_storage_spec(model):
     cache = kvx.KVCache(model.config, storage="kivi:bits=2")
-    assert cache.storage == "kivi:bits=2,group=32,window=128,sink=0"
+    assert cache.storage == "kivi:bits=2,group=32,window=128,sink=0,ragged=false"
     assert all(isinstance(layer, QuantizedLayer) and layer.spec.key_bits == 2 for layer in cache.layers)
     with pytest.raises(ValueError, match="is a selection policy; choose dense, or a storage policy"):
         kvx.KVCache(model.config, storage="snapkv")
