@@ -16,6 +16,7 @@ from kvx.eval.longbench.runner import LongBenchConfig, LongBenchRunner
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 SNAP = "snapkv:budget=16,window=4"
+KIVI = "kivi:bits=4,window=16"
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +97,12 @@ def test_dense_and_compressed_rows_state_what_the_cache_held(shipped, tmp_path):
     for r in rows:
         layers = r["layers"]
         if r["policy"] == SNAP:  # budget 16, then the decoded tokens appended
-            assert r["compressed"] and r["applied"].startswith("snapkv(budget=16,") and "window=4," in r["applied"]
+            assert r["evicted"] and r["compressed"]
+            assert r["applied"].startswith("snapkv(budget=16,") and "window=4," in r["applied"]
             assert all(x["kept_max"] == 16 + r["new_tokens"] - 1 for x in layers)
             assert r["kv_bytes"] < dense[(r["task"], r["index"])]["kv_bytes"]
         else:  # dense, and a budget that holds every prompt: nothing compressed, and the rows say so
-            assert not r["compressed"] and all(x["kept_min"] == x["seen"] for x in layers)
+            assert not r["evicted"] and not r["compressed"] and all(x["kept_min"] == x["seen"] for x in layers)
     table = summary.summarize(rows, ["dense", SNAP, "snapkv:budget=4096"])
     snap = table["policies"][SNAP]
     assert snap["compressed"] == 1.0 and snap["kv_vs_dense"] < 0.5
@@ -109,6 +111,19 @@ def test_dense_and_compressed_rows_state_what_the_cache_held(shipped, tmp_path):
     assert snap["average"] == pytest.approx(sum(snap["tasks"].values()) / 3, abs=0.01)
     text = summary.format_summary(table)
     assert "[Synthetic]" in text and "compressed" in text and "0%" in text
+
+
+def test_quantized_storage_counts_as_compressed_once_it_packs_tokens(shipped, tmp_path):
+    model, tok = shipped
+    config = _config(tasks=["hotpotqa", "lcc"], limit=1, max_new_tokens=2,
+                     policies=needle.parse_policies([KIVI], [], with_dense=False))
+    rows = {r["task"]: r for r in LongBenchRunner(model, tok, config, tmp_path).run(progress=False)}
+    for r in rows.values():  # every token kept, so nothing evicted
+        assert not r["evicted"] and all(x["kind"] == "quantized" and x["kept_min"] == x["seen"] for x in r["layers"])
+    # ~200 tokens: those past the 16-token full-precision window are packed to 4 bits; lcc's 37 fit in
+    # the window and one group of 32 still unpacked, so that cache is as large as a dense one
+    assert rows["hotpotqa"]["prompt_tokens"] > 16 + 32 > rows["lcc"]["prompt_tokens"]
+    assert rows["hotpotqa"]["compressed"] and not rows["lcc"]["compressed"]
 
 
 def test_query_aware_compresses_the_context_and_appends_the_question(shipped, tmp_path):

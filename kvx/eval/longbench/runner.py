@@ -21,6 +21,7 @@ import torch
 import kvx
 from kvx.cache import cache_nbytes, layer_nbytes
 from kvx.compat import cache_of, decoder_config
+from kvx.compose import as_composed
 from kvx.eval.longbench.metrics import score_sample
 from kvx.eval.longbench.prompts import Prompt, build_prompt
 from kvx.eval.longbench.tasks import (
@@ -126,17 +127,54 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     return found
 
 
-def cache_report(cache: Any) -> dict[str, Any]:
+MODEL_LAYER_KINDS = ("sliding(", "model(")
+"""Cache layers kvx leaves to the model (its sliding windows, non-attention layers): not the policy's doing."""
+
+
+def cache_report(cache: Any, bytes_per_token: int | None = None, lossy: bool = False) -> dict[str, Any]:
     """What the cache holds at the end of a sample: bytes, and per layer its kind, tokens seen,
-    tokens kept (fewest and most over KV heads) and bytes; ``compressed`` says whether any layer
-    holds fewer tokens than it saw (False for dense, and for a policy whose budget held everything)."""
+    tokens kept (fewest and most over KV heads), bytes and key/value bytes.
+
+    ``evicted``: a layer under the policy holds fewer tokens than it saw. ``compressed``: evicted,
+    or (for a ``lossy`` storage) its layers' key/value bytes are below what the tokens they saw
+    take at full precision (``bytes_per_token`` per layer). Both are False for dense, and for a
+    policy whose budget (or full-precision window) held everything."""
     if isinstance(cache, kvx.KVCache):
-        layers = [{k: s[k] for k in ("kind", "seen", "kept_min", "kept_max", "nbytes")} for s in cache.stats()]
+        keys = ("kind", "seen", "kept_min", "kept_max", "nbytes", "kv_bytes")
+        layers = [{k: s[k] for k in keys} for s in cache.stats()]
+        policy_layers = [s for s in layers if not s["kind"].startswith(MODEL_LAYER_KINDS)]
     else:
-        layers = [{"kind": "dense", "seen": layer.get_seq_length(), "kept_min": layer.get_seq_length(),
-                   "kept_max": layer.get_seq_length(), "nbytes": layer_nbytes(layer)} for layer in cache.layers]
-    return {"kv_bytes": cache_nbytes(cache), "compressed": any(s["kept_min"] < s["seen"] for s in layers),
-            "layers": layers}
+        layers, policy_layers = [_plain_layer(layer) for layer in cache.layers], []
+    evicted = any(s["kept_min"] < s["seen"] for s in policy_layers)
+    full = sum(s["seen"] for s in policy_layers) * (bytes_per_token or 0)
+    shrunk = lossy and full > 0 and sum(s["kv_bytes"] for s in policy_layers) < full
+    return {"kv_bytes": cache_nbytes(cache), "evicted": evicted, "compressed": evicted or shrunk, "layers": layers}
+
+
+def _plain_layer(layer: Any) -> dict[str, Any]:
+    """A transformers cache layer (dense run) as :func:`cache_report` lists it."""
+    seen = layer.get_seq_length()
+    keys = getattr(layer, "keys", None)
+    kept = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() >= 2 else seen  # a window keeps fewer
+    nbytes = layer_nbytes(layer)
+    return {"kind": "dense", "seen": seen, "kept_min": kept, "kept_max": kept, "nbytes": nbytes, "kv_bytes": nbytes}
+
+
+def full_bytes_per_token(model: torch.nn.Module) -> int | None:
+    """Bytes of one token's keys and values in one layer at the model's precision (batch 1), from
+    its config (KV heads x head dim x 2); None where the config does not say."""
+    config = decoder_config(model.config)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+    if not isinstance(kv_heads, int) or not isinstance(dim, int) or not kv_heads or not dim:
+        return None
+    return 2 * kv_heads * dim * torch.empty((), dtype=model.dtype).element_size()
+
+
+def is_lossy(policy: Any) -> bool:
+    """Whether a policy stores approximations of the keys and values (a quantized storage part)."""
+    return any(getattr(part, "lossy", False) for part in as_composed(policy).parts)
 
 
 class LongBenchRunner:
@@ -149,6 +187,7 @@ class LongBenchRunner:
         self.results_path = self.results.path
         self.tasks = config.selected()
         self.eos = eos_token_ids(model, tokenizer)
+        self.bytes_per_token = full_bytes_per_token(model)
         self.identity = {
             **model_identity(model, tokenizer, model_path),
             "settings": {"benchmark": "LongBench-E" if config.longbench_e else "LongBench",
@@ -231,7 +270,8 @@ class LongBenchRunner:
             "applied": run.policy().describe() if run.name != DENSE else DENSE,
             "new_tokens": out.sequences.shape[1] - ids.shape[1], "prediction": prediction, "answers": sample.answers, "all_classes": sample.all_classes,
             "score": score_sample(task.metric, prediction, sample.answers, sample.all_classes, task.first_line),
-            **cache_report(cache_of(out)), "seconds": round(seconds, 4),
+            **cache_report(cache_of(out), self.bytes_per_token, run.name != DENSE and is_lossy(run.policy())),
+            "seconds": round(seconds, 4),
         }
 
 
