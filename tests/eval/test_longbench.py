@@ -55,7 +55,8 @@ def test_prompt_splits_context_from_question_and_truncates_the_middle(shipped):
     cut = prompts.build_prompt(tok, task, sample, max_length=80)
     assert cut.truncated and len(cut.ids) <= 80 < len(full.ids)
     # the question survives the cut (decoded and re-read as the official code does, so <unk> tokens go)
-    assert tok.decode(cut.ids[cut.question_start:]) == tok.decode(full.ids[full.question_start:], skip_special_tokens=True)
+    kept = tok.decode(full.ids[full.question_start:], skip_special_tokens=True)
+    assert tok.decode(cut.ids[cut.question_start:]) == kept
     # a cut into the question leaves nothing to tell apart: no split
     assert prompts.build_prompt(tok, task, sample, max_length=full.question_tokens).question_start is None
 
@@ -201,10 +202,12 @@ def test_the_command_runs_and_prints_the_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory; expected one JSONL file per task"),
-    (["--data", str(FIXTURES), "--tasks", "hotpotqa,nosuch"], "unknown LongBench task(s) nosuch; choose from narrativeqa"),
+    (["--data", str(FIXTURES), "--tasks", "hotpotqa,nosuch"],
+     "unknown LongBench task(s) nosuch; choose from narrativeqa"),
     (["--data", str(FIXTURES), "--tasks", "qasper"], "no qasper.jsonl; expected one JSONL file per task"),
     (["--data", str(FIXTURES), "--e", "--tasks", "qasper"], "no qasper_e.jsonl"),
-    (["--data", str(FIXTURES), "--max-length", "lots"], "--max-length 'lots': give a token count >= 2, 'model' or 'none'"),
+    (["--data", str(FIXTURES), "--max-length", "lots"],
+     "--max-length 'lots': give a token count >= 2, 'model' or 'none'"),
     (["--data", str(FIXTURES), "--policy", "snapkv:nosuch=1"], "nosuch"),
 ])
 def test_bad_input_is_one_line_naming_it(args, message, tmp_path, capsys):
@@ -217,6 +220,7 @@ def test_a_bad_line_names_its_file_and_number(tmp_path):
     (tmp_path / "lcc.jsonl").write_text(json.dumps({"context": "x", "input": "", "length": 1}) + "\n")
     with pytest.raises(ValueError, match=r"lcc.jsonl line 1: 'answers' must be a list"):
         tasks.load_samples(tmp_path, tasks.TASKS["lcc"])
-    (tmp_path / "trec.jsonl").write_text(json.dumps({"context": "x", "input": "", "answers": ["A"], "length": 1}) + "\n")
+    trec = {"context": "x", "input": "", "answers": ["A"], "length": 1}
+    (tmp_path / "trec.jsonl").write_text(json.dumps(trec) + "\n")
     with pytest.raises(ValueError, match="trec is scored by class, so 'all_classes' must list the classes"):
         tasks.load_samples(tmp_path, tasks.TASKS["trec"])

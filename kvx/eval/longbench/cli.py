@@ -32,7 +32,8 @@ def add_longbench_command(sub: Any) -> None:
                    f"{', '.join(E_TASKS)}")
     p.add_argument("--limit", type=int_at_least(1), help="the first N samples of each task")
     p.add_argument("--policy", action="append", metavar="NAME[:k=v,...][+NAME...]",
-                   help="a policy to compare (repeatable); '+' composes one policy per axis, e.g. snapkv:budget=256+ragged")
+                   help="a policy to compare (repeatable); '+' composes one policy per axis, "
+                   "e.g. snapkv:budget=256+ragged")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="an option for every listed policy that has it, unless its spec sets it")
     p.add_argument("--no-dense", action="store_true", help="do not add the dense baseline")

@@ -240,37 +240,49 @@ class LongBenchRunner:
         return build_prompt(self.tokenizer, task, sample, self.max_length(task), self.config.use_chat_template)
 
     def generation_options(self, task: Task) -> dict[str, Any]:
-        """``generate``'s options for ``task``: its maximum length (or the cap), every EOS token; samsum also
-        stops at a newline and generates at least one token (as the official ``pred.py`` does)."""
+        """``generate``'s options for ``task``: its maximum length (or the cap), every EOS token;
+        samsum also stops at a newline and generates at least one token (as the official ``pred.py``)."""
+        cap = self.config.max_new_tokens
+        new_tokens = task.max_new_tokens if cap is None else min(cap, task.max_new_tokens)
+        options: dict[str, Any] = {"max_new_tokens": new_tokens}
         eos = list(self.eos)
-        options: dict[str, Any] = {"max_new_tokens": min(task.max_new_tokens, self.config.max_new_tokens or 1 << 30)}
         if task.name == "samsum":
-            newline = self.tokenizer.encode("\n", add_special_tokens=False)
-            eos += newline[-1:]
+            eos += self.tokenizer.encode("\n", add_special_tokens=False)[-1:]
             options["min_new_tokens"] = 1
         pad = self.tokenizer.pad_token_id
-        return {**options, "eos_token_id": eos or None, "pad_token_id": pad if pad is not None else (eos or [None])[0]}
+        if pad is None and eos:
+            pad = eos[0]
+        return {**options, "eos_token_id": eos or None, "pad_token_id": pad}
+
+    def context_end(self, run: PolicyRun, task: Task, sample: Sample, prompt: Prompt) -> int | None:
+        """Where the policy's compression stops: the question's first token in query-aware mode,
+        None (the whole prompt) otherwise, for dense, and where the question cannot be found (warned)."""
+        if self.config.compress != "context" or run.name == DENSE:
+            return None
+        if prompt.question_start is None:
+            warnings.warn(f"{task.name} sample {sample.index}: the question cannot be told apart from the context "
+                          "(cut by truncation, or changed by the chat template); the whole prompt is compressed",
+                          stacklevel=3)
+        return prompt.question_start
 
     def run_sample(self, run: PolicyRun, task: Task, sample: Sample) -> dict[str, Any]:
         """One sample under one policy: its prompt, prediction, official score and the cache's report."""
         prompt = self.build(task, sample)
-        query_aware = self.config.compress == "context" and prompt.question_start is not None
-        if self.config.compress == "context" and not query_aware and run.name != DENSE:
-            warnings.warn(f"{task.name} sample {sample.index}: the question cannot be told apart from the context "
-                          "(cut by truncation, or changed by the chat template); the whole prompt is compressed",
-                          stacklevel=2)
+        context_end = self.context_end(run, task, sample, prompt)
         ids = torch.tensor([prompt.ids], device=self.model.device)
-        out, seconds = policy_generate(self.model, run, ids, prompt.question_start if query_aware else None,
-                                       self._patch_options(), **self.generation_options(task))
+        out, seconds = policy_generate(self.model, run, ids, context_end, self._patch_options(),
+                                       **self.generation_options(task))
         prediction = self.tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+        policy = None if run.name == DENSE else run.policy()
         return {
-            "policy": run.label, "task": task.name, "index": sample.index, "id": sample.id, "sample": sample.digest,
-            "length": sample.length, "prompt_tokens": len(prompt.ids), "question_tokens": prompt.question_tokens,
-            "truncated": prompt.truncated, "chat": prompt.chat, "query_aware": query_aware and run.name != DENSE,
-            "applied": run.policy().describe() if run.name != DENSE else DENSE,
-            "new_tokens": out.sequences.shape[1] - ids.shape[1], "prediction": prediction, "answers": sample.answers, "all_classes": sample.all_classes,
+            "policy": run.label, "applied": DENSE if policy is None else policy.describe(),
+            "task": task.name, "index": sample.index, "id": sample.id, "sample": sample.digest, "length": sample.length,
+            "prompt_tokens": len(prompt.ids), "question_tokens": prompt.question_tokens, "truncated": prompt.truncated,
+            "chat": prompt.chat, "query_aware": context_end is not None,
+            "new_tokens": out.sequences.shape[1] - ids.shape[1], "prediction": prediction,
+            "answers": sample.answers, "all_classes": sample.all_classes,
             "score": score_sample(task.metric, prediction, sample.answers, sample.all_classes, task.first_line),
-            **cache_report(cache_of(out), self.bytes_per_token, run.name != DENSE and is_lossy(run.policy())),
+            **cache_report(cache_of(out), self.bytes_per_token, policy is not None and is_lossy(policy)),
             "seconds": round(seconds, 4),
         }
 

@@ -52,7 +52,8 @@ def summarize(rows: list[dict[str, Any]], policies: list[str], buckets: bool = F
             "kv_vs_dense": round(sum(ratios) / len(ratios), 4) if ratios else None,
         }
         if buckets:
-            entry["buckets"] = {t: {b: _percent([r["score"] for r in mine if r["task"] == t and bucket(r["length"]) == b])
+            entry["buckets"] = {t: {b: _percent([r["score"] for r in mine
+                                                 if r["task"] == t and bucket(r["length"]) == b])
                                     for b in LENGTH_BUCKETS} for t in tasks}
             entry["bucket_average"] = {b: _mean([v[b] for v in entry["buckets"].values() if v[b] is not None])
                                        for b in LENGTH_BUCKETS}

@@ -190,8 +190,8 @@ def check_data(data_dir: Path, tasks: list[Task], longbench_e: bool = False) -> 
     """Raise, naming what is missing and the layout expected, unless every task's file is there."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data {data_dir}: {'not a directory' if data_dir.exists() else 'no such directory'}; "
-                                f"{_layout(longbench_e)}")
+        why = "not a directory" if data_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"--data {data_dir}: {why}; {_layout(longbench_e)}")
     missing = [task_file(data_dir, t.name, longbench_e).name for t in tasks
                if not task_file(data_dir, t.name, longbench_e).is_file()]
     if missing:
