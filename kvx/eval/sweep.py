@@ -1,0 +1,725 @@
+"""``kvx sweep CONFIG.yaml``: a grid of policies x options x compression ratios x benchmarks x
+context lengths, run cell by cell, resumable and sharded.
+
+A cell is one policy (after the grid's options and ratio) on one benchmark at one context length.
+Each finished cell is appended to ``OUT/results.jsonl`` at once; a rerun skips the cells already
+there, so an interrupted sweep loses at most the cell it was in (and the needle and LongBench
+runners resume even that from their own per-cell files under ``OUT/cells/``).
+
+Shards: launched by ``torchrun --nproc-per-node N -m kvx.cli sweep CONFIG`` each process joins a
+``torch.distributed`` group (gloo on CPU, nccl with one GPU per process) and runs the pending cells
+whose index in the grid is its rank modulo the world size; rank 0 writes the summary once all are
+done. ``--rank R --world W`` does the same split without torch.distributed (one process per shard,
+started by hand); ``--summary-only`` rebuilds the summary from the results file.
+
+Benchmark kinds are a registry (:data:`BENCHMARKS`): ``needle`` (``kvx.eval.needle``), ``lm_eval``
+(``kvx.eval.lm_eval_bridge``) and ``longbench`` (``kvx.eval.longbench``); a kind is one class with
+its YAML keys, a check run before any cell, and ``run(cell)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import kvx
+from kvx.eval.needle import (
+    DEFAULT_MODEL,
+    DENSE,
+    NeedleConfig,
+    NeedleRunner,
+    PolicyRun,
+    _nonempty_list,
+    _progress,
+    _safe,
+    _yaml_policy,
+    parse_length,
+)
+from kvx.policy import policy_class
+
+IDENTITY_KEY = "kvx_sweep"
+TOP_KEYS = {
+    "model": "local model directory or hub id (default: kvx's shipped model)",
+    "tokenizer": "tokenizer path, when not in the model directory",
+    "dtype": "auto, float32, bfloat16, float16 (default auto)",
+    "device": "cpu, cuda, ... (default: where from_pretrained puts it; one GPU per rank under torchrun)",
+    "policies": "policy specs (name:key=value,...+name...) or {name: ..., key: value} mappings; dense is always run",
+    "options": "{key: [values]}: every combination, each given to the policies that have the option",
+    "ratios": "compression ratios (fraction of the KV removed), e.g. [0.25, 0.5, 0.75, 0.875]",
+    "lengths": "context lengths in tokens (1k, 4k, ...)",
+    "benchmarks": "list of {kind: needle | lm_eval | longbench, ...}",
+}
+
+
+# --- the grid --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One policy on one benchmark at one length; ``line`` is the policy without its ratio (one line
+    per policy in the plots), ``ratio`` the compression ratio it was given (None: not applicable)."""
+
+    benchmark: str
+    length: int
+    policy: str
+    line: str
+    ratio: float | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.benchmark, self.length, self.policy)
+
+    @property
+    def slug(self) -> str:
+        return _safe(f"{self.benchmark}-{self.length}-{self.policy}")
+
+
+def _option_names(name: str) -> dict[str, Any]:
+    """A registered policy's options and their defaults."""
+    return {o["name"]: o["default"] for o in policy_class(name).options()}
+
+
+def with_options(run: PolicyRun, options: dict[str, Any]) -> PolicyRun:
+    """``run`` with each option given to every part that has it and does not set it itself."""
+
+    def one(part: PolicyRun) -> PolicyRun:
+        if part.name == DENSE:
+            return part
+        known = _option_names(part.name)
+        extra = {k: v for k, v in options.items() if k in known and k not in part.options}
+        return dataclasses.replace(part, options={**part.options, **extra},
+                                   composed=tuple(one(p) for p in part.composed))
+
+    return one(run)
+
+
+def with_ratio(run: PolicyRun, ratio: float, length: int) -> PolicyRun | None:
+    """``run`` compressed by ``ratio`` at ``length`` tokens, or None when no part of it takes a ratio:
+    a part with a ``ratio`` option gets it (unless it sets budget or ratio itself); a selection with
+    only ``sink`` and ``window`` (streaming_llm) keeps ``(1 - ratio) x length`` tokens, sink included."""
+    changed = False
+
+    def one(part: PolicyRun) -> PolicyRun:
+        nonlocal changed
+        rest = tuple(one(p) for p in part.composed)
+        if part.name == DENSE:
+            return part
+        known, options = _option_names(part.name), dict(part.options)
+        if "ratio" in known and not {"ratio", "budget"} & set(options):
+            options["ratio"] = ratio
+        elif {"sink", "window"} <= set(known) and "ratio" not in known and policy_class(part.name).axis == "selection":
+            sink = options.get("sink", known["sink"])
+            options["window"] = max(1, round((1 - ratio) * length) - sink)
+        else:
+            return dataclasses.replace(part, composed=rest)
+        changed = True
+        return dataclasses.replace(part, options=options, composed=rest)
+
+    result = one(run)
+    return result if changed else None
+
+
+def expand(policies: list[PolicyRun], options: dict[str, list], ratios: list[float], benchmarks: list[str],
+           lengths: dict[str, list[int]]) -> list[Cell]:
+    """Every cell of the grid, in a fixed order (benchmark, length, policy, option combination,
+    ratio), dense first and each cell once."""
+    combos = [dict(zip(options, values)) for values in itertools.product(*options.values())] or [{}]
+    cells: dict[tuple, Cell] = {}
+    for bench in benchmarks:
+        for length in lengths[bench]:
+            cells.setdefault((bench, length, DENSE), Cell(bench, length, DENSE, DENSE))
+            for run, combo in itertools.product(policies, combos):
+                base = with_options(run, combo)
+                for ratio in ratios or [None]:
+                    ratioed = with_ratio(base, ratio, length) if ratio is not None else None
+                    cell = Cell(bench, length, (ratioed or base).label, base.label, ratio if ratioed else None)
+                    cells.setdefault(cell.key, cell)
+    return list(cells.values())
+
+
+def shard(cells: list, rank: int, world: int) -> list:
+    """The cells of shard ``rank`` of ``world``: every ``world``-th, starting at ``rank``."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"shard rank {rank!r} of world {world!r}: need 0 <= rank < world")
+    return [cell for index, cell in enumerate(cells) if index % world == rank]
+
+
+# --- benchmark kinds -------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every cell runs on: one loaded model and tokenizer, and the sweep's output directory."""
+
+    model: Any
+    tokenizer: Any
+    model_path: str
+    out_dir: Path
+
+
+class Benchmark:
+    """A benchmark kind: ``keys`` are its YAML keys (besides ``kind``, ``name``, ``lengths``), ``check``
+    runs before any cell (missing data, unknown tasks), ``run`` scores one cell."""
+
+    kind: ClassVar[str]
+    keys: ClassVar[dict[str, str]]
+
+    def __init__(self, name: str, settings: dict[str, Any]):
+        self.name, self.settings = name, settings
+
+    @classmethod
+    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
+        """The benchmarks one YAML entry names (one per task where the kind has tasks)."""
+        return [cls(entry.get("name", cls.kind), entry)]
+
+    def check(self, context: Context, cells: list[Cell]) -> None:
+        """Raise before any cell runs when this benchmark cannot run."""
+
+    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class NeedleBenchmark(Benchmark):
+    """``kvx needle`` at one length: the cell's score is the mean exact match over its depths,
+    variants and samples; per-cell rows (and resumption inside a cell) under ``OUT/cells/``."""
+
+    kind = "needle"
+    keys = {f.name: "see kvx needle" for f in dataclasses.fields(NeedleConfig)
+            if f.name not in ("lengths", "policies", "haystack_text")}
+
+    def config(self, length: int, run: PolicyRun) -> NeedleConfig:
+        return NeedleConfig(lengths=[length], policies=[run],
+                            **{k: v for k, v in self.settings.items() if k in self.keys})
+
+    def check(self, context: Context, cells: list[Cell]) -> None:
+        from kvx.eval.needle import check_prompts
+
+        for length in sorted({c.length for c in cells}):
+            check_prompts(self.config(length, PolicyRun(DENSE)), context.tokenizer)
+
+    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
+        runner = NeedleRunner(context.model, context.tokenizer, self.config(cell.length, run),
+                              context.out_dir / "cells" / cell.slug, model_path=context.model_path)
+        rows = runner.run(progress=False)
+        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "exact_match",
+                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
+                "kept_tokens": min(r["kept_tokens"] for r in rows), "samples": len(rows)}
+
+
+class LmEvalBenchmark(Benchmark):
+    """One lm-eval task through kvx's model type; the length goes to the task's metadata as
+    ``max_seq_lengths`` (what RULER reads) with the model as ``tokenizer``."""
+
+    kind = "lm_eval"
+    keys = {"tasks": "lm-eval task names", "include_path": "a directory of task YAML files",
+            "default_tasks": "index the harness's own tasks too (default true)", "limit": "examples per task",
+            "metadata": "a mapping given to the tasks", "batch_size": "requests per batch (default 1)",
+            "max_length": "the harness's context limit"}
+
+    @classmethod
+    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
+        tasks = entry.get("tasks")
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        tasks = _nonempty_list("tasks (of an lm_eval benchmark)", tasks)
+        path = entry.get("include_path")
+        if path is not None and not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"include path {path}: no such directory (it holds task YAML files)")
+        return [cls(f"{entry.get('name', 'lm_eval')}/{task}", {**entry, "task": task}) for task in tasks]
+
+    def manager(self):
+        from kvx.eval import lm_eval_bridge as bridge
+
+        if getattr(self, "_manager", None) is None:
+            path = self.settings.get("include_path")
+            self._manager = bridge.task_manager(path, include_defaults=self.settings.get("default_tasks", True))
+        return self._manager
+
+    def check(self, context: Context, cells: list[Cell]) -> None:
+        from kvx.eval import lm_eval_bridge as bridge
+
+        bridge.check_tasks([self.settings["task"]], self.manager())
+
+    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
+        from kvx.eval import lm_eval_bridge as bridge
+
+        metadata = {"tokenizer": context.model_path, **(self.settings.get("metadata") or {}),
+                    "max_seq_lengths": [cell.length]}
+        (row,) = bridge.evaluate_policy(context.model, context.tokenizer, None if run.name == DENSE else run.label,
+                                        [self.settings["task"]], self.manager(), limit=self.settings.get("limit"),
+                                        metadata=metadata, batch_size=self.settings.get("batch_size", 1),
+                                        max_length=self.settings.get("max_length"))
+        return {"score": row["score"], "metric": row["metric"], "kv_bytes": row["kv_bytes_mean"],
+                "kept_tokens": row["kept_tokens_min"], "samples": row["calls"], "metrics": row["metrics"]}
+
+
+class LongBenchBenchmark(Benchmark):
+    """One LongBench task (``kvx longbench``) with prompts middle-truncated to the cell's length;
+    per-sample rows (and resumption inside a cell) under ``OUT/cells/``."""
+
+    kind = "longbench"
+    keys = {"data": "the directory of LongBench's JSONL files", "tasks": "task names (default: all)",
+            "longbench_e": "LongBench-E (default false)", "limit": "samples per task",
+            "use_chat_template": "(default true)", "compress": "prompt or context (query-aware)"}
+
+    @classmethod
+    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
+        from kvx.eval.longbench.tasks import select_tasks
+
+        if "data" not in entry:
+            raise ValueError("a longbench benchmark needs data: DIR (LongBench's JSONL files)")
+        if not Path(entry["data"]).expanduser().is_dir():
+            raise FileNotFoundError(f"data {entry['data']}: no such directory (it holds LongBench's JSONL files, "
+                                    "see docs/longbench.md)")
+        tasks = select_tasks(entry.get("tasks"), entry.get("longbench_e", False))
+        return [cls(f"{entry.get('name', 'longbench')}/{task.name}", {**entry, "tasks": [task.name]}) for task in tasks]
+
+    def config(self, length: int, run: PolicyRun):
+        from kvx.eval.longbench.runner import LongBenchConfig
+
+        options = {k: v for k, v in self.settings.items() if k in self.keys and k != "data"}
+        return LongBenchConfig(data_dir=Path(self.settings["data"]), policies=[run], max_length=length, **options)
+
+    def check(self, context: Context, cells: list[Cell]) -> None:
+        from kvx.eval.longbench.tasks import check_data
+
+        config = self.config(cells[0].length, PolicyRun(DENSE))
+        check_data(config.data_dir, config.selected(), config.longbench_e)
+
+    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
+        from kvx.eval.longbench.runner import LongBenchRunner
+
+        runner = LongBenchRunner(context.model, context.tokenizer, self.config(cell.length, run),
+                                 context.out_dir / "cells" / cell.slug, model_path=context.model_path)
+        rows = runner.run(progress=False)
+        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "longbench",
+                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
+                "kept_tokens": min((r.get("kept_min", r.get("kept_tokens")) for r in rows
+                                    if r.get("kept_min", r.get("kept_tokens")) is not None), default=None),
+                "samples": len(rows)}
+
+
+BENCHMARKS: dict[str, type[Benchmark]] = {b.kind: b for b in (NeedleBenchmark, LmEvalBenchmark, LongBenchBenchmark)}
+"""Benchmark kinds by their YAML ``kind``; a new kind is one :class:`Benchmark` subclass and one entry."""
+
+
+# --- the config ------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepConfig:
+    """A sweep as its YAML describes it (see :data:`TOP_KEYS`), checked on construction."""
+
+    benchmarks: list[Benchmark]
+    lengths: dict[str, list[int]]  # per benchmark name
+    policies: list[PolicyRun] = field(default_factory=list)
+    options: dict[str, list] = field(default_factory=dict)
+    ratios: list[float] = field(default_factory=list)
+    model: str = str(DEFAULT_MODEL)
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+
+    def cells(self) -> list[Cell]:
+        return expand(self.policies, self.options, self.ratios, [b.name for b in self.benchmarks], self.lengths)
+
+    def benchmark(self, name: str) -> Benchmark:
+        return next(b for b in self.benchmarks if b.name == name)
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and check a sweep YAML: unknown keys (top level or in a benchmark), a policy that does not
+    parse, an option no policy has, a ratio outside [0, 1), an unknown benchmark kind all raise,
+    naming the key or value and the valid choices."""
+    from kvx.eval.needle import read_yaml_mapping
+
+    data = read_yaml_mapping(Path(path), TOP_KEYS)
+    try:
+        return _build_config(data)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from None
+
+
+def _build_config(data: dict[str, Any]) -> SweepConfig:
+    lengths = [parse_length(n) for n in _nonempty_list("lengths", data.get("lengths"))]
+    policies = [_yaml_policy(i, p) for i, p in enumerate(data.get("policies") or [])]
+    policies = [p for p in policies if p.name != DENSE]  # dense is always run, once
+    options = _grid_options(data.get("options") or {}, policies)
+    ratios = [_ratio(r) for r in (data.get("ratios") or [])]
+    benchmarks, per_bench = [], {}
+    for index, entry in enumerate(_nonempty_list("benchmarks", data.get("benchmarks"), distinct=False)):
+        for bench in _benchmarks_of(index, entry):
+            if bench.name in per_bench:
+                raise ValueError(f"benchmarks[{index}]: a second benchmark named {bench.name!r}; give it another name:")
+            own = bench.settings.get("lengths")
+            per_bench[bench.name] = [parse_length(n) for n in _nonempty_list("lengths", own)] if own else lengths
+            benchmarks.append(bench)
+    known = {k: data[k] for k in ("model", "tokenizer", "dtype", "device") if data.get(k) is not None}
+    return SweepConfig(benchmarks, per_bench, policies, options, ratios, **{k: str(v) for k, v in known.items()})
+
+
+def _benchmarks_of(index: int, entry: Any) -> list[Benchmark]:
+    """The benchmarks of one ``benchmarks`` entry, its keys checked against its kind's."""
+    if isinstance(entry, str):
+        entry = {"kind": entry}
+    if not isinstance(entry, dict) or entry.get("kind") not in BENCHMARKS:
+        kind = entry.get("kind") if isinstance(entry, dict) else entry
+        raise ValueError(f"benchmarks[{index}]: unknown kind {kind!r}; choose from {', '.join(BENCHMARKS)}")
+    kind = BENCHMARKS[entry["kind"]]
+    valid = {"kind", "name", "lengths", *kind.keys}
+    unknown = sorted(str(k) for k in set(entry) - valid)
+    if unknown:
+        raise ValueError(f"benchmarks[{index}] ({entry['kind']}): unknown key(s) {unknown}; "
+                         f"valid keys: {', '.join(sorted(valid))}")
+    try:
+        return kind.expand(entry)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"benchmarks[{index}] ({entry['kind']}): {err}") from None
+
+
+def _grid_options(options: Any, policies: list[PolicyRun]) -> dict[str, list]:
+    """``options: {key: [values]}``, each key an option of at least one listed policy."""
+    if not isinstance(options, dict):
+        raise ValueError(f"options must be a mapping {{key: [values]}}, got {options!r}")
+    names = {part.name for run in policies for part in (run, *run.composed)}
+    grid = {}
+    for key, values in options.items():
+        if not any(key in _option_names(name) for name in names):
+            raise ValueError(f"options: {key!r} is an option of none of the listed policies ({', '.join(sorted(names))})")
+        grid[str(key)] = _nonempty_list(f"options.{key}", values if isinstance(values, list) else [values])
+    return grid
+
+
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"ratios: {value!r} is not a compression ratio in [0, 1) (the fraction of the KV removed)")
+    return float(value)
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultsLog:
+    """``results.jsonl`` of a sweep: first line the model's identity, then one row per finished cell.
+    Shards append whole lines under an exclusive lock, so rows never interleave."""
+
+    path: Path
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The cell rows that can be read (a line torn by a kill, or a repeat, is skipped with a warning)."""
+        rows, seen = [], set()
+        if not self.path.exists():
+            return rows
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                warnings.warn(f"{self.path} line {number}: not JSON (a row torn by a killed run?); ignored", stacklevel=2)
+                continue
+            if not isinstance(row, dict) or IDENTITY_KEY in row or "policy" not in row:
+                continue
+            key = (row["benchmark"], row["length"], row["policy"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        return rows
+
+    def identity(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        first = self.path.read_text(errors="replace").split("\n", 1)[0]
+        try:
+            return json.loads(first).get(IDENTITY_KEY)
+        except (json.JSONDecodeError, AttributeError):
+            return None
+
+    def open(self, identity: dict[str, Any]) -> None:
+        """Start the file with ``identity``, or check an existing file was written for the same model."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.path.open("x") as f:
+                f.write(json.dumps({IDENTITY_KEY: identity}) + "\n")
+            return
+        except FileExistsError:
+            pass
+        old = self.identity()
+        if old != identity:
+            from kvx.eval.needle import _identity_differences
+
+            why = "; ".join(_identity_differences(old, identity)) if old else "it records no sweep identity"
+            raise ValueError(f"{self.path} was written by another model or kvx ({why}); resuming would mix their "
+                             "cells: use another --out")
+
+    def append(self, row: dict[str, Any]) -> None:
+        """One row, one write, under an exclusive lock; a torn last line is ended first."""
+        with self.path.open("a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                torn = False
+                if f.seek(0, os.SEEK_END) > 0:  # a row cut short by a kill ends the file without its newline
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+                f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def distributed_rank() -> tuple[int, int, Any]:
+    """``(rank, world, torch.distributed or None)``: a process group joined when torchrun started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+class Sweep:
+    """Runs a :class:`SweepConfig`'s cells of one shard on one loaded model (see the module docstring)."""
+
+    def __init__(self, config: SweepConfig, out_dir: Path, rank: int = 0, world: int = 1):
+        self.config, self.out_dir, self.rank, self.world = config, Path(out_dir), rank, world
+        self.log = ResultsLog(self.out_dir / "results.jsonl")
+        self.cells = config.cells()
+
+    def pending(self) -> list[Cell]:
+        """This shard's cells not yet in the results file, in grid order."""
+        done = {(r["benchmark"], r["length"], r["policy"]) for r in self.log.rows()}
+        return [cell for cell in shard(self.cells, self.rank, self.world) if cell.key not in done]
+
+    def load(self) -> Context:
+        from kvx.eval.needle import load_causal_lm, load_tokenizer
+
+        device = self.config.device
+        if device is None and self.world > 1:
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank)) % torch.cuda.device_count()}"
+        tokenizer = load_tokenizer(self.config.model, self.config.tokenizer)
+        model = load_causal_lm(self.config.model, self.config.dtype, device)
+        return Context(model, tokenizer, self.config.model, self.out_dir)
+
+    def check(self, context: Context) -> None:
+        """Before any cell: every policy patches this model, every benchmark can run."""
+        from kvx.eval.needle import check_patchable, parse_policies
+
+        runs = {cell.policy for cell in self.cells if cell.policy != DENSE}
+        check_patchable(context.model, [parse_policies([label], [], with_dense=False)[0] for label in sorted(runs)])
+        for bench in self.config.benchmarks:
+            bench.check(context, [c for c in self.cells if c.benchmark == bench.name])
+
+    def run(self, progress: bool = True, context: Context | None = None) -> list[dict[str, Any]]:
+        """Run this shard's pending cells, appending each row as it finishes; returns the rows written."""
+        from kvx.eval.measure import stamp
+        from kvx.eval.needle import model_identity
+
+        context = context or self.load()
+        self.check(context)
+        self.log.open({**model_identity(context.model, context.tokenizer, context.model_path), "kvx": kvx.__version__})
+        todo = self.pending()
+        run_stamp = stamp(context.model.device) if todo else {}
+        written = []
+        for cell in _progress(todo, progress, desc=f"sweep {self.rank + 1}/{self.world}" if self.world > 1 else "sweep"):
+            row = self.run_cell(cell, context)
+            self.log.append({**row, "rank": self.rank, "stamp": run_stamp})
+            written.append(row)
+        return written
+
+    def run_cell(self, cell: Cell, context: Context) -> dict[str, Any]:
+        from kvx.eval.needle import parse_policies
+
+        bench = self.config.benchmark(cell.benchmark)
+        run = PolicyRun(DENSE) if cell.policy == DENSE else parse_policies([cell.policy], [], with_dense=False)[0]
+        start = time.perf_counter()
+        result = bench.run(cell, run, context)
+        return {**dataclasses.asdict(cell), "kind": bench.kind, **result,
+                "seconds": round(time.perf_counter() - start, 3)}
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per benchmark, policy line and ratio: mean score and KV bytes relative to dense (each cell
+    against the dense cell of the same benchmark and length), over the lengths present."""
+    dense = {(r["benchmark"], r["length"]): r["kv_bytes"] for r in rows if r["policy"] == DENSE}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["benchmark"], row["line"], row["ratio"]), []).append(row)
+    summary = []
+    for (bench, line, ratio), mine in groups.items():
+        ratios = [r["kv_bytes"] / dense[(bench, r["length"])] for r in mine
+                  if dense.get((bench, r["length"])) and r["kv_bytes"] is not None]
+        scores = [r["score"] for r in mine if r["score"] is not None]
+        summary.append({"benchmark": bench, "policy": line, "ratio": ratio, "cells": len(mine),
+                        "lengths": sorted(r["length"] for r in mine),
+                        "score": statistics.fmean(scores) if scores else None,
+                        "kv_vs_dense": statistics.fmean(ratios) if ratios else None})
+    return sorted(summary, key=lambda s: (s["benchmark"], s["policy"] != DENSE, s["policy"], s["ratio"] or 0))
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """One table per benchmark: a row per policy, a column per ratio, each cell ``score (KV x dense)``."""
+    parts = []
+    for bench in sorted({s["benchmark"] for s in summary}):
+        mine = [s for s in summary if s["benchmark"] == bench]
+        ratios = sorted({s["ratio"] for s in mine if s["ratio"] is not None})
+        columns = ["-"] * bool(any(s["ratio"] is None for s in mine)) + ratios
+        header = ["policy"] + [("no ratio" if r == "-" else f"ratio {r:g}") for r in columns]
+        lines = [f"### {bench}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for policy in dict.fromkeys(s["policy"] for s in mine):
+            by_ratio = {("-" if s["ratio"] is None else s["ratio"]): s for s in mine if s["policy"] == policy}
+            lines.append("| " + " | ".join([policy] + [_score_text(by_ratio.get(r)) for r in columns]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\nEach entry: mean score over the lengths run (KV bytes relative to dense).\n"
+
+
+def _score_text(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    score = "-" if entry["score"] is None else f"{entry['score']:.3f}"
+    return score if entry["kv_vs_dense"] is None else f"{score} ({entry['kv_vs_dense']:.2f}x)"
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``summary.md``, ``summary.json``, one accuracy-vs-KV plot per benchmark and the needle heatmaps."""
+    summary = summarize(rows)
+    paths = [out_dir / "summary.md", out_dir / "summary.json"]
+    paths[0].write_text(markdown(summary))
+    paths[1].write_text(json.dumps(summary, indent=1))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("no plots: matplotlib is not installed (pip install 'kvx[eval]')", stacklevel=2)
+        return paths
+    paths += write_plots(summary, out_dir)
+    paths += write_needle_heatmaps(rows, out_dir)
+    return paths
+
+
+def write_plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Per benchmark: score against KV bytes relative to dense, one line per policy (dense a point at 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for bench in sorted({s["benchmark"] for s in summary}):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        mine = [s for s in summary if s["benchmark"] == bench and s["kv_vs_dense"] is not None and s["score"] is not None]
+        for policy in dict.fromkeys(s["policy"] for s in mine):
+            points = sorted((s["kv_vs_dense"], s["score"]) for s in mine if s["policy"] == policy)
+            style = dict(marker="*", markersize=12, color="black") if policy == DENSE else dict(marker="o")
+            ax.plot(*zip(*points), label=policy, **style)
+        ax.set_xlabel("KV bytes relative to dense")
+        ax.set_ylabel("score")
+        ax.set_title(bench, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = out_dir / f"accuracy-vs-kv-{_safe(bench)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_needle_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``kvx needle``'s heatmaps (depth x length) per policy and ratio, from the needle cells' own rows."""
+    from kvx.eval.needle import load_results, write_heatmaps
+
+    needle_rows = []
+    for row in rows:
+        if row.get("kind") != NeedleBenchmark.kind:
+            continue
+        label = row["line"] if row["ratio"] is None else f"{row['line']} @ ratio {row['ratio']:g}"
+        cell = Cell(row["benchmark"], row["length"], row["policy"], row["line"], row["ratio"])
+        for needle_row in load_results(out_dir / "cells" / cell.slug / "results.jsonl"):
+            needle_rows.append({**needle_row, "policy": f"{row['benchmark']} {label}"})
+    if not needle_rows:
+        return []
+    heatmaps = out_dir / "heatmaps"
+    heatmaps.mkdir(exist_ok=True)
+    return write_heatmaps(needle_rows, heatmaps)
+
+
+def run_sweep(config_path: str | Path, out_dir: str | Path, rank: int | None = None, world: int | None = None,
+              progress: bool = True, summary_only: bool = False) -> list[Path]:
+    """Load, check and run a sweep (this process's shard), then write the summary (rank 0, once
+    every shard is done when torch.distributed joined them); returns the summary's paths."""
+    config = load_config(config_path)
+    out_dir = Path(out_dir)
+    dist = None
+    if rank is None and world is None:
+        rank, world, dist = distributed_rank()
+    rank, world = rank or 0, world or 1
+    sweep = Sweep(config, out_dir, rank, world)
+    if not summary_only:
+        sweep.run(progress=progress)
+    if dist is not None:
+        dist.barrier()
+    paths: list[Path] = []
+    if rank == 0:
+        rows = sweep.log.rows()
+        missing = len({c.key for c in sweep.cells} - {(r["benchmark"], r["length"], r["policy"]) for r in rows})
+        if missing:
+            warnings.warn(f"{missing} of {len(sweep.cells)} cells are not in {sweep.log.path} yet "
+                          "(other shards still running, or not started): the summary covers the rest", stacklevel=2)
+        paths = write_summary(rows, out_dir)
+    if dist is not None:
+        dist.destroy_process_group()
+    return paths
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def add_sweep_command(sub) -> None:
+    """Register ``kvx sweep`` on the ``kvx`` command's sub-parsers."""
+    from kvx.cli import int_at_least
+
+    p = sub.add_parser(
+        "sweep", help="a grid of policies x options x ratios x benchmarks x lengths, resumable and sharded",
+        description="Runs every cell of CONFIG's grid not yet in OUT/results.jsonl (a rerun resumes), appending each as "
+                    "it finishes, then writes OUT/summary.md, summary.json and plots. Under torchrun each process runs "
+                    "its shard of the cells (torchrun --nproc-per-node N -m kvx.cli sweep CONFIG).",
+    )
+    p.add_argument("config", help="the sweep's YAML file (see docs/sweep.md and configs/)")
+    p.add_argument("--out", help="output directory (default runs/sweep-<config name>)")
+    p.add_argument("--rank", type=int_at_least(0), help="run shard RANK of --world by hand, without torch.distributed")
+    p.add_argument("--world", type=int_at_least(1), help="number of shards (with --rank)")
+    p.add_argument("--summary-only", action="store_true", help="write the summary from the results file, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from kvx.cli import input_file, output_dir
+
+    path = input_file(args.config, "config")
+    if (args.rank is None) != (args.world is None):
+        raise ValueError("--rank and --world go together (shard RANK of WORLD), or neither")
+    if args.rank is not None and args.rank >= args.world:
+        raise ValueError(f"--rank {args.rank} must be below --world {args.world}")
+    out = output_dir(args.out or f"runs/sweep-{path.stem}")
+    for written in run_sweep(path, out, args.rank, args.world, progress=not args.no_progress,
+                             summary_only=args.summary_only):
+        print(f"wrote {written}")
+    return 0
