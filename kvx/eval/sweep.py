@@ -273,27 +273,20 @@ class LongBenchBenchmark(Benchmark):
 
     @classmethod
     def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
-        from kvx.eval.longbench.tasks import select_tasks
+        from kvx.eval.longbench.tasks import check_data, select_tasks
 
         if "data" not in entry:
             raise ValueError("a longbench benchmark needs data: DIR (LongBench's JSONL files)")
-        if not Path(entry["data"]).expanduser().is_dir():
-            raise FileNotFoundError(f"data {entry['data']}: no such directory (it holds LongBench's JSONL files, "
-                                    "see docs/longbench.md)")
         tasks = select_tasks(entry.get("tasks"), entry.get("longbench_e", False))
+        check_data(Path(entry["data"]).expanduser(), tasks, entry.get("longbench_e", False))  # names what is missing
         return [cls(f"{entry.get('name', 'longbench')}/{task.name}", {**entry, "tasks": [task.name]}) for task in tasks]
 
     def config(self, length: int, run: PolicyRun):
         from kvx.eval.longbench.runner import LongBenchConfig
 
         options = {k: v for k, v in self.settings.items() if k in self.keys and k != "data"}
-        return LongBenchConfig(data_dir=Path(self.settings["data"]), policies=[run], max_length=length, **options)
-
-    def check(self, context: Context, cells: list[Cell]) -> None:
-        from kvx.eval.longbench.tasks import check_data
-
-        config = self.config(cells[0].length, PolicyRun(DENSE))
-        check_data(config.data_dir, config.selected(), config.longbench_e)
+        return LongBenchConfig(data_dir=Path(self.settings["data"]).expanduser(), policies=[run], max_length=length,
+                               **options)
 
     def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
         from kvx.eval.longbench.runner import LongBenchRunner
@@ -303,8 +296,7 @@ class LongBenchBenchmark(Benchmark):
         rows = runner.run(progress=False)
         return {"score": statistics.fmean(r["score"] for r in rows), "metric": "longbench",
                 "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
-                "kept_tokens": min((r.get("kept_min", r.get("kept_tokens")) for r in rows
-                                    if r.get("kept_min", r.get("kept_tokens")) is not None), default=None),
+                "kept_tokens": min((layer["kept_min"] for r in rows for layer in r["layers"]), default=None),
                 "samples": len(rows)}
 
 

@@ -117,6 +117,19 @@ def test_a_row_torn_by_a_kill_is_skipped_and_the_next_starts_a_line(tmp_path):
         log.open({"model": "other"})
 
 
+def test_longbench_cells_run_through_the_longbench_runner(tmp_path):
+    """A longbench benchmark: one cell per task and policy, prompts cut to the cell's length, scored by
+    the LongBench runner; the compressed cell holds fewer tokens and bytes than dense."""
+    data = Path(__file__).parent / "fixtures" / "longbench"
+    config = write_config(tmp_path, "policies: [snapkv:window=8]\nratios: [0.5]\nlengths: [256]\nbenchmarks:\n"
+                                    f"  - {{kind: longbench, data: {data}, tasks: [trec], limit: 1, use_chat_template: false}}\n")
+    sweep.run_sweep(config, tmp_path / "out", progress=False)
+    dense, compressed = sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
+    assert (dense["benchmark"], compressed["policy"]) == ("longbench/trec", "snapkv:ratio=0.5,window=8")
+    assert compressed["kept_tokens"] < dense["kept_tokens"] and compressed["kv_bytes"] < dense["kv_bytes"]
+    assert 0 <= compressed["score"] <= 1 and compressed["samples"] == 1
+
+
 def test_two_shards_write_disjoint_cells_whose_union_is_the_grid(tmp_path):
     config = grid(tmp_path)
     out = tmp_path / "out"
@@ -154,7 +167,8 @@ def test_torchrun_two_processes(tmp_path):
     (f"lengths: [{LENGTH}]\nbenchmarks: [{NEEDLE}]\npolicies: [snapkv]\noptions: {{budgt: [1]}}\n",
      r"options: 'budgt' is an option of none of the listed policies \(snapkv\)"),
     (f"lengths: [{LENGTH}]\nbenchmarks: [{NEEDLE}]\npolicies: [snapkv]\nratios: [1.5]\n", r"ratios: 1.5 is not a compression"),
-    (f"lengths: [{LENGTH}]\nbenchmarks: [{{kind: longbench, data: /no/such/dir}}]\n", r"/no/such/dir"),
+    (f"lengths: [{LENGTH}]\nbenchmarks: [{{kind: longbench, data: /no/such/dir}}]\n", r"--data /no/such/dir: no such directory"),
+    (f"lengths: [{LENGTH}]\nbenchmarks: [{{kind: longbench, data: /tmp, tasks: [trek]}}]\n", r"unknown LongBench task\(s\) trek"),
     (f"lengths: [{LENGTH}]\nbenchmarks: [{{kind: lm_eval, tasks: [x], include_path: /no/such/dir}}]\n",
      r"include path /no/such/dir: no such directory"),
 ])
