@@ -83,6 +83,20 @@ def test_every_eos_token_of_the_model_stops_generation():
                                 SimpleNamespace(eos_token_id=2)) == [2]
 
 
+def test_generation_follows_the_official_lengths_and_stops(shipped, tmp_path):
+    model, tok = shipped
+    lb = LongBenchRunner(model, tok, _config(max_new_tokens=None), tmp_path)
+    assert lb.generation_options(tasks.TASKS["gov_report"])["max_new_tokens"] == 512
+    assert lb.max_length(tasks.TASKS["hotpotqa"]) == 16384 - 32  # max_position_embeddings less the answer
+    assert LongBenchRunner(model, tok, _config(max_length=None), tmp_path).max_length(tasks.TASKS["lcc"]) is None
+    # samsum also stops at a newline and generates at least one token
+    newline_tok = SimpleNamespace(encode=lambda text, add_special_tokens: [29871, 13], pad_token_id=None)
+    fake = SimpleNamespace(config=_config(max_new_tokens=None), eos=[2, 7], tokenizer=newline_tok)
+    options = LongBenchRunner.generation_options(fake, tasks.TASKS["samsum"])
+    assert options == {"max_new_tokens": 128, "min_new_tokens": 1, "eos_token_id": [2, 7, 13], "pad_token_id": 2}
+    assert LongBenchRunner.generation_options(fake, tasks.TASKS["trec"])["eos_token_id"] == [2, 7]
+
+
 def test_dense_and_compressed_rows_state_what_the_cache_held(shipped, tmp_path):
     model, tok = shipped
     config = _config(policies=needle.parse_policies([SNAP, "snapkv:budget=4096"], []))
@@ -135,6 +149,12 @@ def test_query_aware_compresses_the_context_and_appends_the_question(shipped, tm
     assert snap["query_aware"] and snap["question_tokens"] > 16
     # the context is cut to the budget; the question and the decoded tokens are all kept
     assert all(x["kept_max"] == 16 + snap["question_tokens"] + snap["new_tokens"] - 1 for x in snap["layers"])
+    # a truncation that cuts into the question leaves nothing to split: the whole prompt is compressed, and said so
+    cut = _config(tasks=["hotpotqa"], limit=1, compress="context", max_length=24,
+                  policies=needle.parse_policies([SNAP], [], with_dense=False))
+    with pytest.warns(UserWarning, match="hotpotqa sample 0: the question cannot be told apart"):
+        rows = LongBenchRunner(model, tok, cut, tmp_path / "cut").run(progress=False)
+    assert not rows[0]["query_aware"] and rows[0]["truncated"] and rows[0]["prompt_tokens"] <= 24
 
 
 def test_a_rerun_resumes_and_refuses_other_settings(shipped, tmp_path, monkeypatch):
