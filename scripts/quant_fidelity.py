@@ -16,8 +16,10 @@ import kvx
 from kvx.compose import from_spec
 from kvx.eval import bench
 
-POLICIES = ["int8", "kivi:bits=4", "kivi:bits=2", "mikv:budget=256+mixed:high_bits=8,low_bits=2",
-            "mikv:budget=256+mixed:high_bits=16,low_bits=2", "snapkv:budget=256+kivi:bits=4", "snapkv:budget=256"]
+POLICIES = ["int8", "kivi:bits=4", "kivi:bits=2", "kvquant:bits=4", "kvquant:bits=2", "kvquant:bits=2,outliers=0",
+            "mikv:budget=256+mixed:high_bits=8,low_bits=2", "mikv:budget=256+mixed:high_bits=16,low_bits=2",
+            "snapkv:budget=256+kivi:bits=4", "snapkv:budget=256", "head_budget:budget=256+kivi:bits=4",
+            "head_budget:budget=256"]
 
 
 def last_attention_output(model, ids: torch.Tensor, spec: str | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -331,7 +332,7 @@ class KernelCase:
     def bytes(self, elem: int) -> float:
         q_and_out = 2 * self.batch * self.heads * self.q_len * self.head_dim
         kv = 2 * self.batch * self.kv_heads * self.keys_read * self.head_dim
-        kv_elem = PACKED_INT4_BYTES if self.op == "packed_decode" else elem
+        kv_elem = PACKED_BYTES.get(self.op, elem)
         return float(q_and_out * elem + kv * kv_elem)
 
 
@@ -378,21 +379,29 @@ def _column_sums(q, k, v):
     return lambda: attention_column_sums(q, k, None, q.shape[-1] ** -0.5)
 
 
-def _packed_decode(q, k, v):
-    """Decode over a KIVI int4 cache of the same tokens (keys per channel, values per token, groups
-    of 32, float16 scale and zero point), packed outside the timing and dequantized inside the op
-    (the Triton kernel on GPU, the reference on CPU). A length that is not whole key groups is
-    packed padded, then its real tokens kept (a ``group_index``, as after an eviction)."""
+def _packed_decode(bits: int = 4, key_axis: str = "channel"):
+    """Decode over a packed cache of the same tokens (KIVI by default: keys per channel, values per
+    token; int8: both per token; groups of 32, float16 scale and zero point), packed outside the
+    timing and dequantized inside the op (the Triton kernel on GPU, the torch path on CPU). A length
+    that is not whole key groups is packed padded, then its real tokens kept (a ``group_index``, as
+    after an eviction)."""
     from kvx.kernels import quant
     from kvx.kernels.quant_kernels import packed_decode_attention
 
-    batch, kv_heads, length, dim = k.shape
-    padded = -(-length // KIVI_GROUP) * KIVI_GROUP
-    keys = quant.quantize(torch.nn.functional.pad(k, (0, 0, 0, padded - length)), 4, KIVI_GROUP, "channel")
-    if padded != length:
-        keys = quant.gather_tokens(keys, torch.arange(length, device=k.device).expand(batch, kv_heads, length))
-    values = quant.quantize(v, 4, min(KIVI_GROUP, dim), "token")
-    return lambda: packed_decode_attention(q, keys, values, None, dim**-0.5)
+    def op(q, k, v):
+        batch, kv_heads, length, dim = k.shape
+        group = math.gcd(KIVI_GROUP, dim)  # per-token groups must divide the head dim (80: 16)
+        if key_axis == "token":
+            keys = quant.quantize(k, bits, group, "token")
+        else:
+            padded = -(-length // KIVI_GROUP) * KIVI_GROUP
+            keys = quant.quantize(torch.nn.functional.pad(k, (0, 0, 0, padded - length)), bits, KIVI_GROUP, "channel")
+            if padded != length:
+                keys = quant.gather_tokens(keys, torch.arange(length, device=k.device).expand(batch, kv_heads, length))
+        values = quant.quantize(v, bits, group, "token")
+        return lambda: packed_decode_attention(q, keys, values, None, dim**-0.5)
+
+    return op
 
 
 KERNELS: dict[str, Callable] = {
@@ -404,12 +413,17 @@ KERNELS: dict[str, Callable] = {
     ),
     "ragged_decode": _ragged_decode,
     "h2o_column_sums": _column_sums,
-    "packed_decode": _packed_decode,
+    "packed_decode": _packed_decode(4),  # KIVI 4-bit
+    "packed_decode_kivi2": _packed_decode(2),
+    "packed_decode_int8": _packed_decode(8, key_axis="token"),
 }
 CAUSAL_OPS = ("attention_prefill", "h2o_column_sums")  # the prompt attends to itself; dense runs causal
 RAGGED_SHARE = 0.75  # mean share of the tokens each head keeps in the ragged_decode case
 KIVI_GROUP = 32  # the packed_decode case's group size
-PACKED_INT4_BYTES = 4 / 8 + 2 * 2 / KIVI_GROUP  # bytes per cached element of packed_decode: code, scale, zero
+PACKED_BYTES = {  # bytes per cached element of the packed cases: code, then a float16 scale and zero per group
+    "packed_decode": 4 / 8 + 2 * 2 / KIVI_GROUP, "packed_decode_kivi2": 2 / 8 + 2 * 2 / KIVI_GROUP,
+    "packed_decode_int8": 1 + 2 * 2 / KIVI_GROUP,
+}
 
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
