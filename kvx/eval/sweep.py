@@ -66,21 +66,29 @@ TOP_KEYS = {
 @dataclass(frozen=True)
 class Cell:
     """One policy on one benchmark at one length; ``line`` is the policy without its ratio (one line
-    per policy in the plots), ``ratio`` the compression ratio it was given (None: not applicable)."""
+    per policy in the plots), ``ratio`` the compression ratio it was given (None: not applicable),
+    ``settings`` a digest of the benchmark's settings (a changed setting makes new cells, never
+    reuses rows measured with the old one)."""
 
     benchmark: str
     length: int
     policy: str
     line: str
     ratio: float | None = None
+    settings: str = ""
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.benchmark, self.length, self.policy)
+    def key(self) -> tuple[str, int, str, str]:
+        return (self.benchmark, self.length, self.policy, self.settings)
 
     @property
     def slug(self) -> str:
-        return _safe(f"{self.benchmark}-{self.length}-{self.policy}")
+        return _safe(f"{self.benchmark}-{self.length}-{self.policy}-{self.settings}")
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, int, str, str]:
+    """The :attr:`Cell.key` of a results row."""
+    return (row["benchmark"], row["length"], row["policy"], row.get("settings", ""))
 
 
 def _option_names(name: str) -> dict[str, Any]:
@@ -129,19 +137,21 @@ def with_ratio(run: PolicyRun, ratio: float, length: int) -> PolicyRun | None:
 
 
 def expand(policies: list[PolicyRun], options: dict[str, list], ratios: list[float], benchmarks: list[str],
-           lengths: dict[str, list[int]]) -> list[Cell]:
+           lengths: dict[str, list[int]], settings: dict[str, str] | None = None) -> list[Cell]:
     """Every cell of the grid, in a fixed order (benchmark, length, policy, option combination,
-    ratio), dense first and each cell once."""
+    ratio), dense first and each cell once; ``settings``: each benchmark's settings digest."""
     combos = [dict(zip(options, values)) for values in itertools.product(*options.values())] or [{}]
     cells: dict[tuple, Cell] = {}
     for bench in benchmarks:
+        digest = (settings or {}).get(bench, "")
         for length in lengths[bench]:
-            cells.setdefault((bench, length, DENSE), Cell(bench, length, DENSE, DENSE))
+            dense = Cell(bench, length, DENSE, DENSE, settings=digest)
+            cells.setdefault(dense.key, dense)
             for run, combo in itertools.product(policies, combos):
                 base = with_options(run, combo)
                 for ratio in ratios or [None]:
                     ratioed = with_ratio(base, ratio, length) if ratio is not None else None
-                    cell = Cell(bench, length, (ratioed or base).label, base.label, ratio if ratioed else None)
+                    cell = Cell(bench, length, (ratioed or base).label, base.label, ratio if ratioed else None, digest)
                     cells.setdefault(cell.key, cell)
     return list(cells.values())
 
@@ -175,6 +185,14 @@ class Benchmark:
 
     def __init__(self, name: str, settings: dict[str, Any]):
         self.name, self.settings = name, settings
+
+    @property
+    def digest(self) -> str:
+        """A short digest of what shapes this benchmark's scores (its settings, lengths aside)."""
+        from kvx.eval.needle import _digest
+
+        shaping = {k: v for k, v in self.settings.items() if k not in ("name", "lengths")}
+        return _digest(json.dumps(shaping, sort_keys=True, default=str))[:8]
 
     @classmethod
     def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
@@ -322,7 +340,8 @@ class SweepConfig:
     device: str | None = None
 
     def cells(self) -> list[Cell]:
-        return expand(self.policies, self.options, self.ratios, [b.name for b in self.benchmarks], self.lengths)
+        return expand(self.policies, self.options, self.ratios, [b.name for b in self.benchmarks], self.lengths,
+                      {b.name: b.digest for b in self.benchmarks})
 
     def benchmark(self, name: str) -> Benchmark:
         return next(b for b in self.benchmarks if b.name == name)
@@ -420,7 +439,7 @@ class ResultsLog:
                 continue
             if not isinstance(row, dict) or IDENTITY_KEY in row or "policy" not in row:
                 continue
-            key = (row["benchmark"], row["length"], row["policy"])
+            key = row_key(row)
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
@@ -491,8 +510,14 @@ class Sweep:
 
     def pending(self) -> list[Cell]:
         """This shard's cells not yet in the results file, in grid order."""
-        done = {(r["benchmark"], r["length"], r["policy"]) for r in self.log.rows()}
+        done = {row_key(r) for r in self.log.rows()}
         return [cell for cell in shard(self.cells, self.rank, self.world) if cell.key not in done]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The results rows of this grid's cells (the file may hold others: cells since removed from
+        the config, or measured with other benchmark settings)."""
+        wanted = {cell.key for cell in self.cells}
+        return [row for row in self.log.rows() if row_key(row) in wanted]
 
     def load(self) -> Context:
         from kvx.eval.needle import load_causal_lm, load_tokenizer
@@ -642,7 +667,7 @@ def write_needle_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Pat
         if row.get("kind") != NeedleBenchmark.kind:
             continue
         label = row["line"] if row["ratio"] is None else f"{row['line']} @ ratio {row['ratio']:g}"
-        cell = Cell(row["benchmark"], row["length"], row["policy"], row["line"], row["ratio"])
+        cell = Cell(row["benchmark"], row["length"], row["policy"], row["line"], row["ratio"], row.get("settings", ""))
         for needle_row in load_results(out_dir / "cells" / cell.slug / "results.jsonl"):
             needle_rows.append({**needle_row, "policy": f"{row['benchmark']} {label}"})
     if not needle_rows:
@@ -669,8 +694,8 @@ def run_sweep(config_path: str | Path, out_dir: str | Path, rank: int | None = N
         dist.barrier()
     paths: list[Path] = []
     if rank == 0:
-        rows = sweep.log.rows()
-        missing = len({c.key for c in sweep.cells} - {(r["benchmark"], r["length"], r["policy"]) for r in rows})
+        rows = sweep.rows()
+        missing = len(sweep.cells) - len(rows)
         if missing:
             warnings.warn(f"{missing} of {len(sweep.cells)} cells are not in {sweep.log.path} yet "
                           "(other shards still running, or not started): the summary covers the rest", stacklevel=2)

@@ -1,6 +1,7 @@
 """``kvx sweep``: cells run on the shipped model, resume after an interruption without repeating or
 losing one, shard into disjoint parts whose union is the grid, and bad configs are refused up front."""
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,10 @@ def grid(directory: Path, policies: str = "[snapkv:window=8, streaming_llm:sink=
 
 
 def keys(rows) -> list[tuple]:
+    return [sweep.row_key(r) for r in rows]
+
+
+def labels(rows) -> list[tuple]:
     return [(r["benchmark"], r["length"], r["policy"]) for r in rows]
 
 
@@ -59,7 +64,7 @@ def test_two_cell_sweep(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["sweep", str(config), "--out", str(out), "--no-progress"]) == 0
     rows = sweep.ResultsLog(out / "results.jsonl").rows()
-    assert keys(rows) == [("needle", LENGTH, "dense"), ("needle", LENGTH, "streaming_llm:sink=4,window=20")]
+    assert labels(rows) == [("needle", LENGTH, "dense"), ("needle", LENGTH, "streaming_llm:sink=4,window=20")]
     dense, compressed = rows
     assert compressed["kept_tokens"] == LENGTH // 8 and dense["kept_tokens"] >= LENGTH
     assert compressed["kv_bytes"] < dense["kv_bytes"] / 4 and compressed["samples"] == dense["samples"] == 1
@@ -69,6 +74,11 @@ def test_two_cell_sweep(tmp_path, capsys):
     assert (out / "accuracy-vs-kv-needle.png").stat().st_size > 1000
     assert len(list((out / "heatmaps").glob("*.png"))) == 2
     assert "wrote" in capsys.readouterr().out
+    config.write_text(config.read_text().replace("depths: [50]", "depths: [60]"))  # other settings: new cells
+    assert main(["sweep", str(config), "--out", str(out), "--no-progress"]) == 0
+    rows = sweep.ResultsLog(out / "results.jsonl").rows()
+    assert len(rows) == 4 and len(set(keys(rows))) == 4 and rows[2]["settings"] != rows[0]["settings"]
+    assert json.loads((out / "summary.json").read_text())[0]["cells"] == 1  # the new grid's cells only
 
 
 def test_interrupted_sweep_resumes_without_repeating_or_losing_a_cell(tmp_path, monkeypatch):
@@ -87,7 +97,7 @@ def test_interrupted_sweep_resumes_without_repeating_or_losing_a_cell(tmp_path, 
     monkeypatch.setattr(needle.NeedleRunner, "run_cell", failing)
     with pytest.raises(RuntimeError, match="injected"):
         sweep.run_sweep(config, out, progress=False)
-    assert keys(sweep.ResultsLog(out / "results.jsonl").rows()) == [("needle", LENGTH, "dense")]
+    assert labels(sweep.ResultsLog(out / "results.jsonl").rows()) == [("needle", LENGTH, "dense")]
     calls.clear()
     monkeypatch.setattr(needle.NeedleRunner, "run_cell", lambda self, run, cell: (
         calls.append((run.label, cell.depth)), original(self, run, cell))[1])
