@@ -4,46 +4,14 @@ dense and compressed, and the compressed run really held less (kept counts and b
 import json
 
 import pytest
+from harness_task import LENGTH, TASK, write_task
 
 import kvx
 from kvx.cli import main
 from kvx.eval import lm_eval_bridge as bridge
 from kvx.eval import needle
 
-TASK = "kvx_tiny_needle"
-LENGTH = 192
 SINK, WINDOW = 4, 16
-
-
-def write_task(directory, tokenizer, docs: int = 3) -> None:
-    """A generate_until task over needle prompts of the shipped model, its data a local JSONL file."""
-    config = needle.NeedleConfig(lengths=[LENGTH], use_chat_template=False)
-    rows = []
-    for i in range(docs):
-        prompt = needle.build_cell_prompt(config, tokenizer, needle.Cell(LENGTH, 20.0 + 30 * i, "single", i))
-        rows.append({"prompt": tokenizer.decode(prompt.ids, skip_special_tokens=True),
-                     "answer": " ".join(prompt.spec.expected[0])})  # the tokenizer spells digits apart
-    (directory / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / "task.yaml").write_text(f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {directory / 'data.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: [" ."]
-  max_gen_toks: 12
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness_task import TASK, write_task
 
 from kvx.cli import main
 from kvx.eval import needle, sweep
@@ -138,6 +139,19 @@ def test_longbench_cells_run_through_the_longbench_runner(tmp_path):
     assert (dense["benchmark"], compressed["policy"]) == ("longbench/trec", "snapkv:ratio=0.5,window=8")
     assert compressed["kept_tokens"] < dense["kept_tokens"] and compressed["kv_bytes"] < dense["kv_bytes"]
     assert 0 <= compressed["score"] <= 1 and compressed["samples"] == 1
+
+
+def test_lm_eval_cells_run_through_kvx_model_type(tmp_path):
+    """An lm_eval benchmark on a local task: the compressed cell's calls kept (1 - ratio) x length tokens."""
+    write_task(tmp_path, needle.load_tokenizer(str(needle.DEFAULT_MODEL)))
+    config = write_config(tmp_path, f"policies: [streaming_llm:sink=4]\nratios: [0.875]\nlengths: [{LENGTH}]\n"
+                                    f"benchmarks:\n  - {{kind: lm_eval, tasks: [{TASK}], include_path: {tmp_path}, "
+                                    "default_tasks: false}\n")
+    sweep.run_sweep(config, tmp_path / "out", progress=False)
+    dense, compressed = sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
+    assert compressed["benchmark"] == f"lm_eval/{TASK}" and compressed["metric"] == "exact_match,none"
+    assert compressed["kept_tokens"] == LENGTH // 8 and dense["kept_tokens"] >= LENGTH - 8
+    assert dense["samples"] == compressed["samples"] == 3 and dense["score"] >= compressed["score"]
 
 
 def test_two_shards_write_disjoint_cells_whose_union_is_the_grid(tmp_path):
