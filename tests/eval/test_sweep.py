@@ -179,6 +179,28 @@ def test_torchrun_two_processes(tmp_path):
     assert (out / "summary.md").exists()
 
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["sweep-needle", "sweep-ruler", "sweep-longbench"])
+def test_example_configs_have_the_published_shape_and_patch(name, tmp_path):
+    """The configs in configs/ read, compare SnapKV, PyramidKV, StreamingLLM, H2O, KIVI and an eviction
+    policy composed with KIVI at ratios 0.25-0.875, and every policy of their grid patches a llama."""
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    if "kind: longbench" in text:  # its data is downloaded by the user: without it, a clear error
+        with pytest.raises(FileNotFoundError, match="--data data/longbench: no such directory"):
+            sweep.load_config(CONFIGS / f"{name}.yaml")
+        text = text.replace("data: data/longbench", f"data: {Path(__file__).parent / 'fixtures' / 'longbench'}, "
+                                                    "tasks: [trec]")
+    cells = sweep.load_config(write_config(tmp_path, text)).cells()
+    lines = {c.line.split("+")[0].split(":")[0] for c in cells}
+    assert {"dense", "snapkv", "pyramidkv", "streaming_llm", "h2o", "kivi"} <= lines
+    assert any("+kivi" in c.line for c in cells)
+    assert sorted({c.ratio for c in cells if c.ratio is not None}) == [0.25, 0.5, 0.75, 0.875]
+    model = needle.load_causal_lm(str(needle.DEFAULT_MODEL))
+    needle.check_patchable(model, needle.parse_policies(sorted({c.policy for c in cells if c.policy != "dense"}), []))
+
+
 @pytest.mark.parametrize("body,error", [
     (f"lengths: [{LENGTH}]\nbenchmarks: [{NEEDLE}]\npolicys: [snapkv]\n",
      r"unknown key\(s\) \['policys'\]; valid keys: benchmarks, device, dtype, lengths, model, options, policies"),
