@@ -457,12 +457,15 @@ class ResultsLog:
     def open(self, identity: dict[str, Any]) -> None:
         """Start the file with ``identity``, or check an existing file was written for the same model."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        draft.write_text(json.dumps({IDENTITY_KEY: identity}) + "\n")
         try:
-            with self.path.open("x") as f:
-                f.write(json.dumps({IDENTITY_KEY: identity}) + "\n")
+            os.link(draft, self.path)  # created with its first line in one step: a shard never sees it empty
             return
         except FileExistsError:
             pass
+        finally:
+            draft.unlink()
         old = self.identity()
         if old != identity:
             from kvx.eval.needle import _identity_differences
