@@ -73,3 +73,23 @@ def test_unknown_task_and_missing_include_path(task_dir, tmp_path):
         bridge.check_tasks(["kvx_tiny_needel"], manager)
     with pytest.raises(FileNotFoundError, match="no-such-dir: no such directory"):
         bridge.task_manager(tmp_path / "no-such-dir")
+
+
+@pytest.mark.parametrize("tasks,include,extra,message", [
+    (TASK, None, ["--metadata", "{max_seq_lengths: 4096}"], r"--metadata .*: not JSON"),
+    (TASK, None, ["--metadata", "[4096]"], r"--metadata .*: a JSON object"),
+    ("kvx_tiny_needel", None, [], r"unknown lm-eval task\(s\) 'kvx_tiny_needel' \(did you mean kvx_tiny_needle\?\)"),
+    (TASK, "/no/such/dir", [], r"include path /no/such/dir: no such directory"),
+    (TASK, None, ["--no-dense"], r"--no-dense leaves no policy to run"),
+    (TASK, None, ["--policy", "snapkv:budget"], r"options are written key=value, got 'budget'"),
+    (" , ", None, [], r"--tasks ' , ': give at least one task name"),
+])
+def test_bad_command_lines_are_refused_before_loading(task_dir, tmp_path, capsys, tasks, include, extra, message):
+    import re
+
+    argv = ["lm-eval", "--tasks", tasks, "--include-path", include or str(task_dir), "--no-default-tasks",
+            "--out", str(tmp_path), *extra]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kvx lm-eval: error: ") and re.search(message, error), error
+    assert not (tmp_path / "lm-eval.json").exists()
