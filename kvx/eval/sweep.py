@@ -327,7 +327,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {b.kind: b for b in (NeedleBenchmark, L
 
 @dataclass
 class SweepConfig:
-    """A sweep as its YAML describes it (see :data:`TOP_KEYS`), checked on construction."""
+    """A sweep as its YAML describes it (see :data:`TOP_KEYS`); :func:`load_config` reads and checks one."""
 
     benchmarks: list[Benchmark]
     lengths: dict[str, list[int]]  # per benchmark name
@@ -370,7 +370,7 @@ def _build_config(data: dict[str, Any]) -> SweepConfig:
     for index, entry in enumerate(_nonempty_list("benchmarks", data.get("benchmarks"), distinct=False)):
         for bench in _benchmarks_of(index, entry):
             if bench.name in per_bench:
-                raise ValueError(f"benchmarks[{index}]: a second benchmark named {bench.name!r}; give it another name:")
+                raise ValueError(f"benchmarks[{index}]: a second benchmark named {bench.name!r}; give it another name")
             own = bench.settings.get("lengths")
             per_bench[bench.name] = [parse_length(n) for n in _nonempty_list("lengths", own)] if own else lengths
             benchmarks.append(bench)
