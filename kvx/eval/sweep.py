@@ -491,7 +491,8 @@ class ResultsLog:
 
 
 def distributed_rank() -> tuple[int, int, Any]:
-    """``(rank, world, torch.distributed or None)``: a process group joined when torchrun started us."""
+    """``(rank, world, torch.distributed or None)``: a process group joined when torchrun started us,
+    nccl when every process of this node has a GPU of its own, else gloo (CPU, or shared GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
@@ -499,7 +500,11 @@ def distributed_rank() -> tuple[int, int, Any]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nccl = torch.cuda.is_available() and torch.cuda.device_count() >= per_node
+        if nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if nccl else "gloo")
     return dist.get_rank(), dist.get_world_size(), dist
 
 
