@@ -128,6 +128,8 @@ class LayerStats:
     nbytes: int
     kv_bytes: int = 0  # keys and values alone (nbytes adds bookkeeping: padding masks, offsets, stats)
     kept_per_head: list[list[int]] | None = None  # [B][Hkv], given where heads differ
+    blocks_computed: int | None = None  # attention blocks a block-sparse method computed for the prompt ...
+    blocks_causal: int | None = None  # ... of the causal ones (their ratio: the density it really ran at)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -214,8 +216,9 @@ class KVCache(Cache):
             kept = layer.kept_per_head()
             low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
             per_head = kept.tolist() if low != high else None
+            computed, causal = layer.attention_blocks or (None, None)
             return LayerStats(idx, layer.kind, layer.seen, layer.stored_slots(), low, high, layer_nbytes(layer),
-                              _kv_bytes(layer), per_head)
+                              _kv_bytes(layer), per_head, computed, causal)
         if isinstance(layer, SlidingWindowLayer):
             kind = f"sliding({layer.sliding_window})"
         else:  # a layer transformers keeps for the model (not attention, or attention kvx leaves alone)

@@ -75,10 +75,12 @@ def block_sparse_attention(
         rows = order[start:stop]
         q = queries[rows]  # [N, n, D]
         own_rows = own[rows]
-        own_bias = torch.where(causal, F.embedding(own_rows, bias)[:, None, :], -torch.inf)  # [N, n, n]
+        own_bias = F.embedding(own_rows, bias)  # [N, n]
+        # the own block, square and causal: is_causal alone unless it holds padding (or is not selected)
+        own_bias = None if bool((own_bias == 0).all()) else torch.where(causal, own_bias[:, None, :], -torch.inf)
         parts = [_attend(q, F.embedding(own_rows, keys).view(-1, n, dim),
                          F.embedding(own_rows, values).view(-1, n, value_dim), own_bias,
-                         block_seen[own_rows], scaling, softcap)]  # query r sees a real key in slots <= r
+                         block_seen[own_rows], scaling, softcap, causal=own_bias is None)]
         width = sorted_counts[stop - 1]
         if width:
             picked = others[rows, :width]  # [N, K]
@@ -96,17 +98,20 @@ def block_sparse_attention(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, sees: torch.Tensor,
-            scaling: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+            scaling: float, softcap: float | None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [N, n, D]`` over ``k [N, L, D]`` / ``v [N, L, Dv]`` with an additive ``bias
-    [N, 1|n, L]`` (0 / -inf) or None: ``(out [N, n, Dv], lse [N, n])`` float32. ``sees [N, 1|n]``:
-    whether a query sees any key; one that does not gets out 0, lse -inf."""
+    [N, 1|n, L]`` (0 / -inf) or None, and with ``causal`` (``L = n``) a causal mask: ``(out [N, n,
+    Dv], lse [N, n])`` float32. ``sees [N, 1|n]``: whether a query sees any key; one that does not
+    gets out 0, lse -inf."""
     if softcap is None and _FLASH is not None and k.shape[-1] == v.shape[-1]:  # (flash: one head dim)
         mask = None if bias is None else bias.to(q.dtype)[:, None]
-        out, lse = _FLASH(q[:, None], k[:, None], v[:, None], 0.0, False, attn_mask=mask, scale=scaling)
+        out, lse = _FLASH(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scaling)
         out, lse = out[:, 0].float(), lse[:, 0]
     else:
         logits = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)  # [N, n, L]
         logits = softcapped(logits, softcap)
+        if causal:
+            bias = torch.full(logits.shape[-2:], -torch.inf, device=q.device).triu_(1)
         if bias is not None:
             logits = logits.add_(bias)
         # the log-sum-exp from the largest probability, 1 / sum(exp(x - max)): an amax costs a tenth
@@ -115,7 +120,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         probs = torch.softmax(logits, dim=-1)
         lse = top - probs.amax(dim=-1).log_()
         out = torch.bmm(probs, v.float())
-    if bias is None:
+    if bias is None or bool(sees.all()):
         return out, lse
     sees = sees.expand(lse.shape)
     return out.masked_fill_(~sees[..., None], 0.0), lse.masked_fill(~sees, -torch.inf)

@@ -310,6 +310,25 @@ def block_grid(q_len: int, kv_len: int, block_size: int) -> tuple[int, int, int]
     return -(-q_len // block_size), num_key_blocks, num_key_blocks * block_size - kv_len
 
 
+def is_causal_over(mask: torch.Tensor, valid: torch.Tensor, block: int = 1024) -> bool:
+    """Whether ``mask [B|1, 1|H, q, S]`` lets every query (the last ``q`` slots) see exactly the
+    valid keys up to its own slot, ``valid [B, Hkv, S]`` (rows of padding queries are not looked
+    at). Compared ``block`` queries at a time: memory ``block x S``."""
+    q_len, kv_len = mask.shape[-2:]
+    batch, kv_heads = valid.shape[:2]
+    heads = mask.shape[1] if mask.shape[1] > 1 else kv_heads
+    if heads % kv_heads:
+        return False
+    keys = expand_kv_heads(valid, heads // kv_heads)[:, :, None, :]  # [B, H, 1, S]
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        want = keys & causal_mask(q_len, kv_len, mask.device)[..., start:stop, :]
+        own = keys[..., kv_len - q_len + start: kv_len - q_len + stop].transpose(-1, -2)  # [B, H, b, 1]
+        if bool(((mask[..., start:stop, :] != want) & own).any()):
+            return False
+    return True
+
+
 def block_sparse_mask(block_index: torch.Tensor, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
     """``[B, H, q, S]`` bool: the (query, key) pairs inside the blocks ``block_index [B, H, Qb, K]``
     selects (before causal and padding masks). Tests and the reference only: it is ``q x S``."""

@@ -71,9 +71,10 @@ def test_torch_path_without_the_flash_kernel_and_with_another_value_dim(monkeypa
     want = reference.block_sparse_attention(query, key, value, index, valid, 0.125, None, 32)
     _close(*block_sparse_attention(query, key, value, index, valid, 0.125, None, 32, backend="torch"), *want)
     monkeypatch.setattr(block_sparse_torch, "_FLASH", None)
-    query, key, value, index, valid = _case(2, 1, 4, 40, 300, 64, 32, density=0.4, padded=True)
-    want = reference.block_sparse_attention(query, key, value, index, valid, 0.125, None, 32)
-    _close(*block_sparse_attention(query, key, value, index, valid, 0.125, None, 32, backend="torch"), *want)
+    for padded in (True, False):
+        query, key, value, index, valid = _case(2, 1, 4, 40, 300, 64, 32, density=0.4, padded=padded)
+        want = reference.block_sparse_attention(query, key, value, index, valid, 0.125, None, 32)
+        _close(*block_sparse_attention(query, key, value, index, valid, 0.125, None, 32, backend="torch"), *want)
 
 
 def test_torch_path_computes_only_the_selected_blocks(monkeypatch):
@@ -82,9 +83,9 @@ def test_torch_path_computes_only_the_selected_blocks(monkeypatch):
     done = []
     real = block_sparse_torch._attend
 
-    def counting(q, k, *args):
+    def counting(q, k, *args, **kwargs):
         done.append(q.shape[0] * q.shape[1] * k.shape[1])
-        return real(q, k, *args)
+        return real(q, k, *args, **kwargs)
 
     monkeypatch.setattr(block_sparse_torch, "_attend", counting)
     block = 16

@@ -1,0 +1,172 @@
+"""Which key blocks each query block computes: scores estimated without a ``q x S`` matrix, and the
+index builder that turns scores (or a fixed pattern) into block lists for
+:func:`kvx.kernels.block_sparse.block_sparse_attention`.
+
+Everything runs on the tensors' device, vectorised over rows and heads (no Python loop over heads).
+The block grid is :mod:`kvx.kernels.reference`'s: aligned to the end of the keys, query block
+``j`` is key block ``Nb - Qb + j`` (its *own* block). Shapes: ``B`` batch, ``H`` query heads,
+``Hkv`` KV heads, ``G = H / Hkv``, ``q`` queries (the last ``q`` of ``S`` slots), ``n`` block size,
+``Qb`` / ``Nb`` query / key blocks.
+
+- :func:`pooled_block_scores`: mean-pooled query blocks against mean-pooled key blocks, softmax
+  over the causal key blocks (SeerAttention's and FlexPrefill's estimate, without a trained gate).
+- :func:`vertical_slash_scores`: MInference's estimate: the attention of the last queries, summed
+  down each key column (*vertical* lines) and along each diagonal (*slash* lines), spread to the
+  tiles those lines cross.
+- :func:`block_index`: per list, the sink and local blocks plus the best-scored blocks up to a
+  count (a density) or a cumulative score (a threshold).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvx.kernels import reference
+from kvx.kernels.reference import block_grid
+
+
+def first_real_block(key_valid: torch.Tensor | None, batch: int, heads: int, kv_len: int, block_size: int,
+                     device) -> torch.Tensor:
+    """``[B, H]`` the first key block of the grid holding a real key of each (row, query head):
+    where a row of a left-padded batch begins, so sinks are its first tokens, as for the row alone."""
+    pad = block_grid(1, kv_len, block_size)[2]
+    if key_valid is None:
+        return torch.zeros(batch, heads, dtype=torch.long, device=device)
+    first_slot = key_valid.to(torch.uint8).argmax(dim=-1)  # [B, Hkv] (0 where a head holds nothing)
+    return reference.expand_kv_heads((first_slot + pad) // block_size, heads // key_valid.shape[1])
+
+
+def _pool(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of ``x [B, h, L, D]`` over the real slots (``weight [B, h, L]``, 1 / 0) of each block of
+    the end-aligned grid: ``[B, h, ceil(L / n), D]`` float32 (zero where a block has none)."""
+    pad = -x.shape[-2] % block_size
+    x = F.pad(x.float() * weight[..., None], (0, 0, pad, 0))
+    weight = F.pad(weight, (pad, 0))
+    sums = x.view(*x.shape[:2], -1, block_size, x.shape[-1]).sum(dim=-2)
+    counts = weight.view(*weight.shape[:2], -1, block_size).sum(dim=-1, keepdim=True)
+    return sums / counts.clamp(min=1)
+
+
+def pooled_block_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
+                        block_size: int, softcap: float | None = None) -> torch.Tensor:
+    """``[B, H, Qb, Nb]`` float32: softmax over key blocks of each mean-pooled query block's logits
+    against the mean-pooled key blocks (real slots only), over the key blocks it may see (up to its
+    own, holding a real key); 0 elsewhere. ``Qb x Nb`` per head: never ``q x S``.
+
+    Args:
+        query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    num_qb, num_kb, _ = block_grid(q_len, kv_len, block_size)
+    valid = (torch.ones(batch, kv_heads, kv_len, device=key.device) if key_valid is None else key_valid.float())
+    keys = _pool(key, valid, block_size)  # [B, Hkv, Nb, D]
+    query_weight = reference.expand_kv_heads(valid[..., kv_len - q_len:], groups)  # a padding query weighs 0
+    queries = _pool(query, query_weight, block_size)  # [B, H, Qb, D]
+    logits = reference.grouped_logits(queries, keys, scaling, softcap).view(batch, heads, num_qb, num_kb)
+    pad = num_kb * block_size - kv_len
+    has_real = F.pad(valid, (pad, 0)).view(batch, kv_heads, num_kb, block_size).amax(dim=-1) > 0  # [B, Hkv, Nb]
+    has_real = reference.expand_kv_heads(has_real, groups)
+    visible = _causal_blocks(num_qb, num_kb, key.device) & has_real[:, :, None, :]
+    probs = torch.softmax(logits.masked_fill(~visible, -torch.inf), dim=-1)
+    return probs.nan_to_num_(0.0)
+
+
+def _causal_blocks(num_qb: int, num_kb: int, device) -> torch.Tensor:
+    """``[Qb, Nb]`` bool: key blocks up to each query block's own."""
+    own = num_kb - num_qb + torch.arange(num_qb, device=device)
+    return torch.arange(num_kb, device=device)[None, :] <= own[:, None]
+
+
+def vertical_slash_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
+                          block_size: int, last: int = 64, softcap: float | None = None) -> torch.Tensor:
+    """``[B, H, Qb, Nb]`` float32: MInference's vertical-slash estimate as tile scores.
+
+    The attention of the last ``last`` queries over every key (``last x S`` per head) is summed
+    down each key column (vertical lines: keys every query reads) and along each diagonal (slash
+    lines: keys at a fixed distance behind the query); a tile scores the mass of the columns in its
+    key block plus that of the diagonals crossing it (a diagonal ``d = m * n + r`` crosses ``n - r``
+    cells of the tiles ``m`` blocks below the diagonal and ``r`` of those ``m + 1`` below).
+
+    Args:
+        query: ``[B, H, q, D]`` (the last ``last`` of them are read); key: ``[B, Hkv, S, D]``.
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_len, groups = key.shape[2], heads // key.shape[1]
+    n = block_size
+    num_qb, num_kb, pad = block_grid(q_len, kv_len, n)
+    last = min(last, q_len)
+    mask = reference.causal_mask(last, kv_len, key.device)
+    if key_valid is not None:
+        mask = mask & reference.expand_kv_heads(key_valid, groups)[:, :, None, :]
+    probs = reference.window_attention_probs(query[:, :, -last:], key, mask, scaling, softcap)  # [B, Hkv, G, w, S]
+    probs = probs.reshape(batch, heads, last, kv_len) / last
+    columns = F.pad(probs.sum(dim=-2), (pad, 0)).view(batch, heads, num_kb, n).sum(dim=-1)  # [B, H, Nb]
+    # distance d = query slot - key slot of each (query, key); keys after a query carry no attention
+    distance = (torch.arange(kv_len - last, kv_len, device=key.device)[:, None]
+                - torch.arange(kv_len, device=key.device)[None, :]).clamp_(min=0)  # [w, S]
+    diagonals = probs.new_zeros(batch, heads, num_kb * n)
+    diagonals.scatter_add_(-1, distance.reshape(1, 1, -1).expand(batch, heads, -1), probs.reshape(batch, heads, -1))
+    # a diagonal m * n + r lies (n - r) / n in block-diagonal m, r / n in m + 1
+    by_offset = diagonals.view(batch, heads, num_kb, n)
+    share = torch.arange(n, device=key.device, dtype=torch.float32) / n  # r / n
+    block_diagonals = (by_offset * (1 - share)).sum(-1) + F.pad((by_offset * share).sum(-1), (1, 0))[..., :num_kb]
+    own = num_kb - num_qb + torch.arange(num_qb, device=key.device)
+    behind = (own[:, None] - torch.arange(num_kb, device=key.device)[None, :])  # [Qb, Nb] block-diagonal of a tile
+    tiles = columns[:, :, None, :] + block_diagonals[:, :, behind.clamp(min=0)]  # [B, H, Qb, Nb]
+    return tiles.masked_fill_(behind < 0, 0.0)
+
+
+def block_index(
+    scores: torch.Tensor | None,
+    num_qb: int,
+    num_kb: int,
+    first_block: torch.Tensor,
+    sink: int,
+    local: int,
+    density: float | None = None,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Block lists ``[B, H, Qb, K]`` (int32, ``-1`` = none) for
+    :func:`kvx.kernels.block_sparse.block_sparse_attention`.
+
+    Each list holds the key blocks its query block may see (from ``first_block [B, H]``, a row's
+    first real block, up to its own) that are among: the first ``sink`` of them, the last ``local``
+    (its own included), and the best ``scores [B, H, Qb, Nb]`` up to ``ceil(density * visible)``
+    blocks, or up to the fewest whose scores (normalised over the visible blocks) sum to
+    ``threshold``; a list never holds fewer than its sink and local blocks. ``scores`` None: sink
+    and local blocks alone (A-shape).
+    """
+    batch, heads = first_block.shape
+    device = first_block.device
+    blocks = torch.arange(num_kb, device=device)
+    own = (num_kb - num_qb + torch.arange(num_qb, device=device))[:, None]  # [Qb, 1]
+    first = first_block[:, :, None, None]  # [B, H, 1, 1]
+    visible = (blocks >= first) & (blocks <= own)  # [B, H, Qb, Nb]
+    forced = visible & ((blocks < first + sink) | (blocks > own - local))
+    count = forced.sum(-1)  # [B, H, Qb]
+    rank_by = forced.float().masked_fill(~visible, -torch.inf)
+    if scores is not None:
+        weights = scores.float().masked_fill(~visible, 0.0)
+        rank_by = torch.where(forced, torch.inf, weights.masked_fill(~visible, -torch.inf))
+        if density is not None:
+            wanted = torch.ceil(density * visible.sum(-1).double() - 1e-9).long()
+            count = torch.maximum(count, wanted.clamp(max=visible.sum(-1)))
+        elif threshold is not None:
+            count = torch.maximum(count, _threshold_count(weights, rank_by, threshold).clamp(max=visible.sum(-1)))
+    width = max(1, int(count.max()))
+    top = rank_by.topk(width, dim=-1, sorted=True).indices  # [B, H, Qb, K]
+    index = torch.where(torch.arange(width, device=device) < count[..., None], top, -1)
+    return index.to(torch.int32)
+
+
+def _threshold_count(weights: torch.Tensor, rank_by: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[B, H, Qb]`` the fewest blocks, taken in ``rank_by`` order (forced ones first), whose
+    ``weights`` (normalised per list) sum to ``threshold`` or more."""
+    order = rank_by.argsort(dim=-1, descending=True, stable=True)
+    mass = weights.gather(-1, order)
+    mass = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+    before = mass.cumsum(-1) - mass  # mass of the blocks ranked ahead of each
+    return (before < threshold - 1e-6).sum(-1)

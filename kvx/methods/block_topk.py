@@ -1,0 +1,43 @@
+"""Block top-k: per head, mean-pooled query blocks against mean-pooled key blocks estimate which key
+blocks matter to each query block; each keeps the best up to a density, or the fewest whose
+estimated attention sums to a threshold, with sink and local blocks.
+
+Papers: Gao et al., "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs" (2024), here
+without its trained gate (plain pooled scores, :func:`kvx.kernels.block_index.pooled_block_scores`);
+the threshold is FlexPrefill's adaptive budget (Lai et al., "FlexPrefill: A Context-Aware Sparse
+Attention Mechanism for Efficient Long-Sequence Inference", ICLR 2025). A prefill method: decode
+steps attend densely, and what is stored never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvx.kernels.block_index import pooled_block_scores
+from kvx.methods.base import register_method
+from kvx.methods.block_sparse import BlockSparseMethod
+from kvx.policy import option, register_policy
+
+
+@register_method
+@register_policy
+@dataclass
+class BlockTopK(BlockSparseMethod):
+    """Pooled block scores, top blocks per query block by density or cumulative threshold (SeerAttention
+    without a gate, Gao et al., 2024; FlexPrefill's threshold, Lai et al., 2025)."""
+
+    name: ClassVar[str] = "block_topk"
+    summary: ClassVar[str] = ("prefill: top key blocks per query block by mean-pooled scores, by density or "
+                              "cumulative threshold (SeerAttention / FlexPrefill)")
+
+    density: float = option(0.1, "share of the causal key blocks each query block computes, in (0, 1]")
+    threshold: float | None = option(None, "instead of density: keep the fewest blocks whose pooled scores "
+                                           "sum to this share, in (0, 1]")
+
+    @classmethod
+    def exact_options(cls) -> dict:
+        return {"density": 1.0, "threshold": None}
+
+    def scores(self, query, keys, valid, scaling, softcap):
+        return pooled_block_scores(query, keys, valid, scaling, self.block_size, softcap)
