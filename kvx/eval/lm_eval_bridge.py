@@ -183,6 +183,9 @@ def evaluate(lm: KvxLM, tasks: list[str], manager=None, limit: int | float | Non
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(metadata=metadata)
+    if metadata is not None and manager.metadata != metadata:  # the harness would silently use the manager's
+        raise ValueError(f"metadata {metadata} differs from the task manager's ({manager.metadata}); the tasks would "
+                         "get the manager's: build it with task_manager(..., metadata)")
     check_tasks(tasks, manager)
     lm.kv_records.clear()
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, metadata=metadata,

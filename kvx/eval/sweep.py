@@ -254,26 +254,33 @@ class LmEvalBenchmark(Benchmark):
             raise FileNotFoundError(f"include path {path}: no such directory (it holds task YAML files)")
         return [cls(f"{entry.get('name', 'lm_eval')}/{task}", {**entry, "task": task}) for task in tasks]
 
-    def manager(self):
+    def metadata(self, length: int, context: Context) -> dict[str, Any]:
+        """The tasks' metadata at ``length``: the config's, the model as ``tokenizer``, ``max_seq_lengths``."""
+        return {"tokenizer": context.model_path, **(self.settings.get("metadata") or {}), "max_seq_lengths": [length]}
+
+    def manager(self, metadata: dict[str, Any]):
+        """lm-eval's task manager for ``metadata`` (the harness gives tasks the manager's metadata, not
+        the evaluation's, so there is one per length), built once each."""
         from kvx.eval import lm_eval_bridge as bridge
 
-        if getattr(self, "_manager", None) is None:
-            path = self.settings.get("include_path")
-            self._manager = bridge.task_manager(path, include_defaults=self.settings.get("default_tasks", True))
-        return self._manager
+        managers = self.__dict__.setdefault("_managers", {})
+        key = json.dumps(metadata, sort_keys=True, default=str)
+        if key not in managers:
+            managers[key] = bridge.task_manager(self.settings.get("include_path"), metadata,
+                                                include_defaults=self.settings.get("default_tasks", True))
+        return managers[key]
 
     def check(self, context: Context, cells: list[Cell]) -> None:
         from kvx.eval import lm_eval_bridge as bridge
 
-        bridge.check_tasks([self.settings["task"]], self.manager())
+        bridge.check_tasks([self.settings["task"]], self.manager(self.metadata(cells[0].length, context)))
 
     def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
         from kvx.eval import lm_eval_bridge as bridge
 
-        metadata = {"tokenizer": context.model_path, **(self.settings.get("metadata") or {}),
-                    "max_seq_lengths": [cell.length]}
+        metadata = self.metadata(cell.length, context)
         (row,) = bridge.evaluate_policy(context.model, context.tokenizer, None if run.name == DENSE else run.label,
-                                        [self.settings["task"]], self.manager(), limit=self.settings.get("limit"),
+                                        [self.settings["task"]], self.manager(metadata), limit=self.settings.get("limit"),
                                         metadata=metadata, batch_size=self.settings.get("batch_size", 1),
                                         max_length=self.settings.get("max_length"))
         return {"score": row["score"], "metric": row["metric"], "kv_bytes": row["kv_bytes_mean"],

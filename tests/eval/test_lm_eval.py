@@ -73,6 +73,8 @@ def test_unknown_task_and_missing_include_path(task_dir, tmp_path):
         bridge.check_tasks(["kvx_tiny_needel"], manager)
     with pytest.raises(FileNotFoundError, match="no-such-dir: no such directory"):
         bridge.task_manager(tmp_path / "no-such-dir")
+    with pytest.raises(ValueError, match="differs from the task manager's"):  # lm-eval would ignore it
+        bridge.evaluate(None, [TASK], manager, metadata={"max_seq_lengths": [4096]})
 
 
 @pytest.mark.parametrize("tasks,include,extra,message", [

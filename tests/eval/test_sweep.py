@@ -141,13 +141,19 @@ def test_longbench_cells_run_through_the_longbench_runner(tmp_path):
     assert 0 <= compressed["score"] <= 1 and compressed["samples"] == 1
 
 
-def test_lm_eval_cells_run_through_kvx_model_type(tmp_path):
+def test_lm_eval_cells_run_through_kvx_model_type(tmp_path, monkeypatch):
     """An lm_eval benchmark on a local task: the compressed cell's calls kept (1 - ratio) x length tokens."""
     write_task(tmp_path, needle.load_tokenizer(str(needle.DEFAULT_MODEL)))
     config = write_config(tmp_path, f"policies: [streaming_llm:sink=4]\nratios: [0.875]\nlengths: [{LENGTH}]\n"
                                     f"benchmarks:\n  - {{kind: lm_eval, tasks: [{TASK}], include_path: {tmp_path}, "
                                     "default_tasks: false}\n")
+    from kvx.eval import lm_eval_bridge as bridge
+
+    metadata, evaluate = [], bridge.evaluate
+    monkeypatch.setattr(bridge, "evaluate", lambda lm, tasks, manager, **kw: (
+        metadata.append(manager.metadata), evaluate(lm, tasks, manager, **kw))[1])
     sweep.run_sweep(config, tmp_path / "out", progress=False)
+    assert metadata == [{"tokenizer": str(needle.DEFAULT_MODEL), "max_seq_lengths": [LENGTH]}] * 2  # what RULER reads
     dense, compressed = sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
     assert compressed["benchmark"] == f"lm_eval/{TASK}" and compressed["metric"] == "exact_match,none"
     assert compressed["kept_tokens"] == LENGTH // 8 and dense["kept_tokens"] >= LENGTH - 8
