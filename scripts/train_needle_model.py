@@ -1,17 +1,33 @@
-"""Train kvx's small needle-retrieval model from scratch, on CPU (or a GPU when there is one).
+"""Train one of kvx's small needle-retrieval models from scratch, on CPU (or a GPU when there is one).
 
-    python scripts/train_needle_model.py --out kvx/assets/needle-llama
+    python scripts/train_needle_model.py --out kvx/assets/needle-llama                 # preset needle-llama
+    python scripts/train_needle_model.py --preset keys --out runs/train17/model \\
+        --checkpoint-dir runs/train17 --threads 1                                      # preset keys (issue 17)
 
 What it builds:
 - a word-level tokenizer over the generator's vocabulary (digits are single tokens), saved as a
   ``PreTrainedTokenizerFast`` (loads with ``AutoTokenizer``);
-- a Llama-architecture model with GQA (hyper-parameters below), trained on prompts from
-  ``kvx.eval.haystack`` (the generator ``kvx needle`` uses), loss on the answer tokens only,
-  plus a small auxiliary next-token loss elsewhere, with a length curriculum; each stage re-warms
-  the learning rate (raising the length with a high learning rate makes the loss spike);
-- ``save_pretrained`` in safetensors, with ``training_log.jsonl``.
+- a Llama-architecture model with GQA (a preset's ``model``), trained on prompts from
+  ``kvx.eval.haystack`` (the generator ``kvx needle`` uses), loss on the answer tokens, plus a
+  small auxiliary next-token loss elsewhere, with a curriculum of stages (lengths, variant mix,
+  distractor counts); each stage starts a fresh AdamW and re-warms the learning rate (raising the
+  length with a high learning rate makes the loss spike);
+- ``save_pretrained`` in safetensors after every stage, with ``training_log.jsonl``.
 
-Every choice is seeded: the same command gives the same model on the same machine.
+Presets:
+- ``needle-llama``: the first shipped model (3 layers, 2 KV heads, up to 4K tokens). It finds a
+  single needle but does not match keys.
+- ``keys``: issue 17's model (4 layers, 8 query / 4 KV heads, up to 8K tokens), with a curriculum
+  built on what the first one taught: a copy circuit first (single needles, with numbers in the
+  filler from the start so "copy the only number" never works), then one distractor key, then
+  their number raised slowly, negatives ("none") and several values only once keys are matched,
+  then the length raised stage by stage to 2x past 4K at a lower, re-warmed learning rate.
+
+Resumable: with ``--checkpoint-dir`` it writes ``checkpoint.pt`` there every ``--checkpoint-every``
+steps and at each stage's end (model, optimizer, stage, step, every RNG state, the log so far),
+and a rerun of the same command continues from it exactly where it stopped (same batches, same
+weights as an uninterrupted run). Every choice is seeded: the same command gives the same model on
+the same machine.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,11 +44,15 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles
+from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles, score_answer
 
 
 @dataclass
 class Stage:
+    """One curriculum stage: ``steps`` optimizer steps on batches of one length drawn from
+    ``[min_len, max_len]`` tokens, a fresh AdamW at peak ``lr`` (warm-up over the first 10%, a
+    plateau, cosine decay over the last 40%)."""
+
     steps: int
     min_len: int
     max_len: int
@@ -39,31 +60,90 @@ class Stage:
     lr: float
     number_rate: float = 0.25  # filler sentences with numbers (0: the needle is the only number)
     variant_weights: tuple[float, ...] = (0.3, 0.45, 0.1, 0.15)  # single, multikey, multivalue, absent
+    distractors: tuple[int, int] = (1, 3)  # distractor needles per multikey/absent prompt: uniform in this range
+    values: tuple[int, int] = (2, 3)  # values per multivalue prompt
+
+
+@dataclass
+class Preset:
+    """A model shape, its curriculum and its loss, under one name."""
+
+    model: dict
+    stages: list[Stage]
+    lm_weight: float = 0.2  # auxiliary next-token loss on the non-answer tokens (helps copy circuits form)
+    name: str = "needle-llama"
+    eval_lengths: tuple[int, ...] = (256, 1024, 2048, 4096)  # stage-end greedy check of single needles
+    # every ``eval_every`` steps and at each stage's end: teacher-forced exact match of these variants
+    # (multikey with ``eval_distractors`` distractors) at the stage's longest length, ``eval_count`` prompts each
+    eval_variants: tuple[str, ...] = ()
+    eval_distractors: int = 3
+    eval_count: int = 16
+    eval_every: int = 0
+    card_notes: str = ""
 
 
 EASY = (0.8, 0.2, 0.0, 0.0)
-STAGES = [
-    # copy circuit first: the needle's value is the only number around, mostly one needle
-    Stage(steps=600, min_len=80, max_len=160, batch=32, lr=2e-3, number_rate=0.0, variant_weights=EASY),
-    # then the real task: numbers in the filler, distractor keys, negatives, several values
-    Stage(steps=1500, min_len=96, max_len=256, batch=32, lr=2e-3),
-    Stage(steps=800, min_len=256, max_len=1024, batch=8, lr=1e-3),
-    Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4),
-    Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=4e-4),
-]
-LM_WEIGHT = 0.2  # auxiliary next-token loss on the non-answer tokens (helps copy circuits form)
-
-MODEL = dict(
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    rope_theta=1e6,
-    max_position_embeddings=16384,
-    tie_word_embeddings=True,
+NEEDLE_LLAMA = Preset(
+    name="needle-llama",
+    model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, rope_theta=1e6, max_position_embeddings=16384,
+               tie_word_embeddings=True),
+    stages=[
+        # copy circuit first: the needle's value is the only number around, mostly one needle
+        Stage(steps=600, min_len=80, max_len=160, batch=32, lr=2e-3, number_rate=0.0, variant_weights=EASY),
+        # then the real task: numbers in the filler, distractor keys, negatives, several values
+        Stage(steps=1500, min_len=96, max_len=256, batch=32, lr=2e-3),
+        Stage(steps=800, min_len=256, max_len=1024, batch=8, lr=1e-3),
+        Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4),
+        Stage(steps=400, min_len=2048, max_len=4096, batch=2, lr=4e-4),
+    ],
 )
+
+SINGLE = (1.0, 0.0, 0.0, 0.0)
+KEYS_PRESET = Preset(
+    name="keys",
+    # 4 layers x 4 KV heads (8 query heads, GQA 2), head dim 32: ~1.1M parameters, ~4.5 MB in fp32
+    model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=32, rope_theta=1e6, max_position_embeddings=16384,
+               tie_word_embeddings=True),
+    stages=[
+        # 0. copy circuit: one needle, numbers in the filler already (2-3 digits; the value has 4)
+        Stage(steps=600, min_len=64, max_len=160, batch=32, lr=2e-3, variant_weights=SINGLE),
+        # 1. one distractor key: the copy must now follow the asked key
+        Stage(steps=1200, min_len=64, max_len=192, batch=32, lr=2e-3, variant_weights=(0.4, 0.6, 0.0, 0.0),
+              distractors=(1, 1)),
+        # 2. more distractors, slowly; negatives and several values join once keys are matched
+        Stage(steps=1200, min_len=96, max_len=256, batch=32, lr=1.5e-3, variant_weights=(0.25, 0.55, 0.1, 0.1),
+              distractors=(1, 3)),
+        Stage(steps=1200, min_len=128, max_len=384, batch=24, lr=1.2e-3, variant_weights=(0.2, 0.5, 0.15, 0.15),
+              distractors=(1, 4)),
+        # 3. length, at a lower learning rate re-warmed each stage
+        Stage(steps=800, min_len=384, max_len=1024, batch=8, lr=1e-3, variant_weights=(0.2, 0.5, 0.15, 0.15),
+              distractors=(2, 4)),
+        Stage(steps=600, min_len=1024, max_len=2048, batch=4, lr=7e-4, variant_weights=(0.2, 0.5, 0.15, 0.15),
+              distractors=(2, 4)),
+        Stage(steps=500, min_len=2048, max_len=4096, batch=2, lr=4e-4, variant_weights=(0.2, 0.5, 0.15, 0.15),
+              distractors=(2, 4)),
+        Stage(steps=300, min_len=4096, max_len=6144, batch=1, lr=2.5e-4, variant_weights=(0.2, 0.5, 0.15, 0.15),
+              distractors=(2, 4)),
+    ],
+    eval_lengths=(1024, 4096),
+    eval_variants=("single", "multikey", "absent", "multivalue"),
+    eval_every=200,
+)
+
+PRESETS = {p.name: p for p in (NEEDLE_LLAMA, KEYS_PRESET)}
+
+TINY = Preset(  # for tests: seconds on a CPU
+    name="tiny",
+    model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, rope_theta=1e4, max_position_embeddings=1024,
+               tie_word_embeddings=True),
+    stages=[Stage(steps=4, min_len=48, max_len=64, batch=2, lr=2e-3, variant_weights=SINGLE),
+            Stage(steps=4, min_len=80, max_len=96, batch=2, lr=1e-3, distractors=(1, 2))],
+    eval_lengths=(64,), eval_variants=("multikey", "absent"), eval_distractors=1, eval_count=2, eval_every=3,
+)
+PRESETS[TINY.name] = TINY
 
 
 def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +152,7 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
     rows, labels = [], []
     for _ in range(stage.batch):
         variant = rng.choices(VARIANTS, weights=stage.variant_weights)[0]
-        spec = make_needles(variant, rng, distractors=rng.randint(1, 3), values=rng.randint(2, 3))
+        spec = make_needles(variant, rng, distractors=rng.randint(*stage.distractors), values=rng.randint(*stage.values))
         answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prompt = build_prompt(
             tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, number_rate=stage.number_rate
@@ -82,13 +162,13 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
     return torch.tensor(rows), torch.tensor(labels)
 
 
-def training_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy on the answer tokens + ``LM_WEIGHT`` x mean next-token loss elsewhere."""
+def training_loss(model, ids: torch.Tensor, labels: torch.Tensor, lm_weight: float) -> torch.Tensor:
+    """Mean cross-entropy on the answer tokens + ``lm_weight`` x mean next-token loss elsewhere."""
     logits = model(ids).logits[:, :-1].float()
     targets = ids[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     is_answer = labels[:, 1:] != -100
-    return per_token[is_answer].mean() + LM_WEIGHT * per_token[~is_answer].mean()
+    return per_token[is_answer].mean() + lm_weight * per_token[~is_answer].mean()
 
 
 @torch.no_grad()
@@ -102,8 +182,6 @@ def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
 @torch.no_grad()
 def quick_accuracy(model, tokenizer, length: int, count: int, seed: int, device) -> float:
     """Greedy exact match on single-needle prompts at random depths."""
-    from kvx.eval.haystack import score_answer
-
     rng = random.Random(seed)
     model.eval()
     correct = 0.0
@@ -118,24 +196,131 @@ def quick_accuracy(model, tokenizer, length: int, count: int, seed: int, device)
     return correct / count
 
 
+@torch.no_grad()
+def variant_accuracy(model, tokenizer, variant: str, length: int, count: int, distractors: int, seed: int,
+                     device) -> float:
+    """Teacher-forced exact match of ``count`` prompts of one variant, in one batch: a row counts when
+    every answer token (value digits, separators, the final period) is the model's argmax. That is
+    greedy exact match (greedy decoding of a right answer takes exactly these argmaxes), a little
+    stricter (a right value followed by a wrong period fails here). Its own RNG: training is unchanged."""
+    rng = random.Random(seed)
+    rows, starts = [], []
+    for _ in range(count):
+        spec = make_needles(variant, rng, distractors=distractors, values=3)
+        answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"]
+        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng)
+        rows.append(prompt.ids + answer)
+        starts.append(len(prompt.ids))
+    ids = torch.tensor(rows, device=device)
+    was_training = model.training
+    model.eval()
+    predicted = model(ids).logits[:, :-1].argmax(-1)  # [B, T-1]: prediction of token t+1
+    model.train(was_training)
+    hits = [bool((predicted[b, s - 1:] == ids[b, s:]).all()) for b, s in enumerate(starts)]
+    return sum(hits) / count
+
+
+def quick_eval(model, tokenizer, preset: Preset, length: int, device, seed: int) -> dict[str, float]:
+    """Teacher-forced exact match of every ``preset.eval_variants`` at ``length`` tokens."""
+    return {v: round(variant_accuracy(model, tokenizer, v, length, preset.eval_count, preset.eval_distractors,
+                                      seed + i, device), 3)
+            for i, v in enumerate(preset.eval_variants)}
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """Warm up over the first 10% of a stage, hold, then cosine over its last 40%."""
+    warmup = max(1, steps // 10)
+    decay = 1.0 if step < 0.6 * steps else 0.5 * (1 + math.cos(math.pi * (step - 0.6 * steps) / (0.4 * steps)))
+    return min(1.0, (step + 1) / warmup) * decay
+
+
+def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+
+def build_model(tokenizer, preset: Preset, init_from: Path | None = None) -> LlamaForCausalLM:
+    if init_from:
+        return LlamaForCausalLM.from_pretrained(init_from)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **preset.model,
+    )
+    return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(directory: Path, *, preset: Preset, seed: int, steps_scale: float, model, optimizer,
+                    stage: int, step: int, rng: random.Random, log_rows: list[dict], elapsed: float) -> None:
+    """Everything a resumed run needs to continue exactly: written to a temporary file, then renamed
+    (a kill while writing leaves the previous checkpoint whole)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "preset": preset.name, "seed": seed, "steps_scale": steps_scale,
+        "stage": stage, "step": step,  # the next step to run
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "rng": rng.getstate(), "python_random": random.getstate(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "log": log_rows, "elapsed": elapsed,
+    }
+    tmp = directory / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT)
+
+
+def load_checkpoint(directory: Path | None, preset: Preset, seed: int, steps_scale: float) -> dict | None:
+    """The checkpoint in ``directory`` (None when there is none); refuses one of other settings."""
+    if directory is None or not (directory / CHECKPOINT).exists():
+        return None
+    state = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)
+    mine = {"preset": preset.name, "seed": seed, "steps_scale": steps_scale}
+    theirs = {k: state[k] for k in mine}
+    if theirs != mine:
+        raise SystemExit(f"{directory / CHECKPOINT} was written with {theirs}, not {mine}: "
+                         "use another --checkpoint-dir or the same settings")
+    return state
+
+
+def export_checkpoint(preset: Preset, checkpoint_dir: Path | None, out: Path, seed: int = 0,
+                      steps_scale: float = 1.0) -> None:
+    """Save the checkpoint's model and the tokenizer into ``out`` (loads with ``from_pretrained``)."""
+    state = load_checkpoint(checkpoint_dir, preset, seed, steps_scale)
+    if state is None:
+        raise SystemExit(f"no {CHECKPOINT} in {checkpoint_dir}")
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, preset)
+    model.load_state_dict(state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "checkpoint.json").write_text(json.dumps({"preset": preset.name, "seed": seed, "stage": state["stage"],
+                                                     "step": state["step"]}) + "\n")
+    print(f"saved the model at stage {state['stage']}, step {state['step']} into {out}")
+
+
+# ----------------------------------------------------------------------------------- model card
+
 CARD = """---
 library_name: transformers
 tags: [kvx, needle-in-a-haystack, synthetic]
 ---
-# kvx needle-llama
+# kvx {name}
 
 A {params:,}-parameter Llama-architecture model (GQA: {heads} query / {kv_heads} KV heads, head dim
 {head_dim}, {layers} layers, hidden {hidden}) trained from scratch by `scripts/train_needle_model.py`
-(seed {seed}) on kvx's synthetic needle-in-a-haystack task (`kvx.eval.haystack`), so that kvx can
-measure what KV-cache compression does to retrieval without downloading anything. It knows
-nothing else: its whole world is filler sentences, needles and questions.
-
+(preset `{preset}`, seed {seed}) on kvx's synthetic needle-in-a-haystack task (`kvx.eval.haystack`),
+so that kvx can measure what KV-cache compression does to retrieval without downloading anything.
+It knows nothing else: its whole world is filler sentences, needles and questions.
+{notes}
 ## Training
 
 - Tokenizer: word level over the generator's vocabulary ({vocab} tokens), every digit a token.
 - Loss: cross-entropy on the answer tokens, plus {lm_weight} x next-token loss on the other tokens.
-- AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0; per stage a linear warm-up,
-  a plateau, then a cosine decay over the last 40% of the stage.
+- AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0; per stage a fresh optimizer, a
+  linear warm-up, a plateau, then a cosine decay over the last 40% of the stage.
 - Curriculum (lengths in tokens; variant weights single / multikey / multivalue / absent):
 
 {stages}
@@ -148,7 +333,7 @@ nothing else: its whole world is filler sentences, needles and questions.
 """
 
 
-def write_model_card(out: Path, seed: int, scores: str) -> None:
+def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_LLAMA) -> None:
     """README.md of the saved model: architecture, curriculum, training time, measured scores."""
     from transformers import AutoConfig
 
@@ -157,83 +342,150 @@ def write_model_card(out: Path, seed: int, scores: str) -> None:
     stages = "\n".join(
         f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
         f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
-        for i, st in enumerate(STAGES)
+        + (f", distractors {st.distractors[0]}-{st.distractors[1]}" if preset is not NEEDLE_LLAMA else "")
+        for i, st in enumerate(preset.stages)
     )
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    title = "needle-llama" if preset is NEEDLE_LLAMA else out.name
     (out / "README.md").write_text(CARD.format(
+        name=title, preset=preset.name, notes=preset.card_notes and "\n" + preset.card_notes + "\n",
         params=params, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim, layers=config.num_hidden_layers, hidden=config.hidden_size, seed=seed,
-        vocab=config.vocab_size, lm_weight=LM_WEIGHT, stages=stages, minutes=max(r.get("minutes", 0) for r in log),
+        vocab=config.vocab_size, lm_weight=preset.lm_weight, stages=stages,
+        minutes=max(r.get("minutes", 0) for r in log),
         device="2 CPU cores (shared with other work while it ran)", scores=scores,
     ))
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, checkpoint_dir: Path | None = None,
+          checkpoint_every: int = 100, init_from: Path | None = None, stop_after: int | None = None,
+          verbose: bool = True) -> LlamaForCausalLM:
+    """Run (or resume) ``preset``'s curriculum; save the model into ``out`` after every stage.
+
+    ``stop_after``: return after this many optimizer steps in this call (a checkpoint is written
+    first), as a kill would: for tests of resuming."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, preset, init_from).to(device)
+    state = load_checkpoint(checkpoint_dir, preset, seed, steps_scale)
+    first_stage, first_step, log_rows, elapsed = 0, 0, [], 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        first_stage, first_step, log_rows, elapsed = state["stage"], state["step"], state["log"], state["elapsed"]
+        rng.setstate(state["rng"])
+        random.setstate(state["python_random"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "training_log.jsonl"
+
+    def record(row: dict) -> None:
+        log_rows.append(row)
+        if verbose:
+            print(json.dumps(row), flush=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+
+    if state is None:
+        where = str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        record({"preset": preset.name, "seed": seed, "device": where,
+                "parameters": sum(p.numel() for p in model.parameters())})
+    else:
+        record({"resumed": True, "stage": first_stage, "step": first_step})
+    start = time.time() - elapsed
+    done_here = 0
+    for stage_idx in range(first_stage, len(preset.stages)):
+        stage = preset.stages[stage_idx]
+        steps = max(1, round(stage.steps * steps_scale))
+        optimizer = make_optimizer(model, stage)
+        begin = first_step if stage_idx == first_stage else 0
+        if state is not None and stage_idx == first_stage and begin > 0:
+            optimizer.load_state_dict(state["optimizer"])
+
+        def checkpoint(next_step: int) -> None:
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
+                                optimizer=optimizer, stage=stage_idx, step=next_step, rng=rng, log_rows=log_rows,
+                                elapsed=time.time() - start)
+
+        model.train()
+        for step in range(begin, steps):
+            if stop_after is not None and done_here >= stop_after:
+                checkpoint(step)
+                return model
+            for group in optimizer.param_groups:
+                group["lr"] = stage.lr * lr_factor(step, steps)
+            ids, labels = sample_batch(tokenizer, stage, rng)
+            ids, labels = ids.to(device), labels.to(device)
+            loss = training_loss(model, ids, labels, preset.lm_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            done_here += 1
+            evaluate = bool(preset.eval_every and preset.eval_variants and step > 0 and step % preset.eval_every == 0)
+            if step % 50 == 0 or step == steps - 1 or evaluate:
+                row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
+                           answer_acc=round(answer_accuracy(model, ids, labels), 3),
+                           lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
+                if evaluate:
+                    row["eval_len"] = stage.max_len
+                    row["eval"] = quick_eval(model, tokenizer, preset, stage.max_len, device, 5000)
+                record(row)
+            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                checkpoint(step + 1)
+        row = dict(stage=stage_idx, done=True, stage_config=asdict(stage),
+                   quick_accuracy={n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device)
+                                   for n in preset.eval_lengths})
+        if preset.eval_variants:
+            row["eval"] = {n: quick_eval(model, tokenizer, preset, n, device, 7000) for n in preset.eval_lengths}
+        row["minutes"] = round((time.time() - start) / 60, 2)
+        record(row)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if checkpoint_dir is not None:  # the next stage from its first step (a fresh optimizer)
+            optimizer = make_optimizer(model, preset.stages[min(stage_idx + 1, len(preset.stages) - 1)])
+            save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
+                            optimizer=optimizer, stage=stage_idx + 1, step=0, rng=rng, log_rows=log_rows,
+                            elapsed=time.time() - start)
+    write_model_card(out, seed, "Not measured yet: run kvx needle on it.", preset)
+    return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory to save the model and tokenizer in")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="needle-llama",
+                        help="model shape and curriculum (default needle-llama, the first shipped model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--init-from", type=Path, help="start from this saved model instead of random weights")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="write checkpoints here and resume from the one found there (same settings only)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    parser.add_argument("--export", action="store_true",
+                        help="only save the model of --checkpoint-dir's checkpoint (its stage and step in the log) "
+                             "into --out, with the tokenizer, to evaluate it with kvx needle")
     parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
     args = parser.parse_args()
+    preset = PRESETS[args.preset]
     if args.card_only:
-        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.")
+        write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.", preset)
         return
-
+    if args.export:
+        export_checkpoint(preset, args.checkpoint_dir, args.out, args.seed, args.steps_scale)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **MODEL,
-    )
-    model = (LlamaForCausalLM.from_pretrained(args.init_from) if args.init_from else LlamaForCausalLM(config)).to(device)
-    stages = STAGES
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "training_log.jsonl").open("w")
-    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}; device {device}")
-    log.write(json.dumps({"device": str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"}) + "\n")
-    start = time.time()
-    for stage_idx, stage in enumerate(stages):
-        steps = max(1, round(stage.steps * args.steps_scale))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.01, betas=(0.9, 0.98))
-        warmup = max(1, steps // 10)
-        # warm up, hold, then cosine over the last 40% of the stage
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < 0.6 * steps else 0.5 * (1 + math.cos(math.pi * (s - 0.6 * steps) / (0.4 * steps)))),
-        )
-        model.train()
-        for step in range(steps):
-            ids, labels = sample_batch(tokenizer, stage, rng)
-            loss = training_loss(model, ids.to(device), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            if step % 50 == 0 or step == steps - 1:
-                row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
-                           answer_acc=round(answer_accuracy(model, ids.to(device), labels.to(device)), 3),
-                           lr=schedule.get_last_lr()[0], minutes=round((time.time() - start) / 60, 2))
-                print(json.dumps(row), flush=True)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-        acc = {n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device) for n in (256, 1024, 2048, 4096)}
-        row = dict(stage=stage_idx, done=True, stage_config=asdict(stage), quick_accuracy=acc,
-                   minutes=round((time.time() - start) / 60, 2))
-        print(json.dumps(row), flush=True)
-        log.write(json.dumps(row) + "\n")
-        model.save_pretrained(args.out, safe_serialization=True)
-        tokenizer.save_pretrained(args.out)
-    log.close()
-    write_model_card(args.out, args.seed, "Not measured yet: run kvx needle on it.")
+    train(preset, args.out, args.seed, args.steps_scale, args.checkpoint_dir, args.checkpoint_every, args.init_from)
 
 
 if __name__ == "__main__":
