@@ -25,13 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from kvx.policies._head_scores import load_scores
-from kvx.policies.retrieval_heads import layer_row, streaming_keep
-from kvx.policy import CompressionView, Phase, Policy, check_positive_int, option, register_policy
+from kvx.policies.retrieval_heads import DecodeInterval, layer_row, streaming_keep
+from kvx.policy import CompressionView, check_positive_int, option, register_policy
 
 
 @register_policy
 @dataclass
-class MoA(Policy):
+class MoA(DecodeInterval):
     """A window per KV head, sized from a head profile under a total budget (Fu et al., 2024)."""
 
     name: ClassVar[str] = "moa"
@@ -66,10 +66,8 @@ class MoA(Policy):
         """``[L, Hkv]`` recent-token window of each KV head (0 for layers no policy compresses)."""
         return self._windows.clone()
 
-    def wants_view_at(self, phase: Phase, seen: int) -> bool:
-        return phase != "decode" or seen % self.decode_interval == 0
-
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        self.note_phase(view)
         windows = layer_row(self._windows, view, f"{self.name}: pattern {self.pattern}")
         keep = streaming_keep(view.valid, self.sink, windows)
         return keep if bool((view.valid & ~keep).any()) else None

@@ -56,9 +56,25 @@ COMPENSATION_STATE = "retrieval_heads_compensation"
 """Per-token state: how many dropped tokens a compensation slot stands for (0 on ordinary tokens)."""
 
 
+class DecodeInterval(Policy):
+    """Acts at prefill and extend, and while decoding every ``decode_interval`` tokens counted from
+    the end of the latest prompt piece: the same steps in every row of a batch, so a left-padded row
+    is compressed at the steps it would be alone. Subclasses call :meth:`note_phase` in ``select_mask``."""
+
+    decode_interval: int
+
+    def note_phase(self, view: CompressionView) -> None:
+        if view.phase != "decode":
+            self._prompt_seen = view.num_seen
+
+    def wants_view_at(self, phase: Phase, seen: int) -> bool:
+        decoded = seen - getattr(self, "_prompt_seen", 0)
+        return self.wants_view(phase) and (phase != "decode" or decoded % self.decode_interval == 0)
+
+
 @register_policy
 @dataclass
-class RetrievalHeads(Policy):
+class RetrievalHeads(DecodeInterval):
     """Retrieval heads keep all tokens, streaming heads sinks + recent (DuoAttention, RazorAttention)."""
 
     name: ClassVar[str] = "retrieval_heads"
@@ -133,10 +149,8 @@ class RetrievalHeads(Policy):
     def wants_view(self, phase: Phase) -> bool:
         return not self._everything_retrieves()
 
-    def wants_view_at(self, phase: Phase, seen: int) -> bool:
-        return self.wants_view(phase) and (phase != "decode" or seen % self.decode_interval == 0)
-
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        self.note_phase(view)
         heads = self._layer_heads(view)
         if heads is None or bool(heads.all()):
             return None

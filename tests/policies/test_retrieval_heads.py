@@ -147,3 +147,19 @@ def test_ratio_outside_zero_one_is_refused(ratio):
 def test_composes_with_ragged_storage():
     assert kvx.compose(kvx.make_policy("retrieval_heads"), kvx.make_policy("ragged")).name == "retrieval_heads+ragged"
     assert kvx.compose(kvx.make_policy("retrieval_heads")).storage == "ragged"  # implied when none is given
+
+
+def test_a_row_keeps_the_same_alone_and_in_a_left_padded_batch(llama3, tmp_path):
+    from conftest import left_pad
+
+    pattern = write_pattern(llama3, tmp_path / "heads.safetensors", torch.tensor([[1.0, 0], [0, 1], [1, 0]]))
+    rows = [random_ids(1, n, seed=n)[0] for n in (90, 61)]
+    ids, mask = left_pad(rows)
+    policy = kvx.make_policy("retrieval_heads", pattern=pattern, sink=4, recent=20, decode_interval=3)
+    with kvx.patched(llama3, policy):
+        batch_seq, _, batch_cache = greedy(llama3, ids, mask, new_tokens=7)
+        for row, one in enumerate(rows):
+            seq, _, cache = greedy(llama3, one[None], new_tokens=7)
+            assert torch.equal(seq[0, -7:], batch_seq[row, -7:])
+            for alone, batched in zip(cache.layers, batch_cache.layers):
+                assert torch.equal(alone.kept_per_head()[0], batched.kept_per_head()[row])
