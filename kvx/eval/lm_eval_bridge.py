@@ -210,19 +210,20 @@ def evaluate_policy(model: Any, tokenizer: Any, spec: str | None, tasks: list[st
     for task in tasks:
         metrics = {k: float(v) for k, v in out["results"].get(task, {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        main = main_metric(metrics)
+        main = main_metric(metrics, (options.get("metadata") or {}).get("max_seq_lengths"))
         rows.append({"policy": lm.policy_label, "task": task, "metric": main and main[0],
                      "score": main and main[1], "metrics": metrics, **out["kvx"]})
     return rows
 
 
-def main_metric(metrics: dict[str, Any]) -> tuple[str, float] | None:
-    """The first metric of one task's results (``exact_match,none``: metric, filter), skipping stderrs."""
-    for name, value in metrics.items():
-        if "," not in name or "_stderr" in name or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        return name, float(value)
-    return None
+def main_metric(metrics: dict[str, Any], lengths: list[int] | None = None) -> tuple[str, float] | None:
+    """The metric a task is scored by: of its results (``exact_match,none``: metric, filter; stderrs
+    skipped), the one named after the length run when there is one (RULER names a metric per length,
+    ``4096,none``, and reports -1 for the lengths not run), else the first."""
+    found = [(name, float(value)) for name, value in metrics.items()
+             if "," in name and "_stderr" not in name and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    by_length = [m for m in found if m[0].split(",")[0] in {str(n) for n in lengths or []}]
+    return (by_length or found or [None])[0]
 
 
 def harness_main(argv: list[str] | None = None) -> None:

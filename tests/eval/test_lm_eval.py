@@ -95,3 +95,12 @@ def test_bad_command_lines_are_refused_before_loading(task_dir, tmp_path, capsys
     error = capsys.readouterr().err
     assert error.startswith("kvx lm-eval: error: ") and re.search(message, error), error
     assert not (tmp_path / "lm-eval.json").exists()
+
+
+def test_main_metric_is_the_length_run():
+    """RULER names a metric per length and reports -1 for those not run: the score is the length run's."""
+    ruler = {"4096,none": -1, "4096_stderr,none": "N/A", "512,none": 0.5, "sample_len": 2}
+    assert bridge.main_metric(ruler, [512]) == ("512,none", 0.5)
+    assert bridge.main_metric({"sample_len": 3, "exact_match,none": 1.0, "exact_match_stderr,none": 0.0}) == (
+        "exact_match,none", 1.0)
+    assert bridge.main_metric({"alias": "x"}) is None
