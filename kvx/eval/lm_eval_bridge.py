@@ -45,8 +45,6 @@ from kvx.eval.needle import DENSE, _kept_tokens, parse_policies
 from kvx.policy import Policy
 
 MODEL_NAME = "kvx"
-KVX_ARGS = ("policy", "chunk_size")
-"""``model_args`` that kvx takes (the rest of a policy's options follow ``policy``)."""
 
 
 def hflm_arguments() -> set[str]:
