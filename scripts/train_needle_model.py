@@ -59,7 +59,8 @@ class Stage:
     batch: int
     lr: float
     number_rate: float = 0.25  # filler sentences with numbers (0: the needle is the only number)
-    variant_weights: tuple[float, ...] = (0.3, 0.45, 0.1, 0.15)  # single, multikey, multivalue, absent
+    # single, multikey, multivalue, absent[, multihop]: the first weights of kvx.eval.haystack.VARIANTS
+    variant_weights: tuple[float, ...] = (0.3, 0.45, 0.1, 0.15)
     distractors: tuple[int, int] = (1, 3)  # distractor needles per multikey/absent prompt: uniform in this range
     values: tuple[int, int] = (2, 3)  # values per multivalue prompt
 
@@ -151,7 +152,7 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
     length = rng.randint(stage.min_len, stage.max_len)
     rows, labels = [], []
     for _ in range(stage.batch):
-        variant = rng.choices(VARIANTS, weights=stage.variant_weights)[0]
+        variant = rng.choices(VARIANTS[: len(stage.variant_weights)], weights=stage.variant_weights)[0]
         spec = make_needles(variant, rng, distractors=rng.randint(*stage.distractors), values=rng.randint(*stage.values))
         answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prompt = build_prompt(

@@ -16,6 +16,9 @@ Variants:
 - ``multikey``: the needle plus distractor needles with other keys and values;
 - ``multivalue``: several needles with the same key; every value is expected, in order;
 - ``absent``: only distractors; the expected answer is ``none``.
+- ``multihop``: the asked key's needle names another key instead of a value (``The special magic
+  number for falcon is the special magic number for otter .``); that key's needle holds the value
+  expected, among distractor needles (a two-hop chain, as in RULER's variable tracking).
 
 Filler contains numbers too, so a model cannot find the needle by looking for digits.
 """
@@ -30,7 +33,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-VARIANTS = ("single", "multikey", "multivalue", "absent")
+VARIANTS = ("single", "multikey", "multivalue", "absent", "multihop")
 
 FILLER_NOUNS = (
     "river stone forest cloud meadow village harbor garden mountain valley bridge tower road lantern window "
@@ -56,6 +59,7 @@ ANSWER_PREFIX = "The special magic number for {key} is"
 MULTIVALUE_QUESTION = "Question : What are all the special magic numbers for {key} ?"
 MULTIVALUE_ANSWER_PREFIX = "The special magic numbers for {key} are"
 ABSENT_ANSWER = "none"
+HOP = "the special magic number for {key}"  # a multihop needle's value: another key's needle to read
 
 
 def vocabulary() -> list[str]:
@@ -127,7 +131,7 @@ def make_needles(variant: str, rng: random.Random, distractors: int = 2, values:
     """A random needle set of one variant."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown needle variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    keys = rng.sample(KEYS, 1 + max(distractors, 1))
+    keys = rng.sample(KEYS, 1 + max(distractors, 1) + (variant == "multihop"))
     key, others = keys[0], keys[1:]
     if variant == "single":
         needles = [(key, random_value(rng))]
@@ -135,6 +139,11 @@ def make_needles(variant: str, rng: random.Random, distractors: int = 2, values:
         needles = [(key, random_value(rng))] + [(k, random_value(rng)) for k in others[:distractors]]
     elif variant == "multivalue":
         needles = [(key, random_value(rng)) for _ in range(values)]
+    elif variant == "multihop":  # key -> hop key -> value, then the distractors
+        hop = others[-1]
+        needles = [(key, HOP.format(key=hop)), (hop, random_value(rng))]
+        needles += [(k, random_value(rng)) for k in others[:distractors]]
+        return NeedleSpec(variant, key, needles, [needles[1][1]])
     else:  # absent: only distractors; the asked key appears nowhere
         needles = [(k, random_value(rng)) for k in others[: max(distractors, 1)]]
     expected = [ABSENT_ANSWER] if variant == "absent" else [v for k, v in needles if k == key]

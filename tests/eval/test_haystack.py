@@ -123,3 +123,31 @@ def test_scoring(answer, expected, score):
 def test_extract_values_joins_spaced_digits():
     assert extract_values("1 2 3 4 , 5 6 7 8 .") == ["1234", "5678"]
     assert all(k.isalpha() for k in KEYS)
+
+
+def test_multihop_chains_two_needles_among_distractors(tok):
+    rng = random.Random(5)
+    spec = make_needles("multihop", rng, distractors=2)
+    (key, hop_text), (hop, value), *others = spec.needles
+    assert key == spec.key and hop_text == f"the special magic number for {hop}" and hop != key
+    assert spec.expected == [value] and value.isdigit() and len(others) == 2
+    assert len({k for k, _ in spec.needles}) == 4 and spec.question.endswith(f"for {key} ?")
+    prompt = build_prompt(tok, 300, 60, spec, rng)
+    assert prompt.length == 300 and tok.unk_token_id not in prompt.ids  # the tokenizer needs no new word
+    text = tok.decode(prompt.ids)
+    assert f"for {key} is the special magic number for {hop} ." in text
+    assert f"for {hop} is {' '.join(value)} ." in text
+    assert score_answer(f" {' '.join(value)} .", spec.expected) == 1.0
+    assert make_needles("multihop", random.Random(1), distractors=0).needles.__len__() == 2
+
+
+def test_existing_variants_draw_the_same_needles_as_before(tok):
+    """Adding multihop changed no other variant's random draws (prompts of earlier runs stay the same)."""
+    drawn = {v: make_needles(v, random.Random(11), distractors=2).needles
+             for v in ("single", "multikey", "multivalue", "absent")}
+    assert drawn == {  # as drawn before multihop existed
+        "single": [("macaw", "8629")],
+        "multikey": [("macaw", "8629"), ("stork", "8402"), ("toucan", "9320")],
+        "multivalue": [("macaw", "8629"), ("macaw", "8402"), ("macaw", "9320")],
+        "absent": [("stork", "8629"), ("toucan", "8402")],
+    }

@@ -153,3 +153,13 @@ def test_a_composed_policy_on_the_command_line(model_dir, tmp_path, capsys):
     assert composed["kept_tokens"] < next(r for r in rows if r["policy"] == "dense")["kept_tokens"]
     with pytest.raises(ValueError, match="snapkv and h2o both answer the selection axis"):
         needle.parse_policies(["snapkv+h2o"], [])
+
+
+def test_multihop_cells_run_and_expect_the_second_needles_value(model_dir, tmp_path):
+    model, tok = needle.load_model(str(model_dir))
+    config = _config(lengths=[200], depths=[0, 100], variants=["multihop"], policies=[needle.PolicyRun("dense")])
+    rows = needle.NeedleRunner(model, tok, config, tmp_path).run(progress=False)
+    assert len(rows) == 2 and all(r["variant"] == "multihop" for r in rows)
+    for row in rows:
+        spec = needle.build_cell_prompt(config, tok, needle.Cell(200, row["depth"], "multihop", 0)).spec
+        assert row["expected"] == spec.expected == [spec.needles[1][1]] and len(row["needle_positions"]) == 4
