@@ -35,6 +35,7 @@ from kvx.policies._head_scores import HeadScores, model_identity
 from kvx.policy import CompressionView, Policy, check_choice, check_positive_int
 
 REDUCTIONS = ("max", "mean")
+METHODS = ("retrieval", "duo")
 
 
 @dataclass
@@ -211,6 +212,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--samples", type=int_at_least(1), default=2, help="prompts per length and depth (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument("--reduce", choices=REDUCTIONS, default="max", help="query heads -> KV head (default max)")
+    p.add_argument("--method", choices=METHODS, default="retrieval",
+                   help="retrieval: the retrieval score (Wu et al.); duo: DuoAttention gate optimisation (default retrieval)")
+    duo = p.add_argument_group("--method duo")
+    duo.add_argument("--steps", type=int_at_least(1), default=200, help="training steps (default 200)")
+    duo.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the gates (default 0.05)")
+    duo.add_argument("--l1", type=float, default=0.05, help="weight of the L1 penalty on the gates (default 0.05)")
+    duo.add_argument("--sink", type=int_at_least(0), default=64, help="streaming attention's sinks (default 64)")
+    duo.add_argument("--recent", type=int_at_least(1), default=256, help="streaming attention's window (default 256)")
     p.add_argument("--top", type=int_at_least(1), default=10, help="heads listed after the table (default 10)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps")
@@ -225,11 +234,18 @@ def run_command(args: Any) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: give a .safetensors file name")
-    settings = ProfileSettings(tuple(_parse_ints(args.lengths, "--lengths")),
-                               tuple(_parse_numbers(args.depths, "--depths")), args.samples, args.seed,
-                               reduce=args.reduce)
-    model, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.device)
-    scores = profile_heads(model, tokenizer, settings, progress=not args.no_progress)
+    lengths = tuple(_parse_ints(args.lengths, "--lengths"))
+    if args.method == "duo":
+        from kvx.eval.duo_gates import DuoSettings, train_gates
+
+        duo = DuoSettings(lengths, args.steps, args.lr, args.l1, args.sink, args.recent, seed=args.seed)
+        model, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.device)
+        scores = train_gates(model, tokenizer, duo, progress=not args.no_progress)
+    else:
+        settings = ProfileSettings(lengths, tuple(_parse_numbers(args.depths, "--depths")), args.samples, args.seed,
+                                   reduce=args.reduce)
+        model, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.device)
+        scores = profile_heads(model, tokenizer, settings, progress=not args.no_progress)
     print(format_scores(scores, args.top))
     print(f"wrote {scores.save(out)}")
     print(f"wrote {write_heatmap(scores, out.with_suffix('.png'))}")

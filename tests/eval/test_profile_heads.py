@@ -136,3 +136,14 @@ def test_pattern_of_the_planted_model_is_refused_on_the_shipped_one(tokenizer, s
     path = profile_heads(model, tokenizer, settings, progress=False).save(tmp_path / "planted.safetensors")
     with pytest.raises(ValueError, match="profiled on another model.*hidden_size: pattern 64, model 128"):
         kvx.patch(shipped[0], "retrieval_heads", pattern=str(path))
+
+
+def test_duo_gates_keep_the_shipped_models_retrieval_head_open(tmp_path, capsys):
+    out = tmp_path / "duo.safetensors"
+    assert main(["profile-heads", "--method", "duo", "--out", str(out), "--lengths", "256", "--steps", "12",
+                 "--sink", "16", "--recent", "48", "--lr", "0.15", "--no-progress"]) == 0
+    scores = load_scores(out)
+    assert scores.method == "duo" and scores.settings["steps"] == 12
+    gates = scores.scores
+    assert ((gates >= 0) & (gates <= 1)).all()
+    assert gates[2, 0] > 0.5 > gates[2, 1]  # the last layer's copy head stays full; its neighbour streams
