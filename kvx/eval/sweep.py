@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import itertools
 import json
 import os
@@ -249,6 +250,8 @@ class LmEvalBenchmark(Benchmark):
         if isinstance(tasks, str):
             tasks = [tasks]
         tasks = _nonempty_list("tasks (of an lm_eval benchmark)", tasks)
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ImportError("an lm_eval benchmark needs lm-evaluation-harness: pip install 'kvx[lm-eval]'")
         path = entry.get("include_path")
         if path is not None and not Path(path).expanduser().is_dir():
             raise FileNotFoundError(f"include path {path}: no such directory (it holds task YAML files)")
