@@ -48,6 +48,8 @@ from kvx.eval.needle import (
 from kvx.policy import policy_class
 
 IDENTITY_KEY = "kvx_sweep"
+ROW_KEYS = {"benchmark", "length", "policy", "line", "ratio", "score", "kv_bytes"}
+"""What every results row holds (a line without them is reported and skipped)."""
 TOP_KEYS = {
     "model": "local model directory or hub id (default: kvx's shipped model)",
     "tokenizer": "tokenizer path, when not in the model directory",
@@ -447,7 +449,10 @@ class ResultsLog:
             except json.JSONDecodeError:
                 warnings.warn(f"{self.path} line {number}: not JSON (a row torn by a killed run?); ignored", stacklevel=2)
                 continue
-            if not isinstance(row, dict) or IDENTITY_KEY in row or "policy" not in row:
+            if isinstance(row, dict) and IDENTITY_KEY in row and number == 1:
+                continue
+            if not isinstance(row, dict) or not ROW_KEYS <= set(row):
+                warnings.warn(f"{self.path} line {number}: not a sweep row; ignored", stacklevel=2)
                 continue
             key = row_key(row)
             if key not in seen:

@@ -113,7 +113,8 @@ def test_a_row_torn_by_a_kill_is_skipped_and_the_next_starts_a_line(tmp_path):
     warning), and the next row written starts on a line of its own."""
     log = sweep.ResultsLog(tmp_path / "results.jsonl")
     log.open({"model": "m"})
-    row = {"benchmark": "needle", "length": 64, "policy": "dense", "line": "dense", "ratio": None}
+    row = {"benchmark": "needle", "length": 64, "policy": "dense", "line": "dense", "ratio": None, "score": 1.0,
+           "kv_bytes": 10}
     log.append(row)
     with log.path.open("a") as f:
         f.write('{"benchmark": "needle", "len')  # torn
@@ -122,6 +123,12 @@ def test_a_row_torn_by_a_kill_is_skipped_and_the_next_starts_a_line(tmp_path):
     log.append({**row, "policy": "h2o"})
     with pytest.warns(UserWarning, match="line 3: not JSON"):
         assert [r["policy"] for r in log.rows()] == ["dense", "h2o"]
+    with log.path.open("a") as f:
+        f.write('{"policy": "foreign"}\n')
+    with pytest.warns(UserWarning) as caught:
+        assert len(log.rows()) == 2
+    assert [str(w.message).split(" line ")[1] for w in caught] == [
+        "3: not JSON (a row torn by a killed run?); ignored", "5: not a sweep row; ignored"]
     with pytest.raises(ValueError, match="written by another model"):
         log.open({"model": "other"})
 
