@@ -40,7 +40,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
 import kvx
 from kvx.cache import cache_nbytes
 from kvx.compat import cache_of
-from kvx.compose import as_composed, from_spec, parse_spec
+from kvx.compose import as_composed, from_spec, parse_spec, to_spec
 from kvx.eval.needle import DENSE, _kept_tokens, parse_policies
 from kvx.policy import Policy
 
@@ -71,10 +71,20 @@ def policy_from_args(policy: str | Policy | None, options: dict[str, Any]) -> Po
 def policy_label(policy: str | Policy | None, options: dict[str, Any]) -> str:
     """The policy as results name it (``kvx needle``'s label: ``snapkv:budget=64,window=8+kivi:bits=4``), or ``dense``."""
     if isinstance(policy, Policy):
-        return as_composed(policy).name
+        return object_label(policy)
     if policy is None or str(policy).strip() in ("", DENSE):
         return DENSE
     return parse_policies([spec_with_options(str(policy), options)], [], with_dense=False)[0].label
+
+
+def object_label(policy: Policy) -> str:
+    """A policy object as a spec with every option (``snapkv:budget=64,...+kivi:bits=2,...``), the parts a
+    selection implies left out; its description where an option cannot be written in a spec."""
+    composed = as_composed(policy)
+    try:
+        return "+".join(to_spec(part) for part in composed.parts if not any(part is i for i in composed.implied))
+    except ValueError:
+        return composed.describe()
 
 
 def spec_with_options(spec: str, options: dict[str, Any]) -> str:
@@ -107,6 +117,9 @@ class KvxLM(HFLM):
         super().__init__(pretrained=pretrained, **hflm_kwargs)
         if self.kvx_policy is not None:
             kvx.patch(self.model, self.kvx_policy, chunk_size=None if chunk_size == "none" else chunk_size)
+        elif kvx.is_patched(self.model):  # a model the caller patched: its policy is what runs, not dense
+            self.kvx_policy = kvx.policy_of(self.model)
+            self.policy_label = object_label(self.kvx_policy)
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         out = super()._model_generate(context, max_length, stop, return_dict_in_generate=True, **generation_kwargs)

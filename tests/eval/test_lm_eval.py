@@ -56,6 +56,15 @@ def test_model_args_patch_the_harness_model():
     assert bridge.policy_label("snapkv", {"budget": 64, "window": 8}) == "snapkv:budget=64,window=8"
 
 
+def test_an_already_patched_model_is_reported_with_its_policy():
+    """HFLM wrapping a model the caller patched: the records name the policy that runs, not dense."""
+    model = needle.load_causal_lm(str(needle.DEFAULT_MODEL))
+    kvx.patch(model, "snapkv", budget=64, window=8)
+    lm = bridge.KvxLM(pretrained=model, tokenizer=needle.load_tokenizer(str(needle.DEFAULT_MODEL)), batch_size=1)
+    assert lm.policy_label.startswith("snapkv:budget=64,ratio=none,") and "window=8" in lm.policy_label
+    assert lm.kv_summary()["policy"] == lm.policy_label
+
+
 @pytest.mark.parametrize("policy,options,message", [
     ("snapkv", {"budgt": 64}, r"snapkv.*budgt"),
     (None, {"budget": 64}, r"model_args budget: neither an HFLM argument nor a policy option"),
