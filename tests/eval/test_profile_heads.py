@@ -130,14 +130,6 @@ def test_half_retrieval_heads_keep_the_needle_at_about_half_the_bytes(shipped, t
     assert ratio <= (3 * 2048 + 3 * (64 + 256 + 16)) / (6 * 2048) + 0.01  # 3 of 6 heads keep everything
 
 
-def test_pattern_of_the_planted_model_is_refused_on_the_shipped_one(tokenizer, shipped, tmp_path):
-    model = plant_copy_heads(tokenizer)
-    settings = ProfileSettings(lengths=(128,), depths=(50,), samples=1, number_rate=0.0)
-    path = profile_heads(model, tokenizer, settings, progress=False).save(tmp_path / "planted.safetensors")
-    with pytest.raises(ValueError, match="profiled on another model.*hidden_size: pattern 64, model 128"):
-        kvx.patch(shipped[0], "retrieval_heads", pattern=str(path))
-
-
 def test_duo_gates_keep_the_shipped_models_retrieval_head_open(tmp_path, capsys):
     out = tmp_path / "duo.safetensors"
     assert main(["profile-heads", "--method", "duo", "--out", str(out), "--lengths", "256", "--steps", "12",
@@ -147,3 +139,16 @@ def test_duo_gates_keep_the_shipped_models_retrieval_head_open(tmp_path, capsys)
     gates = scores.scores
     assert ((gates >= 0) & (gates <= 1)).all()
     assert gates[2, 0] > 0.5 > gates[2, 1]  # the last layer's copy head stays full; its neighbour streams
+
+
+def test_bad_inputs_are_clear_errors(tokenizer, shipped, tmp_path, capsys):
+    from test_bad_inputs import cli_error
+
+    assert "give a .safetensors file name" in cli_error(["profile-heads", "--out", str(tmp_path / "x.txt")], capsys)
+    planted = profile_heads(plant_copy_heads(tokenizer), tokenizer, ProfileSettings((128,), (50,), 1, number_rate=0.0),
+                            progress=False).save(tmp_path / "planted.safetensors")
+    with pytest.raises(ValueError, match="profiled on another model.*hidden_size: pattern 64, model 128"):
+        kvx.patch(shipped[0], "retrieval_heads", pattern=str(planted))
+    base = ["needle", "--lengths", "512", "--depths", "50", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert "profiled on another model" in cli_error(base + ["--policy", f"retrieval_heads:pattern={planted}"], capsys)
+    assert "ratio must be a number in (0, 1]" in cli_error(base + ["--policy", "retrieval_heads:ratio=1.5"], capsys)
