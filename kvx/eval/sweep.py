@@ -20,6 +20,7 @@ its YAML keys, a check run before any cell, and ``run(cell)``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import fcntl
 import importlib.util
 import itertools
@@ -519,7 +520,9 @@ def distributed_rank() -> tuple[int, int, Any]:
         nccl = torch.cuda.is_available() and torch.cuda.device_count() >= per_node
         if nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if nccl else "gloo")
+        # the only collective is the barrier before the summary, where a shard that finished early waits
+        # for the others for as long as their cells take (the default timeout is 30 minutes)
+        dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(days=7))
     return dist.get_rank(), dist.get_world_size(), dist
 
 
