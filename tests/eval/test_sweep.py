@@ -165,15 +165,21 @@ def test_lm_eval_cells_run_through_kvx_model_type(tmp_path, monkeypatch):
     assert dense["samples"] == compressed["samples"] == 3 and dense["score"] >= compressed["score"]
 
 
-def test_two_shards_write_disjoint_cells_whose_union_is_the_grid(tmp_path):
+def test_two_shards_write_disjoint_cells_whose_union_is_the_grid(tmp_path, capsys):
+    """Shards started by hand (--rank/--world): rank 0's summary says what is still missing, and
+    --summary-only rewrites it from every shard's rows once they are all in."""
     config = grid(tmp_path)
     out = tmp_path / "out"
     for rank in (0, 1):
         assert main(["sweep", str(config), "--out", str(out), "--rank", str(rank), "--world", "2", "--no-progress"]) == 0
+    assert "warning: 1 of 3 cells are not in" in capsys.readouterr().err  # rank 0 ran first
     rows = sweep.ResultsLog(out / "results.jsonl").rows()
     by_rank = {rank: {k for r, k in zip(rows, keys(rows)) if r["rank"] == rank} for rank in (0, 1)}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert by_rank[0] | by_rank[1] == {c.key for c in sweep.load_config(config).cells()}
+    assert main(["sweep", str(config), "--out", str(out), "--summary-only"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "| snapkv:window=8 |" in (out / "summary.md").read_text()
 
 
 def test_torchrun_two_processes(tmp_path):
