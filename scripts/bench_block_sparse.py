@@ -78,12 +78,13 @@ def bench(length: int, args) -> list[dict]:
         "block_topk": BlockTopK(density=args.density, block_size=args.block_size, min_length=0),
         "a_shape": AShape(local=args.local, block_size=args.block_size, min_length=0),
     }
+    methods = {name: method for name, method in methods.items() if name in args.methods}
     layers = {name: _Layer(k, v) for name in methods}
     calls = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True, scale=scaling),
         "op": lambda: block_sparse_attention(q, k, v, index, None, scaling, block_size=args.block_size),
         **{name: (lambda m=method, layer=layers[name]: m.attend(layer, q, k, v, None, scaling, None, None))
-           for name, method in methods.items() if name in args.methods},
+           for name, method in methods.items()},
     }
     times: dict[str, list[float]] = {name: [] for name in calls}
     cpu_times: dict[str, list[float]] = {name: [] for name in calls}

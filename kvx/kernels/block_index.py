@@ -9,7 +9,9 @@ The block grid is :mod:`kvx.kernels.reference`'s: aligned to the end of the keys
 ``Qb`` / ``Nb`` query / key blocks.
 
 - :func:`pooled_block_scores`: mean-pooled query blocks against mean-pooled key blocks, softmax
-  over the causal key blocks (SeerAttention's and FlexPrefill's estimate, without a trained gate).
+  over the causal key blocks (SeerAttention's and FlexPrefill's estimate, without a trained gate);
+  :func:`pooled_query_scores`: mean-pooled query blocks against every key, summed per key block
+  (a key that stands out is not averaged away with its block).
 - :func:`vertical_slash_scores`: MInference's estimate: the attention of the last queries, summed
   down each key column (*vertical* lines) and along each diagonal (*slash* lines), spread to the
   tiles those lines cross.
@@ -72,6 +74,37 @@ def pooled_block_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch
     visible = _causal_blocks(num_qb, num_kb, key.device) & has_real[:, :, None, :]
     probs = torch.softmax(logits.masked_fill(~visible, -torch.inf), dim=-1)
     return probs.nan_to_num_(0.0)
+
+
+def pooled_query_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
+                        block_size: int, softcap: float | None = None, chunk_elements: int = 2**23) -> torch.Tensor:
+    """``[B, H, Qb, Nb]`` float32: the attention each mean-pooled query block gives each key block,
+    a softmax over every real key it may see (key blocks up to its own) summed per key block; 0
+    elsewhere. Keys are not pooled, so one key that stands out (a needle) is not averaged away with
+    its block. ``Qb x S`` per head, a chunk of query blocks at a time: never ``q x S``.
+
+    Args:
+        query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    num_qb, num_kb, pad = block_grid(q_len, kv_len, block_size)
+    valid = torch.ones(batch, kv_heads, kv_len, device=key.device) if key_valid is None else key_valid.float()
+    queries = _pool(query, reference.expand_kv_heads(valid[..., kv_len - q_len:], groups), block_size)  # [B, H, Qb, D]
+    key_block = (torch.arange(kv_len, device=key.device) + pad) // block_size  # [S]
+    real = reference.expand_kv_heads(valid > 0, groups)[:, :, None, :]  # [B, H, 1, S]
+    scores = torch.empty(batch, heads, num_qb, num_kb, device=key.device)
+    step = max(1, chunk_elements // (batch * heads * kv_len))
+    for start in range(0, num_qb, step):
+        stop = min(start + step, num_qb)
+        logits = reference.grouped_logits(queries[:, :, start:stop], key, scaling, softcap)  # [B, Hkv, G, c, S]
+        logits = logits.view(batch, heads, stop - start, kv_len)
+        own = num_kb - num_qb + torch.arange(start, stop, device=key.device)
+        visible = (key_block[None, :] <= own[:, None]) & real  # [B, H, c, S]
+        probs = torch.softmax(logits.masked_fill_(~visible, -torch.inf), dim=-1).nan_to_num_(0.0)
+        scores[:, :, start:stop] = F.pad(probs, (pad, 0)).view(batch, heads, stop - start, num_kb, block_size).sum(-1)
+    return scores
 
 
 def _causal_blocks(num_qb: int, num_kb: int, device) -> torch.Tensor:

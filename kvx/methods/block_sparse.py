@@ -31,10 +31,11 @@ from kvx.kernels.reference import block_grid
 from kvx.methods.base import Method
 from kvx.policy import MethodPolicy, check_number, check_positive_int, option
 
-MIN_LENGTH = 2048
-"""Default ``min_length``: prompts shorter than this run dense attention. On the CPU path at 10%
-density the block-sparse call overtakes SDPA near 1K keys (docs/block-sparse.md); 2K leaves room
-for the index's cost on every method and for short prompts, where sparsity saves little."""
+MIN_LENGTH = 4096
+"""Default ``min_length``: prompts shorter than this run dense attention. Measured on the CPU path
+at 10% density, one layer (docs/block-sparse.md): the methods are slower than SDPA at 1K keys
+(0.7-0.8x), about even to 1.5x at 2K, 2.3-2.5x at 4K; 4K keeps every prompt clear of the crossover.
+Not measured on a GPU (MInference reports its kernel slower than FlashAttention-2 below ~10-50K)."""
 
 
 @dataclass
@@ -47,7 +48,8 @@ class BlockSparseMethod(MethodPolicy, Method):
 
     block_size: int = option(64, "tokens per query and key block (a power of two >= 16)")
     sink: int = option(1, "first key blocks (of a row's real tokens) every query block computes")
-    local: int = option(1, "last key blocks, up to its own, every query block computes (>= 1)")
+    local: int = option(2, "last key blocks, up to its own, every query block computes (>= 1; 2: every query "
+                           "sees at least a block of tokens behind it)")
     min_length: int = option(MIN_LENGTH, "attend densely while fewer keys than this are attended (short prompts)")
 
     def validate(self) -> None:

@@ -1,9 +1,11 @@
-"""Block top-k: per head, mean-pooled query blocks against mean-pooled key blocks estimate which key
-blocks matter to each query block; each keeps the best up to a density, or the fewest whose
-estimated attention sums to a threshold, with sink and local blocks.
+"""Block top-k: per head, mean-pooled query blocks estimate which key blocks matter to each query
+block; each keeps the best up to a density, or the fewest whose estimated attention sums to a
+threshold, with sink and local blocks.
 
 Papers: Gao et al., "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs" (2024), here
-without its trained gate (plain pooled scores, :func:`kvx.kernels.block_index.pooled_block_scores`);
+without its trained gate: mean-pooled query blocks scored against every key, summed per key block
+(``estimate=keys``, :func:`kvx.kernels.block_index.pooled_query_scores`, the default: on kvx's
+needle model, pooling the keys too, ``estimate=pooled``, averages a needle away with its block);
 the threshold is FlexPrefill's adaptive budget (Lai et al., "FlexPrefill: A Context-Aware Sparse
 Attention Mechanism for Efficient Long-Sequence Inference", ICLR 2025). A prefill method: decode
 steps attend densely, and what is stored never changes.
@@ -14,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvx.kernels.block_index import pooled_block_scores
+from kvx.kernels.block_index import pooled_block_scores, pooled_query_scores
 from kvx.methods.base import register_method
 from kvx.methods.block_sparse import BlockSparseMethod
-from kvx.policy import option, register_policy
+from kvx.policy import check_choice, option, register_policy
+
+ESTIMATES = ("keys", "pooled")
 
 
 @register_method
@@ -34,10 +38,17 @@ class BlockTopK(BlockSparseMethod):
     density: float = option(0.1, "share of the causal key blocks each query block computes, in (0, 1]")
     threshold: float | None = option(None, "instead of density: keep the fewest blocks whose pooled scores "
                                            "sum to this share, in (0, 1]")
+    estimate: str = option("keys", "block scores: keys (mean-pooled query blocks over every key, summed per key "
+                                   "block) or pooled (mean-pooled query and key blocks)")
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self.name, "estimate", self.estimate, ESTIMATES)
 
     @classmethod
     def exact_options(cls) -> dict:
         return {"density": 1.0, "threshold": None}
 
     def scores(self, query, keys, valid, scaling, softcap):
-        return pooled_block_scores(query, keys, valid, scaling, self.block_size, softcap)
+        estimate = pooled_query_scores if self.estimate == "keys" else pooled_block_scores
+        return estimate(query, keys, valid, scaling, self.block_size, softcap)

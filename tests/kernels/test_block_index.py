@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from kvx.kernels import reference
-from kvx.kernels.block_index import block_index, first_real_block, pooled_block_scores, vertical_slash_scores
+from kvx.kernels.block_index import (
+    block_index,
+    first_real_block,
+    pooled_block_scores,
+    pooled_query_scores,
+    vertical_slash_scores,
+)
 
 
 def _qk(batch, kv_heads, groups, q_len, kv_len, dim, seed=0):
@@ -119,7 +125,7 @@ def test_a_shape_lists_are_the_sinks_and_the_window():
                                                                                [0, 3, 4]]
 
 
-@pytest.mark.parametrize("estimate", ["pooled", "vertical_slash"])
+@pytest.mark.parametrize("estimate", ["pooled", "keys", "vertical_slash"])
 def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
     """The grid is aligned to the end and sinks count from a row's first real block: a row of a
     left-padded batch selects the same real tokens as the row alone."""
@@ -131,6 +137,7 @@ def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
 
     def lists(q, k, valid):
         score = (pooled_block_scores(q, k, valid, 0.25, n) if estimate == "pooled"
+                 else pooled_query_scores(q, k, valid, 0.25, n) if estimate == "keys"
                  else vertical_slash_scores(q, k, valid, 0.25, n, 16))
         num_qb, num_kb, _ = reference.block_grid(q.shape[2], k.shape[2], n)
         first = first_real_block(valid, 1, 2, k.shape[2], n, q.device)
@@ -142,3 +149,23 @@ def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
         for j in range(alone.shape[2]):
             want = sorted(int(x) + shift for x in alone[0, h, j] if x >= 0)
             assert sorted(int(x) for x in batch[0, h, j + shift] if x >= 0) == want
+
+
+def test_pooled_query_scores_are_the_block_mass_of_each_mean_query_over_every_key():
+    query, key = _qk(2, 1, 2, 70, 100, 16, seed=9)
+    valid = torch.ones(2, 1, 100, dtype=torch.bool)
+    valid[1, :, :41] = False
+    n = 16
+    got = pooled_query_scores(query, key, valid, 0.25, n, chunk_elements=700)  # several chunks
+    num_qb, num_kb, _ = reference.block_grid(70, 100, n)
+    key_block, query_block = _grid_slots(100, n), _grid_slots(100, n)[30:]
+    for b in range(2):
+        for h in range(2):
+            real = valid[b, 0]
+            for j in range(num_qb):
+                rows = (query_block == num_kb - num_qb + j) & real[30:]
+                mean = query[b, h][rows].mean(0) if rows.any() else torch.zeros(16)
+                seen = real & (key_block <= num_kb - num_qb + j)
+                probs = torch.softmax((key[b, 0] @ mean * 0.25).masked_fill(~seen, -math.inf), 0).nan_to_num(0.0)
+                want = torch.zeros(num_kb).index_add_(0, key_block, probs)
+                torch.testing.assert_close(got[b, h, j], want, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ SPARSE = {  # below full density, with blocks small enough that a 300-token prom
     "vertical_slash": "vertical_slash:density=0.3,min_length=0,block_size=16,last_queries=16",
     "block_topk": "block_topk:density=0.3,min_length=0,block_size=16",
     "block_topk_threshold": "block_topk:threshold=0.5,min_length=0,block_size=16",
+    "block_topk_pooled": "block_topk:estimate=pooled,density=0.3,min_length=0,block_size=16",
 }
 
 
@@ -121,6 +122,7 @@ def test_a_mask_that_is_not_plain_causal_gets_dense_attention():
     ("vertical_slash:block_size=8", r"power of two >= 16 .*got 8"),
     ("a_shape:local=0", r"a_shape: local must be >= 1, got 0"),
     ("vertical_slash:last_queries=0", r"vertical_slash: last_queries must be >= 1, got 0"),
+    ("block_topk:estimate=max", r"block_topk: estimate must be one of keys, pooled; got 'max'"),
 ])
 def test_bad_options_are_refused_by_name(spec, message):
     with pytest.raises(ValueError, match=message):
