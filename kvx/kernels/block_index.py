@@ -98,12 +98,14 @@ def pooled_query_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch
     step = max(1, chunk_elements // (batch * heads * kv_len))
     for start in range(0, num_qb, step):
         stop = min(start + step, num_qb)
-        logits = reference.grouped_logits(queries[:, :, start:stop], key, scaling, softcap)  # [B, Hkv, G, c, S]
-        logits = logits.view(batch, heads, stop - start, kv_len)
         own = num_kb - num_qb + torch.arange(start, stop, device=key.device)
-        visible = (key_block[None, :] <= own[:, None]) & real  # [B, H, c, S]
+        seen = (num_kb - num_qb + stop) * block_size - pad  # keys up to the chunk's last own block
+        logits = reference.grouped_logits(queries[:, :, start:stop], key[:, :, :seen], scaling, softcap)
+        logits = logits.view(batch, heads, stop - start, seen)  # [B, H, c, seen]
+        visible = (key_block[None, :seen] <= own[:, None]) & real[..., :seen]
         probs = torch.softmax(logits.masked_fill_(~visible, -torch.inf), dim=-1).nan_to_num_(0.0)
-        scores[:, :, start:stop] = F.pad(probs, (pad, 0)).view(batch, heads, stop - start, num_kb, block_size).sum(-1)
+        blocks = F.pad(probs, (pad, 0)).view(batch, heads, stop - start, -1, block_size).sum(-1)
+        scores[:, :, start:stop] = F.pad(blocks, (0, num_kb - blocks.shape[-1]))
     return scores
 
 
