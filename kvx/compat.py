@@ -45,7 +45,7 @@ import transformers
 from packaging.version import Version
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 MIN_VERSION = Version("5.3.0")
 """The oldest transformers release kvx supports (``pyproject.toml`` declares the same)."""
@@ -171,7 +171,22 @@ def register_attention(name: str, fn: Callable) -> None:
     """Register an attention function and sdpa's boolean mask function under ``name``. Without the
     mask registration transformers hands the function no mask at all (padding is lost)."""
     AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, causal_or_sdpa_mask)
+
+
+def causal_or_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, except that a plainly causal mask over tokens with no padding is
+    None: kvx's attention is then causal, bottom-right aligned, by itself. (``sdpa_mask`` skips it
+    only when the queries are all the keys or one token, so every chunk of a chunked prefill would
+    otherwise build a ``chunk x (stored + chunk)`` mask.) Padding anywhere, a sliding or chunked
+    window, or a composed mask function: ``sdpa_mask``'s mask, unchanged."""
+    given = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+    padding = given.get("attention_mask")
+    plainly_causal = (given.get("mask_function", causal_mask_function) is causal_mask_function
+                      and given.get("local_size") is None and given.get("allow_is_causal_skip", True))
+    if plainly_causal and (padding is None or bool(padding.all())):
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def attention_function(name: str) -> Callable:

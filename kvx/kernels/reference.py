@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def causal_mask(q_len: int, kv_len: int, device: torch.device, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """``[1, 1, q_len, kv_len]`` bool, bottom-right aligned: query i sits at key position
-    ``kv_len - q_len + i`` and sees every key up to it."""
-    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    ``kv_len - q_len + i`` and sees every key up to it. ``rows=(start, stop)``: only those queries'
+    rows, ``[1, 1, stop - start, kv_len]``."""
+    start, stop = rows if rows is not None else (0, q_len)
+    query_pos = torch.arange(kv_len - q_len + start, kv_len - q_len + stop, device=device)[:, None]
     return (torch.arange(kv_len, device=device)[None, :] <= query_pos)[None, None]
 
 
@@ -41,8 +43,8 @@ def attention(
     """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     groups = query.shape[1] // key.shape[1]
-    if mask is None and 1 < q_len < kv_len:
-        mask = causal_mask(q_len, kv_len, query.device)
+    if mask is None and 1 < q_len < kv_len:  # new queries after a stored prefix: no q x S mask
+        return prefix_then_new_attention(query, key, value, None, None, scaling, softcap, sinks)
     if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(
             query,
@@ -261,6 +263,57 @@ def merge_with_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).nan_to_num(0.0)[..., None]
     return sum(w * out for w, (out, _) in zip(weights, parts)), total
+
+
+def prefix_then_new_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_valid: torch.Tensor | None,
+    new_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention ``[B, H, q, Dv]`` of ``q`` new queries over ``key / value [B, Hkv, P + q, D]``:
+    a stored prefix of ``P`` tokens, every one visible to every new query where ``prefix_valid
+    [B, Hkv, P]`` (None: all) says it is a real token, then the new tokens themselves, causal
+    (``new_mask`` None) or under ``new_mask [B|1, 1|H, q, q]`` (padding among them).
+
+    Two passes merged by log-sum-exp, so no ``q x (P + q)`` mask or score matrix is ever built:
+    chunked prefill and extend cost ``q x P`` plus a causal ``q x q``. On CPU each pass is torch's
+    fused flash kernel (GQA native; the prefix mask is ``[B, H, 1, P]``); elsewhere, and with soft-
+    capping, :func:`attention_with_lse` a block of queries at a time."""
+    prefix = key.shape[-2] - query.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+    visible = None if prefix_valid is None else expand_kv_heads(prefix_valid, groups)[:, :, None, :]  # [B, H, 1, P]
+    parts = []
+    if prefix:
+        parts.append(_attention_part(query, key[:, :, :prefix], value[:, :, :prefix], visible, False, scaling, softcap))
+    parts.append(_attention_part(query, key[:, :, prefix:], value[:, :, prefix:], new_mask, new_mask is None,
+                                 scaling, softcap))
+    if sinks is not None:
+        parts.append(sink_part(sinks, parts[0][0]))
+    return merge_attention(parts).to(query.dtype)
+
+
+def _attention_part(query, key, value, mask: torch.Tensor | None, causal: bool, scaling: float,
+                    softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` float32 of ``query`` over one key set: ``mask [B|1, 1|H, q|1, S]`` bool or None
+    (everything visible), or ``causal`` (queries and keys the same tokens)."""
+    if query.device.type == "cpu" and softcap is None and key.shape[-1] == value.shape[-1]:
+        bias = None
+        if mask is not None and not causal:
+            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=bias, scale=scaling)
+        if mask is not None and not causal:  # a row that sees no key: the kernel gives lse 0, it must vanish
+            sees_none = ~mask.any(-1)  # [B|1, 1|H, q|1]
+            lse = lse.masked_fill(sees_none.expand_as(lse), -torch.inf)
+        return out.float(), lse.float()
+    if causal:
+        mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
+    return attention_with_lse(query, key, value, mask, scaling, softcap)
 
 
 def ragged_attention(

@@ -216,17 +216,17 @@ def _mask_over_storage(
         return given, valid
 
     past = layer.past_stored
+    past_valid = layer.valid[..., :past] if layer.valid is not None else None
+    if past_valid is None and given is None:  # no padding anywhere: causal, bottom-right (no q x S mask)
+        return None, None
     if given is None:
         new_cols = reference.causal_mask(q_len, q_len, layer.keys.device)  # [1, 1, q, q]
         new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=layer.keys.device)
     else:
         new_cols = given[..., -q_len:]  # causal + padding among the new tokens
         new_valid = given[:, 0, -1, -q_len:]
-    past_valid = layer.valid[..., :past] if layer.valid is not None else None
 
     if past_valid is None:  # every stored token is real: one mask serves all heads
-        if given is None and q_len == 1:
-            return None, None
         mask = torch.cat([new_cols.new_ones(new_cols.shape[0], 1, q_len, past), new_cols], dim=-1)
         valid = torch.cat([new_valid.new_ones(batch, past), new_valid], dim=-1)
         return mask, valid[:, None, :].expand(batch, kv_heads, num_stored)

@@ -19,8 +19,6 @@ from kvx.kernels import reference
 from kvx.storage.base import ScoringInputs
 from kvx.storage.dense import DenseLayer
 
-VIEW_BLOCK_ELEMENTS = 2**25  # mask entries per query block in attend_over_view (32 MB of bool)
-
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T]
 
 
@@ -108,17 +106,15 @@ class PrefixTailLayer(DenseLayer):
 def attend_over_view(query, view: View, tail_len: int, tail_mask, scaling: float, softcap: float | None,
                      sinks: torch.Tensor | None = None):
     """Several new queries ``[B, H, q, D]`` over a layer's dense view ``(keys, values [B, Hkv, P + T,
-    D], valid [B, Hkv, P + T])``: SDPA a block of queries at a time, so the per-head mask (and any
-    score matrix SDPA builds for it) is ``block x (P + T)``, never ``q x (P + T)``."""
-    batch, heads, q_len = query.shape[:3]
+    D], valid [B, Hkv, P + T])``, the new tokens last: every real token before them is visible to
+    each, the new ones causal (or under ``tail_mask``'s columns over them, ``[B|1, 1|H, q, T]``:
+    padding among them). Through :func:`kvx.kernels.reference.prefix_then_new_attention`, so no
+    ``q x (P + T)`` mask or score matrix is built."""
     keys, values, valid = view
-    block = min(1024, max(16, VIEW_BLOCK_ELEMENTS // (batch * heads * keys.shape[-2])))
-    outs = []
-    for start in range(0, q_len, block):
-        stop = min(start + block, q_len)
-        mask = view_mask(valid, tail_len, tail_mask, query.shape, start, stop)
-        outs.append(reference.attention(query[:, :, start:stop], keys, values, mask, scaling, softcap, sinks))
-    return torch.cat(outs, dim=2)
+    q_len = query.shape[-2]
+    new_mask = None if tail_mask is None else tail_mask[..., -q_len:]
+    return reference.prefix_then_new_attention(query, keys, values, valid[..., :-q_len], new_mask, scaling, softcap,
+                                               sinks)
 
 
 def view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
@@ -130,6 +126,8 @@ def view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: in
     rows = stop - start
     prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
     prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
-    if tail_mask is None:
-        tail_mask = reference.causal_mask(q_len, tail_len, valid.device)
-    return torch.cat([prefix_cols, tail_mask[..., start:stop, :].expand(batch, heads, rows, -1)], dim=-1)
+    if tail_mask is None:  # causal, bottom-right: the rows start:stop alone
+        tail_cols = reference.causal_mask(q_len, tail_len, valid.device, rows=(start, stop))
+    else:
+        tail_cols = tail_mask[..., start:stop, :]
+    return torch.cat([prefix_cols, tail_cols.expand(batch, heads, rows, -1)], dim=-1)
