@@ -120,7 +120,7 @@ class RetrievalHeads(DecodeInterval):
         self._learned, self._learned_scores = {}, {}
 
     def retrieval_heads(self) -> torch.Tensor | None:
-        """``[L, Hkv]`` bool, True for retrieval heads (from the pattern), or None before a profile."""
+        """``[L, Hkv]`` bool, True for retrieval heads (from the pattern), or None without a pattern."""
         return None if self._table is None else self._table.clone()
 
     def on_the_fly_scores(self) -> dict[int, torch.Tensor]:
