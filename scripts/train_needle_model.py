@@ -33,6 +33,7 @@ the same machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, make_needles, score_answer
+from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, filler_sentences, make_needles, score_answer
 
 
 @dataclass
@@ -63,6 +64,11 @@ class Stage:
     variant_weights: tuple[float, ...] = (0.3, 0.45, 0.1, 0.15)
     distractors: tuple[int, int] = (1, 3)  # distractor needles per multikey/absent prompt: uniform in this range
     values: tuple[int, int] = (2, 3)  # values per multivalue prompt
+    # share of prompts whose filler is one short random paragraph (``repeat_sentences`` sentences, numbers
+    # included) repeated: the auxiliary next-token loss then rewards copying what came before, which grows
+    # the induction (copy) heads the needle lookup needs far sooner than answer tokens alone do
+    repeat_rate: float = 0.0
+    repeat_sentences: tuple[int, int] = (2, 5)
 
 
 @dataclass
@@ -108,14 +114,16 @@ KEYS_PRESET = Preset(
                num_key_value_heads=4, head_dim=32, rope_theta=1e6, max_position_embeddings=16384,
                tie_word_embeddings=True),
     stages=[
-        # 0. copy circuit: one needle, numbers in the filler already (2-3 digits; the value has 4)
-        Stage(steps=600, min_len=64, max_len=160, batch=32, lr=2e-3, variant_weights=SINGLE),
+        # 0. copy circuit: one needle, numbers in the filler already (2-3 digits; the value has 4); half the
+        #    prompts repeat a short paragraph as filler so induction heads form (without it, 1600 steps of
+        #    this and the next stage left greedy exact match at 0 on every variant: the copy never formed)
+        Stage(steps=800, min_len=64, max_len=160, batch=32, lr=2e-3, variant_weights=SINGLE, repeat_rate=0.5),
         # 1. one distractor key: the copy must now follow the asked key
         Stage(steps=1200, min_len=64, max_len=192, batch=32, lr=2e-3, variant_weights=(0.4, 0.6, 0.0, 0.0),
-              distractors=(1, 1)),
+              distractors=(1, 1), repeat_rate=0.25),
         # 2. more distractors, slowly; negatives and several values join once keys are matched
         Stage(steps=1200, min_len=96, max_len=256, batch=32, lr=1.5e-3, variant_weights=(0.25, 0.55, 0.1, 0.1),
-              distractors=(1, 3)),
+              distractors=(1, 3), repeat_rate=0.1),
         Stage(steps=1200, min_len=128, max_len=384, batch=24, lr=1.2e-3, variant_weights=(0.2, 0.5, 0.15, 0.15),
               distractors=(1, 4)),
         # 3. length, at a lower learning rate re-warmed each stage
@@ -140,7 +148,7 @@ TINY = Preset(  # for tests: seconds on a CPU
     model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=8, rope_theta=1e4, max_position_embeddings=1024,
                tie_word_embeddings=True),
-    stages=[Stage(steps=4, min_len=48, max_len=64, batch=2, lr=2e-3, variant_weights=SINGLE),
+    stages=[Stage(steps=4, min_len=48, max_len=64, batch=2, lr=2e-3, variant_weights=SINGLE, repeat_rate=0.5),
             Stage(steps=4, min_len=80, max_len=96, batch=2, lr=1e-3, distractors=(1, 2))],
     eval_lengths=(64,), eval_variants=("multikey", "absent"), eval_distractors=1, eval_count=2, eval_every=3,
 )
@@ -155,9 +163,11 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
         variant = rng.choices(VARIANTS[: len(stage.variant_weights)], weights=stage.variant_weights)[0]
         spec = make_needles(variant, rng, distractors=rng.randint(*stage.distractors), values=rng.randint(*stage.values))
         answer = tokenizer(" " + spec.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = build_prompt(
-            tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, number_rate=stage.number_rate
-        )
+        haystack = None  # generated filler; no draw unless the stage repeats paragraphs (older runs unchanged)
+        if stage.repeat_rate and rng.random() < stage.repeat_rate:
+            haystack = " ".join(filler_sentences(rng, rng.randint(*stage.repeat_sentences), stage.number_rate))
+        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, haystack_text=haystack,
+                              number_rate=stage.number_rate)
         rows.append(prompt.ids + answer)
         labels.append([-100] * len(prompt.ids) + answer)
     return torch.tensor(rows), torch.tensor(labels)
@@ -254,13 +264,20 @@ def build_model(tokenizer, preset: Preset, init_from: Path | None = None) -> Lla
 CHECKPOINT = "checkpoint.pt"
 
 
+def preset_digest(preset: Preset) -> str:
+    """A fingerprint of what a run trains (model shape, stages, loss): a checkpoint of an edited
+    preset is refused instead of silently continued under another curriculum."""
+    what = json.dumps([preset.model, [asdict(st) for st in preset.stages], preset.lm_weight], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
 def save_checkpoint(directory: Path, *, preset: Preset, seed: int, steps_scale: float, model, optimizer,
                     stage: int, step: int, rng: random.Random, log_rows: list[dict], elapsed: float) -> None:
     """Everything a resumed run needs to continue exactly: written to a temporary file, then renamed
     (a kill while writing leaves the previous checkpoint whole)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
-        "preset": preset.name, "seed": seed, "steps_scale": steps_scale,
+        "preset": preset.name, "seed": seed, "steps_scale": steps_scale, "digest": preset_digest(preset),
         "stage": stage, "step": step,  # the next step to run
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "rng": rng.getstate(), "python_random": random.getstate(), "torch_rng": torch.get_rng_state(),
@@ -277,8 +294,8 @@ def load_checkpoint(directory: Path | None, preset: Preset, seed: int, steps_sca
     if directory is None or not (directory / CHECKPOINT).exists():
         return None
     state = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)
-    mine = {"preset": preset.name, "seed": seed, "steps_scale": steps_scale}
-    theirs = {k: state[k] for k in mine}
+    mine = {"preset": preset.name, "seed": seed, "steps_scale": steps_scale, "digest": preset_digest(preset)}
+    theirs = {k: state.get(k) for k in mine}
     if theirs != mine:
         raise SystemExit(f"{directory / CHECKPOINT} was written with {theirs}, not {mine}: "
                          "use another --checkpoint-dir or the same settings")

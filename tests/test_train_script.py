@@ -68,6 +68,18 @@ def test_sample_batch_follows_the_stage(script):
         assert answer[-1] == tok.eos_token_id and row[-len(answer):].tolist() == answer
 
 
+def test_repeated_paragraph_filler(script):
+    """repeat_rate 1: every prompt's filler is one short paragraph repeated (the induction-head signal)."""
+    tok = script.build_tokenizer()
+    stage = script.Stage(steps=1, min_len=200, max_len=200, batch=2, lr=1e-3, variant_weights=(1, 0, 0, 0),
+                         repeat_rate=1.0, repeat_sentences=(2, 2))
+    ids, _ = script.sample_batch(tok, stage, random.Random(0))
+    for row in ids:
+        sentences = tok.decode(row.tolist()).split(" . ")
+        filler = [x for x in sentences[1:-3] if "magic" not in x]
+        assert len(filler) > 6 and len(set(filler)) <= 3  # two sentences, over and over (one cut by a needle)
+
+
 def test_resume_continues_identically(script, tmp_path):
     tiny = script.PRESETS["tiny"]
     straight = script.train(tiny, tmp_path / "a", seed=3, checkpoint_dir=tmp_path / "ca", checkpoint_every=2,
@@ -103,3 +115,6 @@ def test_a_checkpoint_of_other_settings_is_refused_and_one_exports(script, tmp_p
     assert len(AutoTokenizer.from_pretrained(tmp_path / "x")) == loaded.config.vocab_size
     with pytest.raises(SystemExit, match="seed"):
         script.train(tiny, tmp_path / "m", seed=2, checkpoint_dir=tmp_path / "c", verbose=False)
+    edited = script.Preset(**{**script.asdict(tiny), "stages": tiny.stages[:1]})  # same name, other curriculum
+    with pytest.raises(SystemExit, match="digest"):
+        script.train(edited, tmp_path / "m", seed=1, checkpoint_dir=tmp_path / "c", verbose=False)
