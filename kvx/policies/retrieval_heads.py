@@ -28,6 +28,10 @@ attention as one ordinary token: kvx storage has no per-token logit bias for the
 ``log(count)`` weight.
 
 A prompt no longer than ``sink + recent`` is kept whole by every head (nothing to drop).
+
+``budget=N`` evicts on the retrieval heads too: they keep the ``N`` prompt tokens SnapKV scores
+highest (its observation window, sinks of its own choosing), so the policy composes retrieval-head
+splits with query-aware eviction in one selection; tokens decoded afterwards are all kept.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from kvx.policy import (
     Policy,
     check_number,
     check_positive_int,
+    make_policy,
     option,
     register_policy,
 )
@@ -93,6 +98,8 @@ class RetrievalHeads(DecodeInterval):
                                        "they dropped as one extra token")
     decode_interval: int = option(16, "streaming heads evict every N decoded tokens (they hold at most "
                                       "sink + recent + N - 1 tokens)")
+    budget: int | None = option(None, "retrieval heads keep at most this many prompt tokens, chosen by SnapKV's "
+                                      "scores (its observation window: the last min(32, budget) queries); none: all")
 
     def validate(self) -> None:
         super().validate()
@@ -108,6 +115,10 @@ class RetrievalHeads(DecodeInterval):
             raise TypeError(f"{self.name}: pattern must be a path to a scores file, got {type(self.pattern).__name__}")
         self._scores: HeadScores | None = None if self.pattern is None else load_scores(self.pattern)
         self._table = None if self._scores is None else choose_heads(self._scores.scores, self.ratio, self.threshold)
+        self._evictor = None  # SnapKV over the retrieval heads, with a budget
+        if self.budget is not None:
+            check_positive_int(self.name, "budget", self.budget)
+            self._evictor = make_policy("snapkv", budget=self.budget, window=min(32, self.budget))
         self._learned: dict[int, torch.Tensor] = {}  # layer -> [Hkv] bool, profiled on the fly
         self._learned_scores: dict[int, torch.Tensor] = {}  # layer -> [Hkv] float, the on-the-fly scores
 
@@ -147,19 +158,21 @@ class RetrievalHeads(DecodeInterval):
     # --- what each head keeps -------------------------------------------------------------------
 
     def wants_view(self, phase: Phase) -> bool:
-        return not self._everything_retrieves()
+        evicts = self._evictor is not None and self._evictor.wants_view(phase)
+        return evicts or not self._everything_retrieves()
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         self.note_phase(view)
         heads = self._layer_heads(view)
+        retrieval_keep = None if self._evictor is None else self._evictor.select_mask(view)  # None: every token
         if heads is None or bool(heads.all()):
-            return None
+            return retrieval_keep
         compensated = view.state.get(COMPENSATION_STATE) if self.compensation else None
         keep = streaming_keep(view.valid, self.sink, self.recent, compensated)
         dropped = view.valid & ~keep & ~heads[None, :, None]
-        if not bool(dropped.any()):
+        if not bool(dropped.any()) and retrieval_keep is None:
             return None
-        keep = torch.where(heads[None, :, None], view.valid, keep)
+        keep = torch.where(heads[None, :, None], view.valid if retrieval_keep is None else retrieval_keep, keep)
         if self.compensation:
             keep = compensate(view, keep, dropped)
         return keep

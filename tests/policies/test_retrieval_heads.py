@@ -163,3 +163,26 @@ def test_a_row_keeps_the_same_alone_and_in_a_left_padded_batch(llama3, tmp_path)
             assert torch.equal(seq[0, -7:], batch_seq[row, -7:])
             for alone, batched in zip(cache.layers, batch_cache.layers):
                 assert torch.equal(alone.kept_per_head()[0], batched.kept_per_head()[row])
+
+
+def test_a_budget_evicts_on_the_retrieval_heads_as_snapkv_would(llama3, tmp_path):
+    """budget=N: retrieval heads keep the N prompt tokens SnapKV keeps (all heads retrieving: SnapKV's
+    outputs exactly); streaming heads still keep sinks + recent."""
+    ids = random_ids(1, 300, seed=7)
+    with kvx.patched(llama3, "snapkv", budget=64, window=32):
+        snap_seq, snap_logits, _ = greedy(llama3, ids, new_tokens=4)
+    with kvx.patched(llama3, "retrieval_heads", ratio=1.0, budget=64):
+        seq, logits, _ = greedy(llama3, ids, new_tokens=4)
+    assert torch.equal(seq, snap_seq)
+    torch.testing.assert_close(logits, snap_logits, rtol=1e-5, atol=1e-5)
+    pattern = write_pattern(llama3, tmp_path / "heads.safetensors", torch.tensor([[1.0, 0.0]] * 3))
+    with kvx.patched(llama3, "retrieval_heads", pattern=pattern, ratio=0.5, sink=4, recent=16, budget=64):
+        _, _, cache = greedy(llama3, ids, new_tokens=4)
+    for layer in cache.stats():
+        retrieval, streaming = layer["kept_per_head"][0]
+        assert retrieval == 64 + 3 and streaming <= 4 + 16 + 3  # decoded tokens are kept
+
+
+def test_a_budget_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="retrieval_heads: budget must be >= 1, got 0"):
+        kvx.make_policy("retrieval_heads", budget=0)
