@@ -29,10 +29,9 @@ import bisect
 import torch
 import torch.nn.functional as F
 
-from kvx.kernels.reference import block_grid, merge_with_lse, softcapped
+from kvx.kernels.reference import block_grid, fused_attention_with_lse, merge_with_lse, softcapped
 
 CHUNK_ELEMENTS = 2**19  # logits per chunk (2 MB of float32: they stay in the cache)
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def block_sparse_attention(
@@ -103,10 +102,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     [N, 1|n, L]`` (0 / -inf) or None, and with ``causal`` (``L = n``) a causal mask: ``(out [N, n,
     Dv], lse [N, n])`` float32. ``sees [N, 1|n]``: whether a query sees any key; one that does not
     gets out 0, lse -inf."""
-    if softcap is None and _FLASH is not None and k.shape[-1] == v.shape[-1]:  # (flash: one head dim)
+    fused = None
+    if softcap is None:
         mask = None if bias is None else bias.to(q.dtype)[:, None]
-        out, lse = _FLASH(q[:, None], k[:, None], v[:, None], 0.0, causal, attn_mask=mask, scale=scaling)
-        out, lse = out[:, 0].float(), lse[:, 0]
+        fused = fused_attention_with_lse(q[:, None], k[:, None], v[:, None], mask, causal, scaling)
+    if fused is not None:
+        out, lse = fused[0][:, 0], fused[1][:, 0]
     else:
         logits = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)  # [N, n, L]
         logits = softcapped(logits, softcap)

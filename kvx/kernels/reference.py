@@ -297,20 +297,37 @@ def prefix_then_new_attention(
     return merge_attention(parts).to(query.dtype)
 
 
+_FUSED_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                             causal: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's fused CPU flash kernel, which also returns the log-sum-exp: ``(out [..., H, q, Dv], lse
+    [..., H, q])`` float32 of ``query [..., H, q, D]`` over ``key / value [..., Hkv, S, D]`` (GQA
+    native), with an additive ``bias`` (0 / -inf, the query's dtype, broadcastable to ``[..., H, q,
+    S]``) or None, ``causal`` over the same tokens or not. None where it cannot run: off the CPU,
+    key and value head dims that differ, or a torch without it. A query that sees no key gets lse
+    0 from the kernel: the caller masks it."""
+    if _FUSED_CPU_ATTENTION is None or query.device.type != "cpu" or key.shape[-1] != value.shape[-1]:
+        return None
+    out, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, causal, attn_mask=bias, scale=scaling)
+    return out.float(), lse.float()
+
+
 def _attention_part(query, key, value, mask: torch.Tensor | None, causal: bool, scaling: float,
                     softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` float32 of ``query`` over one key set: ``mask [B|1, 1|H, q|1, S]`` bool or None
     (everything visible), or ``causal`` (queries and keys the same tokens)."""
-    if query.device.type == "cpu" and softcap is None and key.shape[-1] == value.shape[-1]:
-        bias = None
-        if mask is not None and not causal:
-            bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, causal, attn_mask=bias, scale=scaling)
-        if mask is not None and not causal:  # a row that sees no key: the kernel gives lse 0, it must vanish
+    bias = None
+    if mask is not None and not causal:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
+    fused = None if softcap is not None else fused_attention_with_lse(query, key, value, bias, causal, scaling)
+    if fused is not None:
+        out, lse = fused
+        if bias is not None:  # a row that sees no key: the kernel gives lse 0, it must vanish
             sees_none = ~mask.any(-1)  # [B|1, 1|H, q|1]
             lse = lse.masked_fill(sees_none.expand_as(lse), -torch.inf)
-        return out.float(), lse.float()
+        return out, lse
     if causal:
         mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
     return attention_with_lse(query, key, value, mask, scaling, softcap)

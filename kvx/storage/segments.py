@@ -260,7 +260,7 @@ class RaggedSegment:
 
     def kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [[None if part is None else part.kv(dtype) for part in row] for row in self.parts]
-        like_k, like_v = self._first().kv(dtype)
+        like_k, like_v = next(pair for row in pairs for pair in row if pair is not None)  # (each part read once)
         width = self.tokens
         keys = self._pad([[None if p is None else p[0] for p in row] for row in pairs], like_k, width)
         values = self._pad([[None if p is None else p[1] for p in row] for row in pairs], like_v, width)

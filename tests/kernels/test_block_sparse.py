@@ -70,7 +70,7 @@ def test_torch_path_without_the_flash_kernel_and_with_another_value_dim(monkeypa
     query, key, value, index, valid = _case(2, 1, 4, 40, 300, 64, 32, density=0.4, padded=True, value_dim=48)
     want = reference.block_sparse_attention(query, key, value, index, valid, 0.125, None, 32)
     _close(*block_sparse_attention(query, key, value, index, valid, 0.125, None, 32, backend="torch"), *want)
-    monkeypatch.setattr(block_sparse_torch, "_FLASH", None)
+    monkeypatch.setattr(reference, "_FUSED_CPU_ATTENTION", None)
     for padded in (True, False):
         query, key, value, index, valid = _case(2, 1, 4, 40, 300, 64, 32, density=0.4, padded=padded)
         want = reference.block_sparse_attention(query, key, value, index, valid, 0.125, None, 32)
