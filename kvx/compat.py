@@ -174,13 +174,16 @@ def register_attention(name: str, fn: Callable) -> None:
     AttentionMaskInterface.register(name, causal_or_sdpa_mask)
 
 
+_SDPA_MASK_SIGNATURE = inspect.signature(sdpa_mask)  # read once: the mask is built at every forward
+
+
 def causal_or_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """transformers' ``sdpa_mask``, except that a plainly causal mask over tokens with no padding is
     None: kvx's attention is then causal, bottom-right aligned, by itself. (``sdpa_mask`` skips it
     only when the queries are all the keys or one token, so every chunk of a chunked prefill would
     otherwise build a ``chunk x (stored + chunk)`` mask.) Padding anywhere, a sliding or chunked
     window, or a composed mask function: ``sdpa_mask``'s mask, unchanged."""
-    given = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+    given = _SDPA_MASK_SIGNATURE.bind(*args, **kwargs).arguments
     padding = given.get("attention_mask")
     plainly_causal = (given.get("mask_function", causal_mask_function) is causal_mask_function
                       and given.get("local_size") is None and given.get("allow_is_causal_skip", True))

@@ -288,6 +288,8 @@ class QuantizedStoragePolicy(StoragePolicy):
         check_positive_int(self.name, "group", self.group)
         check_positive_int(self.name, "window", self.window, minimum=0)
         check_positive_int(self.name, "sink", self.sink, minimum=0)
+        if not isinstance(getattr(self, "ragged", False), bool):
+            raise TypeError(f"{self.name}: ragged must be true or false, got {self.ragged!r}")
 
     def spec(self) -> QuantSpec:
         raise NotImplementedError
@@ -295,7 +297,7 @@ class QuantizedStoragePolicy(StoragePolicy):
     def layer_spec(self) -> QuantSpec:
         """:meth:`spec` with the ``ragged`` option where the policy has it (set by ``kvx.compose``
         under a selection that needs ragged storage)."""
-        return replace(self.spec(), ragged=bool(getattr(self, "ragged", False)))
+        return replace(self.spec(), ragged=getattr(self, "ragged", False))
 
     def make_layer(self) -> QuantizedLayer:
         return QuantizedLayer(self.layer_spec())

@@ -3,6 +3,7 @@ padding to the longest, reads them exactly as the full-precision ragged storage 
 bytes follow the kept tokens. (The conformance suites also run every storage test over
 ``kivi:...,ragged=true``.)"""
 
+import pytest
 import torch
 from conftest import greedy, left_pad, random_ids
 
@@ -57,3 +58,9 @@ def test_a_ragged_segment_holds_only_real_tokens():
     expected, expected_lse = padded.decode_part(query, 0.25, None)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["int8", "kivi", "kvquant"])
+def test_ragged_must_be_true_or_false(name):
+    with pytest.raises(TypeError, match=f"{name}: ragged must be true or false, got 'yes'"):
+        kvx.make_policy(name, ragged="yes")
