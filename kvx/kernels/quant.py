@@ -159,7 +159,7 @@ def _per_element(p: Packed, per_group: torch.Tensor) -> torch.Tensor:
     if p.axis == "token":  # [B, Hkv, S, D/g] -> [B, Hkv, S, D]
         return per_group.repeat_interleave(p.group, dim=-1)
     groups = p.token_groups()
-    return per_group.gather(2, groups[..., None].expand(*groups.shape, per_group.shape[-1]))  # [B, Hkv, S_groups, D] -> [B, Hkv, S, D]
+    return reference.take_tokens(per_group, groups)  # [B, Hkv, S_groups, D] -> [B, Hkv, S, D]
 
 
 def _grouped(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
@@ -232,7 +232,7 @@ def gather_tokens(p: Packed, indices: torch.Tensor, slot_valid: torch.Tensor | N
     on padding slots, which hold any token). Per-channel groups keep their scales: each kept token
     records its group (``group_index``), and groups no real token uses any more are dropped, so
     memory follows the kept tokens."""
-    gather = lambda t: t.gather(2, indices[..., None].expand(*indices.shape, t.shape[-1]))  # noqa: E731
+    gather = lambda t: reference.take_tokens(t, indices)  # noqa: E731
     codes, sparse = gather(p.codes), p.per_token(gather)
     if p.axis == "token":
         return replace(p, codes=codes, scale=gather(p.scale), zero=None if p.zero is None else gather(p.zero), **sparse)
@@ -250,10 +250,9 @@ def _compact_groups(p: Packed, groups: torch.Tensor, scale: torch.Tensor, zero: 
     starts[..., 1:] = groups[..., 1:] != groups[..., :-1]
     new_index = starts.long().cumsum(-1) - 1  # [B, Hkv, K]
     used = int(new_index[..., -1].max()) + 1 if groups.shape[-1] else 0
-    dim = scale.shape[-1]
     source = torch.zeros(*groups.shape[:2], used, dtype=torch.long, device=groups.device)
     source.scatter_(2, new_index, groups)  # new group -> old group
-    take = lambda t: t.gather(2, source[..., None].expand(*source.shape, dim))  # noqa: E731
+    take = lambda t: reference.take_tokens(t, source)  # noqa: E731
     index_dtype = torch.int16 if used < 2**15 else torch.int32
     return replace(p, scale=take(scale), zero=None if zero is None else take(zero),
                    group_index=new_index.to(index_dtype))

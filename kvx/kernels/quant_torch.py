@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from kvx.kernels import reference
 from kvx.kernels.quant import Packed
 
 BLOCK_ELEMENTS = 2**20  # codes unpacked per block (4 MB of float32): fewer, larger ops where rows are few
@@ -213,7 +214,7 @@ def _dequantized(p: Packed, start, stop, buffer, rows, n) -> torch.Tensor:
         zero = None if p.zero is None else p.zero[:, :, start:stop].reshape(rows, n, -1, 1).float()
     else:
         index = p.token_groups()[..., start:stop]
-        take = lambda t: t.gather(2, index[..., None].expand(*index.shape, t.shape[-1])).reshape(rows, n, -1).float()  # noqa: E731
+        take = lambda t: reference.take_tokens(t, index).reshape(rows, n, -1).float()  # noqa: E731
         scale, view = take(p.scale), out
         zero = None if p.zero is None else take(p.zero)
     if zero is None:

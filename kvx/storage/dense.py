@@ -76,8 +76,8 @@ class DenseLayer(Storage):
         keep fewer than the most get padding slots on the left, marked invalid."""
         indices, slot_valid = mask_to_indices(keep)
         # keys and values may differ in head dim (MLA: rope + nope key dims vs the value dim)
-        self.keys = self.keys.gather(2, indices[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, indices[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys = reference.take_tokens(self.keys, indices)
+        self.values = reference.take_tokens(self.values, indices)
         valid = slot_valid if self.valid is None else self.valid.gather(2, indices) & slot_valid
         self.set_valid(valid)
         for name, stat in self.state.items():

@@ -190,7 +190,7 @@ class PackedSegment(Segment):
 
 def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``x [B, Hkv, S, D]`` at token ``indices [B, Hkv, K]`` -> ``[B, Hkv, K, D]``."""
-    return x.gather(2, indices[..., None].expand(*indices.shape, x.shape[-1]))
+    return reference.take_tokens(x, indices)
 
 
 def _real_or_none(valid: torch.Tensor) -> torch.Tensor | None:

@@ -144,3 +144,19 @@ def test_attention_with_sinks_matches_a_softmax_with_a_sink_column(heads, kv_hea
     got = reference.attention(q, k, v, None, dim**-0.5, sinks=sinks)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, reference.attention(q, k, v, None, dim**-0.5), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_take_tokens_equals_gather_on_odd_shapes(dtype):
+    """One row copy per token gives what an element-wise gather gives, per row and head, on a
+    non-contiguous input and with repeated and reordered indices."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(3, 5, 13, 7, generator=gen) * 100).to(dtype)[..., :5]  # non-contiguous
+    indices = torch.randint(0, 13, (3, 5, 9), generator=gen)
+    expected = x.gather(2, indices[..., None].expand(*indices.shape, x.shape[-1]))
+    assert torch.equal(reference.take_tokens(x, indices), expected)
+
+
+def test_take_tokens_refuses_mismatched_rows():
+    with pytest.raises(ValueError, match=r"do not match x"):
+        reference.take_tokens(torch.zeros(2, 3, 4, 5), torch.zeros(2, 2, 1, dtype=torch.long))
