@@ -379,12 +379,19 @@ def token_ranks(scores: torch.Tensor) -> torch.Tensor:
 def mask_to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``keep [B, Hkv, S]`` -> ``(indices [B, Hkv, W], slot_valid [B, Hkv, W])``, ``W`` the largest
     count; kept tokens in ascending order, right-aligned (left-padded with invalid slots) like a
-    left-padded batch."""
-    positions = torch.arange(1, keep.shape[-1] + 1, device=keep.device)
-    key = torch.where(keep, positions, torch.zeros_like(positions))  # 0 for dropped tokens
-    width = int(keep.sum(-1).max())
-    ordered = key.sort(dim=-1).values[..., keep.shape[-1] - width :]
-    return (ordered - 1).clamp(min=0), ordered > 0
+    left-padded batch. Padding slots point at token 0.
+
+    Linear in ``S`` (a running count places each kept token in its slot; no sort), since eviction
+    at every decode step calls it on the whole layer."""
+    counts = keep.sum(-1, keepdim=True)  # [B, Hkv, 1]
+    width = int(counts.max()) if keep.numel() else 0
+    slot = keep.long().cumsum(-1) - 1 + (width - counts)  # where each kept token lands
+    slot = torch.where(keep, slot, width)  # dropped tokens go to a spill slot past the end
+    positions = torch.arange(keep.shape[-1], device=keep.device).expand_as(slot)
+    indices = torch.zeros(*keep.shape[:-1], width + 1, dtype=torch.long, device=keep.device)
+    indices.scatter_(-1, slot, positions)
+    slot_valid = torch.arange(width, device=keep.device) >= (width - counts)
+    return indices[..., :width], slot_valid
 
 
 def check_positive_int(policy: str, name: str, value: Any, minimum: int = 1) -> None:

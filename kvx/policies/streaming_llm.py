@@ -50,8 +50,17 @@ class StreamingLLM(EvictionPolicy):
         return capacity_tensor(view, self.sink + self.window)
 
     def score(self, view: CompressionView) -> torch.Tensor:
+        return self._keep(view).float()
+
+    def select_mask(self, view: CompressionView) -> torch.Tensor | None:
+        """The keep mask itself, without ranking scores (a sort per layer at every decode step):
+        a row that holds no more than ``sink + window`` real tokens keeps them all."""
+        keep = self._keep(view)
+        return keep if bool((view.valid.sum(-1) > self.sink + self.window).any()) else None
+
+    def _keep(self, view: CompressionView) -> torch.Tensor:
+        """``[B, Hkv, S]`` bool: the first ``sink`` and the last ``window`` real tokens of each row."""
         valid = view.valid  # [B, Hkv, S]
         rank = valid.long().cumsum(-1) - 1  # rank of each real token among the row's real tokens
         num_real = valid.sum(-1, keepdim=True)
-        keep = valid & ((rank < self.sink) | (rank >= num_real - self.window))
-        return keep.float()
+        return valid & ((rank < self.sink) | (rank >= num_real - self.window))

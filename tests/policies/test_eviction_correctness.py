@@ -2,6 +2,7 @@
 computed independently from the unpatched model, and decoding over them matches a dense model
 given exactly those tokens at their original positions."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_ids
@@ -81,3 +82,23 @@ def test_snapkv_keeps_what_the_eager_attention_rule_picks():
     # heads really choose differently (per-head top-k, not one shared set)
     assert any(not torch.equal(k[:, 0], k[:, 1]) for k, _ in kept)
     torch.testing.assert_close(logits, _decode_over(model, expected_kv, token, PROMPT), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 17), (3, 2, 64)])
+def test_mask_to_indices_right_aligns_each_row_and_heads_kept_tokens(shape):
+    """Every (row, head) lists its kept tokens in ascending order, right-aligned; the slots to their
+    left are invalid; all-dropped and all-kept rows included."""
+    from kvx.policy import mask_to_indices
+
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < 0.4
+    keep[0, 0] = True
+    if shape[0] > 1:
+        keep[1, 0] = False
+    indices, slot_valid = mask_to_indices(keep)
+    width = int(keep.sum(-1).max())
+    assert indices.shape == slot_valid.shape == (*shape[:2], width)
+    for b in range(shape[0]):
+        for h in range(shape[1]):
+            kept = keep[b, h].nonzero().flatten()
+            assert slot_valid[b, h].tolist() == [False] * (width - len(kept)) + [True] * len(kept)
+            assert indices[b, h, width - len(kept):].tolist() == kept.tolist()
