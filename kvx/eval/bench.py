@@ -2,7 +2,10 @@
 
 - ``e2e``: per policy and context length: prefill time (time to first token, compression
   included), decode tokens/s over N new tokens, KV-cache bytes (from the cache) and peak memory;
-  ratios against dense are computed inside the same run.
+  ratios against dense are computed inside the same run. Each decode step is also set against
+  its bytes roofline: the bytes a step must read (the weights once, plus every stored KV byte)
+  at the device's copy bandwidth, measured in the same run (``decode_roof_fraction``: 1.0 is a
+  step that costs nothing beyond reading them).
 - ``kernels``: each kvx attention op against its dense counterpart (torch SDPA; flash-attn
   when importable), with achieved TFLOP/s and GB/s and the fraction of the device's peak,
   where the peak (a large GEMM, a large copy) is measured on the device in the same run.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import re
@@ -195,6 +199,7 @@ def bench_e2e(
     check_patchable(model, policies, chunk_size=chunk_size)
     device = next(model.parameters()).device
     header = stamp(device)
+    bandwidth = measured_peaks(device, next(model.parameters()).dtype)["peak_gbs"] * 1e9
     rows = []
     for length in lengths:
         ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
@@ -210,10 +215,32 @@ def bench_e2e(
                 row.update(_ratios(samples[run.label], dense, f"{run.label} @ {length}"))
                 row["kv_vs_dense"] = row["kv_bytes"] / baseline["kv_bytes"]
                 row["peak_vs_dense"] = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] else None
+            row.update(decode_roofline(model, row, new_tokens, bandwidth))
             rows.append({**header, "model": model.config.model_type, "layers": model.config.num_hidden_layers,
                          "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "length": length,
                          "new_tokens": new_tokens, "chunk_size": chunk_size if run.name != DENSE else None, **row})
     return rows
+
+
+def weight_bytes_read_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except an input embedding
+    not shared with the output head (a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def decode_roofline(model, row: dict[str, Any], new_tokens: int, bandwidth: float) -> dict[str, Any]:
+    """A row's decode step against its bytes roofline: ``decode_step_bytes`` (weights read per
+    step + the KV bytes the cache holds after decoding), ``decode_roof_ms`` (those bytes at
+    ``bandwidth`` bytes/s, read + written as the copy measures it) and ``decode_roof_fraction``
+    (roof time / measured step time)."""
+    step_bytes = weight_bytes_read_per_token(model) + row["kv_bytes"]
+    roof_s = step_bytes / bandwidth
+    return {"decode_step_bytes": step_bytes, "decode_roof_ms": roof_s * 1e3,
+            "decode_roof_fraction": roof_s * row["decode_tok_s"]}
 
 
 SPREAD_WARNING = 1.5
@@ -426,8 +453,9 @@ PACKED_BYTES = {  # bytes per cached element of the packed cases: code, then a f
 }
 
 
+@functools.lru_cache(maxsize=None)
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """The device's achievable peaks, measured now: GEMM FLOP/s, and copy bytes/s (read + written)
+    """The device's achievable peaks, measured once per process: GEMM FLOP/s, and copy bytes/s (read + written)
     into a buffer allocated beforehand (a fresh allocation would time page faults, not memory:
     on CPU a clone reads 3x slower than a copy), each buffer larger than the last-level cache."""
     n = 4096 if device.type == "cuda" else 1536
@@ -561,8 +589,8 @@ def _cell(value: Any) -> str:
 
 
 E2E_COLUMNS = ["policy", "length", "chunk_size", "prefill_s", "prefill_speedup", "prefill_speedup_spread", "decode_tok_s",
-               "decode_speedup", "decode_speedup_spread", "kv_bytes", "kv_vs_dense", "peak_bytes", "peak_vs_dense",
-               "peak_rss_bytes"]
+               "decode_speedup", "decode_speedup_spread", "decode_roof_fraction", "kv_bytes", "kv_vs_dense", "peak_bytes",
+               "peak_vs_dense", "peak_rss_bytes"]
 KERNEL_COLUMNS = ["op", "kv_len", "q_len", "head_dim", "heads", "kv_heads", "seconds", "tflops", "gbs", "bound",
                   "fraction_of_peak", "vs_sdpa", "vs_sdpa_spread", "vs_flash_attn"]
 

@@ -33,6 +33,11 @@ def test_e2e_rows(tmp_path):
         assert row["kv_vs_dense"] == pytest.approx(row["kv_bytes"] / dense[row["length"]]["kv_bytes"])
         if row["policy"] != "dense":
             assert row["kv_bytes"] < dense[row["length"]]["kv_bytes"]
+    weights = bench.weight_bytes_read_per_token(model)
+    for row in rows:  # the decode step against the bytes it must read
+        assert row["decode_step_bytes"] == weights + row["kv_bytes"]
+        assert row["decode_roof_fraction"] == pytest.approx(row["decode_roof_ms"] / 1e3 * row["decode_tok_s"])
+        assert row["decode_roof_fraction"] > 0
     paths = bench.write_results(rows, tmp_path, "e2e", bench.E2E_COLUMNS)
     assert [p.suffix for p in paths] == [".json", ".csv", ".md"]
     assert len(json.loads(paths[0].read_text())) == 8
@@ -148,3 +153,14 @@ def test_bad_input(argv, message, capsys):
     import re
 
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_read_per_token_skip_an_untied_input_embedding(tied):
+    """A decode step reads every weight once, but only a row of an input embedding that is not
+    also the output head."""
+    model = tiny_model("llama", tie_word_embeddings=tied)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    expected = total if tied else total - embedding.numel() * embedding.element_size()
+    assert bench.weight_bytes_read_per_token(model) == expected
