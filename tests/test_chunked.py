@@ -90,30 +90,33 @@ def test_chunked_head_budget_floor_one_equals_snapkv_with_padding(model_type):
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_chunks_share_one_mask_across_heads(monkeypatch):
-    """After eviction a padded row keeps its padding slots in the same place for every KV head, so
-    the extend-phase mask is [B, 1, q, S], never [B, H, q, S] (H x less memory per chunk), and the
-    outputs are exactly those of the per-head mask."""
-    import kvx.storage.dense as dense_storage
+def test_padded_chunks_mask_only_their_own_tokens(monkeypatch):
+    """A left-padded batch prefilling in chunks: after the first chunk, attention gets a mask over the
+    chunk's own tokens (``[B, 1, q, q]``), never one over the stored tokens (``q x S``): the stored
+    padding is the layer's ``valid``. Outputs equal each row prefilled alone."""
     from kvx.kernels import reference
 
-    shapes = []
-    original = reference.attention
+    masks = []
+    for name in ("attention", "prefix_then_new_attention"):
+        original = getattr(reference, name)
 
-    def recording(query, key, value, mask, *args, **kwargs):
-        if mask is not None:
-            shapes.append(tuple(mask.shape))
-        return original(query, key, value, mask, *args, **kwargs)
+        def recording(query, key, value, *args, _original=original, _name=name, **kwargs):
+            masks.append((_name, query.shape[-2], key.shape[-2], args))
+            return _original(query, key, value, *args, **kwargs)
 
+        monkeypatch.setattr(reference, name, recording)
     model = tiny_model("llama", dtype=torch.float64)
-    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (70, 33)])
-    with kvx.patched(model, "snapkv", budget=12, window=4, chunk_size=16):
-        monkeypatch.setattr(reference, "attention", recording)
-        shared_seq, shared_logits, _ = greedy(model, ids, mask, new_tokens=4)
-        assert shapes and all(shape[1] == 1 for shape in shapes)
-        monkeypatch.setattr(dense_storage, "_heads_share_padding", lambda valid: False)
-        shapes.clear()
-        per_head_seq, per_head_logits, _ = greedy(model, ids, mask, new_tokens=4)
-        assert any(shape[1] == model.config.num_attention_heads for shape in shapes)
-    assert torch.equal(shared_seq, per_head_seq)
-    torch.testing.assert_close(shared_logits, per_head_logits, rtol=0, atol=0)
+    rows = [random_ids(1, n, seed=n)[0] for n in (64, 40)]  # the short row's padding: 3 whole chunks (chunked alike alone)
+    ids, mask = left_pad(rows)
+    with kvx.patched(model, "snapkv", budget=12, window=4, chunk_size=8):
+        batch_seq, batch_logits, _ = greedy(model, ids, mask, new_tokens=4)
+        chunks = [(name, q, s, args) for name, q, s, args in masks if 1 < q < s]
+        assert chunks and all(name == "prefix_then_new_attention" for name, *_ in chunks)
+        for _, q_len, _, (_, new_mask, *_) in chunks:
+            assert new_mask is None or new_mask.shape[-2:] == (q_len, q_len)
+        # the stored padding reaches attention as the prefix's `valid` ([B, Hkv, P]), not as a mask
+        assert any(p is not None and not bool(p.all()) for *_, (p, *_) in chunks)
+        for i, row in enumerate(rows):
+            seq, logits, _ = greedy(model, row[None], new_tokens=4)
+            assert torch.equal(batch_seq[i, -4:], seq[0, -4:])
+            torch.testing.assert_close(batch_logits[:, i], logits[:, 0], rtol=1e-6, atol=1e-6)

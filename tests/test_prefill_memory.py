@@ -39,18 +39,27 @@ class LargestAllocation(TorchDispatchMode):
     f"h2o:budget={BUDGET},recent=8",  # column sums of the whole chunk
     f"streaming_llm:sink=4,window={BUDGET - 4}",
 ])
-def test_chunked_prefill_never_builds_a_chunk_by_stored_tensor(spec, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
+def test_chunked_prefill_never_builds_a_chunk_by_stored_tensor(spec, padded, monkeypatch):
+    """Neither kvx nor transformers' mask builds a tensor of chunk x stored elements, with or
+    without padding stored (a left-padded batch keeps its padding as the layer's ``valid``)."""
     # at long prompts the column sums' query blocks are small (their logits stay near 8 MB): make
     # this small shape behave the same
     monkeypatch.setattr(reference, "COLUMN_SUMS_BLOCK_ELEMENTS", 4096)
     model = tiny_model("llama")  # hidden 64, vocab 128: no activation comes near chunk x stored
-    ids = random_ids(1, 3 * CHUNK, seed=5)
+    rows = 2 if padded else 1
+    ids, mask = random_ids(rows, 3 * CHUNK, seed=5), None
+    if padded:  # the second row starts 100 tokens in: its padding is stored, in every chunk's prefix
+        mask = torch.ones_like(ids)
+        mask[1, :100] = 0
     with kvx.patched(model, from_spec(spec)):
         probe = LargestAllocation()
         with probe:
-            kvx.prefill(model, ids, chunk_size=CHUNK)
-    smallest_chunk_by_stored = CHUNK * (BUDGET + CHUNK)  # every chunk after the first attends over at least this
-    assert probe.largest < smallest_chunk_by_stored / 2, (spec, probe.op, probe.largest)
+            kvx.prefill(model, ids, attention_mask=mask, chunk_size=CHUNK)
+    smallest_chunk_by_stored = rows * CHUNK * (BUDGET + CHUNK)  # every chunk after the first attends over at least this
+    # with padding, a chunk's own mask (chunk x chunk per row) is needed; nothing over the stored tokens
+    limit = rows * CHUNK * CHUNK if padded else smallest_chunk_by_stored / 2
+    assert limit < smallest_chunk_by_stored and probe.largest <= limit, (spec, probe.op, probe.largest)
 
 
 def test_a_prefix_and_causal_chunk_equal_attention_under_the_full_mask():

@@ -126,15 +126,20 @@ class DenseLayer(Storage):
         return mask
 
     def attend(self, query, key, value, mask, scaling: float, softcap: float | None, sinks=None) -> torch.Tensor:
+        q_len = query.shape[-2]
+        if 1 < q_len < key.shape[-2]:  # new tokens after stored ones: the mask covers the new tokens only
+            prefix_valid = None if self.valid is None else self.valid[..., :-q_len]
+            return reference.prefix_then_new_attention(query, key, value, prefix_valid, mask, scaling, softcap, sinks)
         return reference.attention(query, key, value, mask, scaling, softcap, sinks)
 
     def causal_view(self, mask: torch.Tensor | None):
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()):
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
             return None
         return self.keys, self.values, self.valid
 
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
-        return ScoringInputs(self.keys, self.values, self.valid_mask(), self.state, mask)
+        valid = self.valid_mask()
+        return ScoringInputs(self.keys, self.values, valid, self.state, *scoring_masks(query, mask, valid))
 
     def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
         if keep is not None:
@@ -155,10 +160,9 @@ class DenseLayer(Storage):
         return self.seen
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        query_length = mask_query_length(query_length)
-        # the stored tokens stand in for the last `num_stored` positions; kvx's attention rebuilds
-        # the part of the mask over them from `valid`, and uses the rest for the new tokens
-        return self.num_stored + query_length, self.seen - self.num_stored
+        # transformers' mask covers the new tokens alone (their causal part and padding), so it never
+        # builds `q x stored`: which stored tokens are real is this layer's `valid`
+        return mask_query_length(query_length), self.seen
 
     def get_max_length(self) -> int:
         return -1
@@ -205,11 +209,13 @@ def _mask_over_storage(
         layer: the layer after ``update`` (new tokens appended).
         given: the mask transformers built, ``[B, 1, q, past_stored + q]`` bool or None.
     Returns:
-        ``(mask [B|1, 1|H, q, S] or None, valid [B, Hkv, S] or None)``; None = nothing masked
-        (beyond plain causal attention for the mask).
+        ``(mask, valid [B, Hkv, S] or None)``. The mask: None = plain causal attention (every valid
+        stored token visible); ``[B|1, 1|H, q, S]`` for a prompt attending to itself or one new token
+        (decode); for several new tokens after stored ones, ``[B|1, 1, q, q]`` over the new tokens
+        only, every valid stored token before them being visible to each (no ``q x S`` mask).
     """
     batch, kv_heads, num_stored = layer.keys.shape[:3]
-    if not layer.has_evicted and layer.valid is None and (given is None or given.shape[-1] == num_stored):
+    if layer.past_seen == 0 or (not layer.has_evicted and layer.valid is None and given is None):
         # storage is exactly what a dense cache would hold: transformers' mask is right as is
         # (at prefill this is where padding is first recorded, from the mask's last query row)
         valid = None if given is None else given[:, None, 0, -1, :].expand(batch, kv_heads, num_stored)
@@ -226,6 +232,10 @@ def _mask_over_storage(
         new_cols = given[..., -q_len:]  # causal + padding among the new tokens
         new_valid = given[:, 0, -1, -q_len:]
 
+    if q_len > 1:  # chunked prefill / extend: the new tokens' own mask; `valid` says which stored ones are real
+        valid = new_valid[:, None, :].expand(batch, kv_heads, q_len)
+        valid = torch.cat([past_valid if past_valid is not None else valid.new_ones(batch, kv_heads, past), valid], -1)
+        return None if given is None else new_cols, valid
     if past_valid is None:  # every stored token is real: one mask serves all heads
         mask = torch.cat([new_cols.new_ones(new_cols.shape[0], 1, q_len, past), new_cols], dim=-1)
         valid = torch.cat([new_valid.new_ones(batch, past), new_valid], dim=-1)
@@ -239,6 +249,37 @@ def _mask_over_storage(
     past_cols = reference.expand_kv_heads(past_valid, groups)[:, :, None, :].expand(batch, num_heads, q_len, past)
     mask = torch.cat([past_cols, new_cols.expand(batch, num_heads, q_len, q_len)], dim=-1)
     return mask, valid
+
+
+def scoring_masks(query: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor):
+    """``(attention_mask, mask_rows)`` of :class:`~kvx.storage.base.ScoringInputs` for ``query [B, H,
+    q, D]`` over keys whose padding is ``valid [B, Hkv, S]``, ``mask`` being what ``begin_step``
+    returned. A mask over the last keys only (the new tokens, or a prefix + tail kind's tail), or no
+    mask where padding was stored, becomes ``mask_rows``: every real key before the ones it covers
+    visible, the rows a policy reads built on demand (the mask over every key would be ``q x S``)."""
+    q_len, num_keys = query.shape[-2], valid.shape[-1]
+    if mask is not None and mask.shape[-1] == num_keys:
+        return mask, None
+    if mask is None and bool(valid.all()):
+        return None, None
+    covered = q_len if mask is None else mask.shape[-1]
+    return None, lambda last: view_mask(valid, covered, mask, query.shape, q_len - last, q_len)
+
+
+def view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
+    """Mask ``[B, H, stop - start, P + T]`` of new queries ``start:stop`` over a layer's dense view:
+    every real prefix token of the query's KV head, then the tail under ``tail_mask`` (``[B|1,
+    1|H, q, T]``, or None for causal)."""
+    batch, heads, q_len = query_shape[:3]
+    kv_heads, num_keys = valid.shape[1:]
+    rows = stop - start
+    prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
+    prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
+    if tail_mask is None:  # causal, bottom-right: the rows start:stop alone
+        tail_cols = reference.causal_mask(q_len, tail_len, valid.device, rows=(start, stop))
+    else:
+        tail_cols = tail_mask[..., start:stop, :]
+    return torch.cat([prefix_cols, tail_cols.expand(batch, heads, rows, -1)], dim=-1)
 
 
 def _heads_share_padding(valid: torch.Tensor) -> bool:

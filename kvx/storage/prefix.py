@@ -17,7 +17,7 @@ import torch
 
 from kvx.kernels import reference
 from kvx.storage.base import ScoringInputs
-from kvx.storage.dense import DenseLayer
+from kvx.storage.dense import DenseLayer, scoring_masks
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T]
 
@@ -76,8 +76,8 @@ class PrefixTailLayer(DenseLayer):
     def causal_view(self, mask: torch.Tensor | None):
         if not self.has_prefix:
             return super().causal_view(mask)
-        # the mask covers the tail; the prefix is every real token (see view_mask)
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()):
+        # the mask covers the last tokens of the tail; every real token before them is visible (see view_mask)
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
             return None
         self._step_view = self.dense_view()  # what the selection then scores on
         return self._step_view
@@ -86,11 +86,7 @@ class PrefixTailLayer(DenseLayer):
         if self._step_view is None:
             self._step_view = self.dense_view()
         keys, values, valid = self._step_view
-        mask_rows = None
-        if self.has_prefix:  # the mask over the whole view would be q x (P + T): built on demand
-            tail_mask, tail_len, q_len = mask, self.keys.shape[-2], query.shape[-2]
-            mask, mask_rows = None, lambda last: view_mask(valid, tail_len, tail_mask, query.shape, q_len - last, q_len)
-        return ScoringInputs(keys, values, valid, self.dense_state(), mask, mask_rows)
+        return ScoringInputs(keys, values, valid, self.dense_state(), *scoring_masks(query, mask, valid))
 
     def apply_selection(self, keep: torch.Tensor | None, inputs: ScoringInputs) -> None:
         # the statistics were unpacked for the view: store them back
@@ -115,19 +111,3 @@ def attend_over_view(query, view: View, tail_len: int, tail_mask, scaling: float
     new_mask = None if tail_mask is None else tail_mask[..., -q_len:]
     return reference.prefix_then_new_attention(query, keys, values, valid[..., :-q_len], new_mask, scaling, softcap,
                                                sinks)
-
-
-def view_mask(valid, tail_len: int, tail_mask, query_shape, start: int, stop: int) -> torch.Tensor:
-    """Mask ``[B, H, stop - start, P + T]`` of new queries ``start:stop`` over a layer's dense view:
-    every real prefix token of the query's KV head, then the tail under ``tail_mask`` (``[B|1,
-    1|H, q, T]``, or None for causal)."""
-    batch, heads, q_len = query_shape[:3]
-    kv_heads, num_keys = valid.shape[1:]
-    rows = stop - start
-    prefix_cols = reference.expand_kv_heads(valid[..., : num_keys - tail_len], heads // kv_heads)[:, :, None, :]
-    prefix_cols = prefix_cols.expand(batch, heads, rows, num_keys - tail_len)
-    if tail_mask is None:  # causal, bottom-right: the rows start:stop alone
-        tail_cols = reference.causal_mask(q_len, tail_len, valid.device, rows=(start, stop))
-    else:
-        tail_cols = tail_mask[..., start:stop, :]
-    return torch.cat([prefix_cols, tail_cols.expand(batch, heads, rows, -1)], dim=-1)
