@@ -6,16 +6,20 @@ Sparse Attention" (NeurIPS 2024), its offline kernel-aware pattern search; the s
 the heads under one mean density, as MoA (Fu et al., "MoA: Mixture of Sparse Attention for Automatic
 Large Language Model Compression", 2024) spreads attention spans.
 
-What is measured. For every calibration prompt and every managed layer, the dense attention of every
-query (RoPE applied, read through kvx's own attention path, as ``kvx profile-heads`` does) is summed
-per tile of the block grid: ``mass [H, Qb, Nb]``, each query's row summing to 1. A *candidate* is a
-pattern at a size: ``a_shape`` with a number of local blocks, ``vertical_slash`` or ``block_topk``
-at a density; its block lists are those the method builds on that prompt (the same online
-estimates and index builder as :func:`kvx.methods.head_patterns.head_lists`; a test checks it). Its
-**recall** on a head is the share of the head's attention mass that falls in its blocks (the mean over queries of the
-attention each keeps), its **computed** share the blocks it computes over the causal ones; both are
-averaged over the prompts. ``queries=last`` counts the last ``last_queries`` queries of each prompt
-alone (where a prompt's answer is read) instead of every query.
+What is measured. For every calibration prompt and every managed layer, the dense attention of the
+last ``last_queries`` queries (``queries=last``, the default: where a prompt's answer is read), or of
+every query (``queries=all``), RoPE applied and read through kvx's own attention path as ``kvx
+profile-heads`` does, is summed per tile of the block grid: ``mass [H, Qb, Nb]``, each query's row
+summing to 1. A *candidate* is a pattern at a size: ``a_shape`` with a number of local blocks,
+``vertical_slash`` or ``block_topk`` at a density; its block lists are those the method builds on
+that prompt (the same online estimates and index builder as
+:func:`kvx.methods.head_patterns.head_lists`; a test checks it). Its **recall** on a head is the
+share of the head's attention mass that falls in its blocks (the mean over the counted queries of
+the attention each keeps), its **computed** share the blocks it computes over the causal ones (of
+every query block); both are averaged over the prompts. On kvx's needle model, counting every query
+equally chose ``a_shape`` and ``block_topk`` for heads whose few long-range reads carry the answer
+(mean recall over all queries is dominated by filler queries that read locally) and lost needles;
+counting the last queries did not (docs/block-sparse.md).
 
 What is chosen. Each head takes the candidate that maximises ``recall - lambda x computed``, with
 the one ``lambda >= 0`` (found by bisection) that brings the mean computed share over every head to
@@ -24,10 +28,8 @@ most recall per extra block (a multiple-choice knapsack, solved on its convex hu
 The budget is what ``vertical_slash`` / ``block_topk`` at the target ``density`` compute on the same
 prompts, their sink and local floors included, so the choice costs what one pattern at that density
 costs. Recalls are compared rounded to :data:`RECALL_TIE` (0.1%); ties go to the cheaper candidate,
-then to the pattern listed first (``a_shape``: no estimate to run). With ``sizes=(1,)`` (the default)
-every dynamic head keeps the target density and only the pattern varies; more sizes (``0.5,1,2``)
-let heads trade blocks, which on kvx's needle model starved the heads whose rare long-range reads
-carry the answer when every query counts equally (``queries=all``; docs/block-sparse.md).
+then to the pattern listed first (``a_shape``: no estimate to run). With ``sizes=(1,)`` every dynamic
+head keeps the target density and only the pattern varies.
 
 The file (:mod:`kvx.methods._pattern_file`) carries the choice, every candidate's recall and
 computed share (so a choice can be checked), the model's identity and the settings.
@@ -54,8 +56,8 @@ from kvx.methods._pattern_file import NOT_SEARCHED, PATTERNS, PatternFile
 from kvx.policies._head_scores import model_identity
 from kvx.policy import CompressionView, Policy, check_choice, check_number, check_positive_int
 
-DEFAULT_SIZES = (1.0,)
-"""Candidate sizes by default: the target density alone (only the pattern varies), see ``--sizes``."""
+DEFAULT_SIZES = (0.5, 1.0, 2.0)
+"""Candidate densities by default, as multiples of the target (``--sizes``)."""
 QUERIES = ("all", "last")
 RECALL_TIE = 1e-3
 """Recalls are compared rounded to this (0.1% of a head's attention): closer ones tie, and the cheaper wins."""
@@ -88,7 +90,7 @@ class SearchSettings:
     local: int = 2
     last_queries: int = 64
     sizes: tuple[float, ...] = DEFAULT_SIZES  # candidate densities, as multiples of ``density``
-    queries: str = "all"  # whose attention the recall counts: all, or the last ``last_queries`` of a prompt
+    queries: str = "last"  # whose attention the recall counts: the last ``last_queries`` of a prompt, or all
     kinds: tuple[str, ...] = PATTERNS  # candidate patterns
     lengths: tuple[int, ...] = (1024, 2048)
     depths: tuple[float, ...] = (0, 50, 100)
@@ -428,10 +430,12 @@ def add_parser(sub: Any) -> None:
         help="choose each head's block-sparse pattern and size offline; write a pattern file for head_patterns",
         description="For each (layer, query head), measures how much of its dense attention on calibration prompts "
                     "each candidate block pattern keeps (its recall: the share of the attention mass inside the "
-                    "blocks it computes, with the online estimates of vertical_slash and block_topk as they run), "
-                    "for a_shape (sink + local blocks), vertical_slash and block_topk at a few sizes, and picks per "
-                    "head the pattern and size that maximise the total recall at the target mean density "
-                    "(MInference's offline search; sizes spread over heads as in MoA). Writes OUT (safetensors: "
+                    "blocks it computes, with the online estimates of vertical_slash and block_topk as they run; "
+                    "the attention of the last queries of each prompt, or of all with --queries all), for a_shape "
+                    "(sink + local blocks), vertical_slash and block_topk at a few sizes, and picks per head the "
+                    "pattern and size that maximise the total recall while computing, over all heads, no more "
+                    "blocks than one pattern at --density does (MInference's offline search; sizes spread over heads "
+                    "as in MoA). Writes OUT (safetensors: "
                     "the choice, every candidate's recall and computed share, the model's identity, the settings, "
                     "a schema version) and prints the choice. Use it with "
                     "--policy head_patterns:patterns=OUT (with the same block_size, sink and local).",
@@ -445,9 +449,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--density", type=float, default=0.1,
                    help="target mean share of the causal key blocks computed over all heads, in (0, 1] (default 0.1)")
     p.add_argument("--sizes", default=",".join(f"{s:g}" for s in DEFAULT_SIZES),
-                   help="candidate densities as multiples of --density, comma-separated, e.g. 0.5,1,2: heads then "
-                        "take different sizes under the same mean (default 1: every head at the target density, "
-                        "only its pattern chosen)")
+                   help="candidate densities as multiples of --density, comma-separated: heads take different sizes "
+                        "under the same mean (default 0.5,1,2; 1 alone: every head at the target density, only its "
+                        "pattern chosen)")
     p.add_argument("--candidates", default=",".join(PATTERNS),
                    help=f"candidate patterns, comma-separated, from {', '.join(PATTERNS)} (default all three)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block, a power of two >= 16 (default 64; "
@@ -457,9 +461,10 @@ def add_parser(sub: Any) -> None:
                    help="local blocks of vertical_slash and block_topk heads (default 2)")
     p.add_argument("--last-queries", type=int_at_least(1), default=64,
                    help="queries vertical_slash estimates its lines from (default 64)")
-    p.add_argument("--queries", choices=QUERIES, default="all",
-                   help="whose attention the recall counts: all (every query of a prompt, equally) or last (the last "
-                        "--last-queries queries, where a prompt's answer is read) (default all)")
+    p.add_argument("--queries", choices=QUERIES, default="last",
+                   help="whose attention the recall counts: last (the last --last-queries queries of a prompt, where "
+                        "its answer is read) or all (every query, equally) (default last: on kvx's needle model, all "
+                        "chose patterns that lost needles; docs/block-sparse.md)")
     calib = p.add_argument_group("calibration prompts")
     calib.add_argument("--lengths", default="1k,2k", help="prompt lengths in tokens, comma-separated (default 1k,2k)")
     calib.add_argument("--depths", default="0,50,100", help="needle depths in percent (default 0,50,100)")

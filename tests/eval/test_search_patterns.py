@@ -57,7 +57,7 @@ def brute_force_recall(query, keys, index) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def planted():
     query, keys = planted_heads()
-    settings = sp.SearchSettings(density=0.5, block_size=N, lengths=(T,), depths=(0,))
+    settings = sp.SearchSettings(density=0.5, block_size=N, lengths=(T,), depths=(0,), sizes=(1,), queries="all")
     cands = sp.candidates(settings)
     recall, computed = sp.candidate_stats(query, keys, 8 ** -0.5, None, settings, cands)
     return query, keys, settings, cands, recall, computed
