@@ -162,15 +162,17 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, soft
     kv_len = keys.shape[-2]
     num_qb, num_kb, pad = block_grid(q_len, kv_len, block_size)
     q_pad = num_qb * block_size - q_len  # the query grid is the key grid's last Qb blocks
-    rows = torch.zeros(batch, heads, num_qb * block_size, num_kb, device=query.device)
+    mass = torch.zeros(batch, heads, num_qb, num_kb, device=query.device)
     step = max(1, chunk_elements // (batch * heads * kv_len))
     for start in range(0 if last is None else max(0, q_len - last), q_len, step):
         stop = min(start + step, q_len)
         mask = causal_mask(q_len, kv_len, query.device, rows=(start, stop))
         probs = window_attention_probs(query[:, :, start:stop], keys, mask, scaling, softcap)  # [B, Hkv, G, c, S]
         probs = F.pad(probs.reshape(batch, heads, stop - start, kv_len), (pad, 0))
-        rows[:, :, q_pad + start: q_pad + stop] = probs.view(batch, heads, stop - start, num_kb, block_size).sum(-1)
-    return rows.view(batch, heads, num_qb, block_size, num_kb).sum(-2)
+        rows = probs.view(batch, heads, stop - start, num_kb, block_size).sum(-1)  # [B, H, c, Nb]
+        query_block = (q_pad + torch.arange(start, stop, device=query.device)) // block_size  # [c]
+        mass.index_add_(2, query_block, rows)
+    return mass
 
 
 def list_recall(index: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
