@@ -449,7 +449,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="pattern file to write (.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer path, when not in the model directory")
     p.add_argument("--density", type=float, default=0.1,
-                   help="target mean share of the causal key blocks computed over all heads, in (0, 1] (default 0.1)")
+                   help="target density, in (0, 1]: over all heads the file computes the blocks one pattern at this "
+                        "density computes on the calibration prompts (default 0.1)")
     p.add_argument("--sizes", default=",".join(f"{s:g}" for s in DEFAULT_SIZES),
                    help="candidate densities as multiples of --density, comma-separated: heads take different sizes "
                         "under the same mean (default 0.5,1,2; 1 alone: every head at the target density, only its "
@@ -462,7 +463,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--local", type=int_at_least(1), default=2,
                    help="local blocks of vertical_slash and block_topk heads (default 2)")
     p.add_argument("--last-queries", type=int_at_least(1), default=64,
-                   help="queries vertical_slash estimates its lines from (default 64)")
+                   help="last queries of a prompt: vertical_slash estimates its lines from them, and --queries last "
+                        "counts their recall (default 64)")
     p.add_argument("--queries", choices=QUERIES, default="last",
                    help="whose attention the recall counts: last (the last --last-queries queries of a prompt, where "
                         "its answer is read) or all (every query, equally) (default last: on kvx's needle model, all "
