@@ -159,6 +159,10 @@ def test_cli_writes_a_pattern_file_that_head_patterns_runs(tmp_path, capsys):
     assert main(["search-patterns", str(model_dir), "--out", str(tmp_path / "text.safetensors"), "--block-size",
                  "16", "--lengths", "128", "--samples", "2", "--text", str(text), "--no-progress"]) == 0
     assert load_patterns(tmp_path / "text.safetensors").settings["prompts"] == 2
+    capsys.readouterr()
+    assert main(["search-patterns", str(model_dir), "--out", str(tmp_path / "t.safetensors"), "--block-size", "16",
+                 "--lengths", "1k", "--text", str(text), "--no-progress"]) == 2
+    assert "tokens, fewer than the longest --lengths (1024)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
