@@ -161,6 +161,9 @@ class KVCache(Cache):
             for layer in default_cache_layers(decoder_config(config))
         ]
         super().__init__(layers=layers)
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, Storage):
+                layer.layer_idx = idx
         self.frozen = False  # True: nothing more is evicted (see kvx.compress_context)
 
     @classmethod

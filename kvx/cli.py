@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_command(sub)
     profile_heads.add_parser(sub)
+    from kvx.eval import search_patterns
+
+    search_patterns.add_parser(sub)
     _debug_everywhere(parser)
     return parser
 

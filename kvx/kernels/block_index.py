@@ -160,8 +160,8 @@ def block_index(
     num_kb: int,
     first_block: torch.Tensor,
     sink: int,
-    local: int,
-    density: float | None = None,
+    local: int | torch.Tensor,
+    density: float | torch.Tensor | None = None,
     threshold: float | None = None,
 ) -> torch.Tensor:
     """Block lists ``[B, H, Qb, K]`` (int32, ``-1`` = none) for
@@ -172,10 +172,16 @@ def block_index(
     (its own included), and the best ``scores [B, H, Qb, Nb]`` up to ``ceil(density * visible)``
     blocks, or up to the fewest whose scores (normalised over the visible blocks) sum to
     ``threshold``; a list never holds fewer than its sink and local blocks. ``scores`` None: sink
-    and local blocks alone (A-shape).
+    and local blocks alone (A-shape). ``local`` and ``density`` may be ``[H]`` tensors, one per
+    query head (a searched pattern file, :mod:`kvx.methods.head_patterns`; a density of 0 keeps the
+    sink and local blocks alone).
     """
     batch, heads = first_block.shape
     device = first_block.device
+    if isinstance(local, torch.Tensor):
+        local = local.to(device)[:, None, None]  # [H, 1, 1]
+    if isinstance(density, torch.Tensor):
+        density = density.to(device, torch.float64)[:, None]  # [H, 1]
     blocks = torch.arange(num_kb, device=device)
     own = (num_kb - num_qb + torch.arange(num_qb, device=device))[:, None]  # [Qb, 1]
     first = first_block[:, :, None, None]  # [B, H, 1, 1]

@@ -82,6 +82,17 @@ class BlockSparseMethod(MethodPolicy, Method):
         """``[B, H, Qb, Nb]`` how much each key block matters to each query block (None: no estimate)."""
         raise NotImplementedError
 
+    def block_lists(self, storage, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None,
+                    scaling: float, softcap: float | None, num_qb: int, num_kb: int,
+                    first: torch.Tensor) -> torch.Tensor:
+        """The block lists ``[B, H, Qb, K]`` of one call (:func:`kvx.kernels.block_index.block_index`):
+        sink and local blocks plus the best of :meth:`scores` up to ``density`` (or ``threshold``).
+        ``storage`` (whose ``layer_idx`` says which layer) is for a method that differs per layer."""
+        threshold = getattr(self, "threshold", None)  # a threshold, where set, replaces the density
+        density = None if threshold is not None else getattr(self, "density", None)
+        return block_index(self.scores(query, keys, valid, scaling, softcap), num_qb, num_kb, first, self.sink,
+                           self.local, density, threshold)
+
     def attend(self, storage, query, key, value, mask, scaling, softcap, sinks):
         view = storage.causal_view(mask) if query.shape[-2] > 1 else None  # decode: dense
         if view is None or view[0].shape[-2] < self.min_length:
@@ -94,10 +105,7 @@ class BlockSparseMethod(MethodPolicy, Method):
         batch, heads, q_len = query.shape[:3]
         num_qb, num_kb, _ = block_grid(q_len, keys.shape[-2], self.block_size)
         first = first_real_block(valid, batch, heads, keys.shape[-2], self.block_size, query.device)
-        threshold = getattr(self, "threshold", None)  # a threshold, where set, replaces the density
-        density = None if threshold is not None else getattr(self, "density", None)
-        index = block_index(self.scores(query, keys, valid, scaling, softcap), num_qb, num_kb, first, self.sink,
-                            self.local, density, threshold)
+        index = self.block_lists(storage, query, keys, valid, scaling, softcap, num_qb, num_kb, first)
         out, lse = block_sparse_attention(query, keys, values, index, valid, scaling, softcap, self.block_size)
         storage.count_blocks(int((index >= 0).sum()), _causal_count(query, keys, valid, self.block_size, first))
         if sinks is not None:

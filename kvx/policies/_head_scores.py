@@ -74,18 +74,26 @@ class HeadScores:
         """Raise a ``ValueError`` naming the fields that differ when ``model`` is not the model these
         scores were profiled on (its head shape); a weights fingerprint that differs is a warning
         (a fine-tune of the same model may share its retrieval heads)."""
-        import warnings
+        check_identity(self.model, model, f"head pattern {path} was profiled",
+                       "profile this model with `kvx profile-heads MODEL --out FILE`", "its retrieval heads")
 
-        theirs = model_identity(model)
-        differ = [f"{name}: pattern {self.model.get(name)!r}, model {theirs[name]!r}"
-                  for name in IDENTITY_FIELDS if self.model.get(name) != theirs[name]]
-        if differ:
-            raise ValueError(f"head pattern {path} was profiled on another model ({self.model.get('name_or_path')!r}): "
-                             f"{'; '.join(differ)}; profile this model with `kvx profile-heads MODEL --out FILE`")
-        if self.model.get("weights") not in (None, theirs["weights"]):
-            warnings.warn(f"head pattern {path} was profiled on a model with other weights "
-                          f"({self.model.get('name_or_path')!r}, same shape): its retrieval heads may differ here",
-                          UserWarning, stacklevel=4)
+
+def check_identity(saved: dict[str, Any], model: Any, made: str, remedy: str, what_differs: str,
+                   stacklevel: int = 5) -> None:
+    """Raise a ``ValueError`` naming the fields that differ when ``model`` is not the one whose
+    identity (:func:`model_identity`) was ``saved`` (its head shape): ``"{made} on another model
+    (...): fields; {remedy}"``; a weights fingerprint that differs is a warning that
+    ``what_differs`` may differ here (a fine-tune of the same model)."""
+    import warnings
+
+    theirs = model_identity(model)
+    differ = [f"{name}: pattern {saved.get(name)!r}, model {theirs[name]!r}"
+              for name in IDENTITY_FIELDS if saved.get(name) != theirs[name]]
+    if differ:
+        raise ValueError(f"{made} on another model ({saved.get('name_or_path')!r}): {'; '.join(differ)}; {remedy}")
+    if saved.get("weights") not in (None, theirs["weights"]):
+        warnings.warn(f"{made} on a model with other weights ({saved.get('name_or_path')!r}, same shape): "
+                      f"{what_differs} may differ here", UserWarning, stacklevel=stacklevel)
 
 
 def load_scores(path: str | Path) -> HeadScores:

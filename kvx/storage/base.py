@@ -59,6 +59,10 @@ class Storage(CacheLayerMixin):
     kind: str = "storage"
     """The name ``stats()`` shows for a layer of this kind."""
 
+    layer_idx: int | None = None
+    """Which decoder layer this storage serves (set by :class:`kvx.cache.KVCache`), for a method
+    whose choice differs per layer (a searched pattern file); None outside a kvx cache."""
+
     seen: int
     past_seen: int
     real_seen: torch.Tensor | None
