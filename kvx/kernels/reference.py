@@ -172,7 +172,8 @@ def attention_column_sums(
         logits[..., seen - rows :].masked_fill_(future, -torch.inf)
         if key_valid is not None:
             logits.masked_fill_(~key_valid[:, :, None, None, :seen], -torch.inf)
-        probs = torch.softmax(logits, dim=-1)
+        # softmax in place (one block of logits alive, not two: the peak of a short prompt is this block)
+        probs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
         if key_valid is not None:  # padded queries contribute nothing (and may see nothing: NaN rows)
             own = key_valid[:, :, None, first_query + start : seen, None]  # [B, Hkv, 1, b, 1]
             probs = probs.nan_to_num_(0.0).mul_(own)
