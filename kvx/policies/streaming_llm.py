@@ -4,7 +4,9 @@ Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (
 
 The first ``sink`` tokens of each row and the ``window`` most recent ones are kept; everything in
 between is evicted, at prefill and after every decoded token, so a layer never holds more than
-``sink + window`` tokens. Unlike the paper, positions are not re-assigned inside the cache: RoPE
+``sink + window`` tokens. ``decode_interval=N`` evicts while generating only once a row holds N
+tokens past that (then back to ``sink + window``): the layer is re-gathered once every N tokens
+instead of at each one, and holds at most ``sink + window + N - 1`` tokens. Unlike the paper, positions are not re-assigned inside the cache: RoPE
 positions stay those of the original text (as in kvpress), which keeps the model's view of
 distances exact for the tokens that remain.
 """
@@ -38,11 +40,14 @@ class StreamingLLM(EvictionPolicy):
 
     sink: int = option(4, "first tokens of each row that are always kept (attention sinks)")
     window: int = option(1020, "most recent tokens that are always kept")
+    decode_interval: int = option(1, "while generating, evict once a row holds this many tokens past sink + window "
+                                     "(1: after every token, as the paper; N: at most sink + window + N - 1 held)")
 
     def validate(self) -> None:
         super().validate()
         check_positive_int(self.name, "sink", self.sink, minimum=0)
         check_positive_int(self.name, "window", self.window, minimum=1)
+        check_positive_int(self.name, "decode_interval", self.decode_interval, minimum=1)
 
     scores_rank_tokens: ClassVar[bool] = False
 
@@ -54,9 +59,12 @@ class StreamingLLM(EvictionPolicy):
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """The keep mask itself, without ranking scores (a sort per layer at every decode step):
-        a row that holds no more than ``sink + window`` real tokens keeps them all."""
-        keep = self._keep(view)
-        return keep if bool((view.valid.sum(-1) > self.sink + self.window).any()) else None
+        a row that holds no more than ``sink + window`` real tokens keeps them all. While
+        generating, nothing is evicted until a row holds ``decode_interval`` tokens past that."""
+        slack = self.decode_interval - 1 if view.phase == "decode" else 0
+        if not bool((view.valid.sum(-1) > self.sink + self.window + slack).any()):
+            return None
+        return self._keep(view)
 
     def _keep(self, view: CompressionView) -> torch.Tensor:
         """``[B, Hkv, S]`` bool: the first ``sink`` and the last ``window`` real tokens of each row."""

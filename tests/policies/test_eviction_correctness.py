@@ -102,3 +102,23 @@ def test_mask_to_indices_right_aligns_each_row_and_heads_kept_tokens(shape):
             kept = keep[b, h].nonzero().flatten()
             assert slot_valid[b, h].tolist() == [False] * (width - len(kept)) + [True] * len(kept)
             assert indices[b, h, width - len(kept):].tolist() == kept.tolist()
+
+
+def test_streaming_llm_decode_interval_evicts_once_every_n_tokens():
+    """decode_interval=N: the layer grows to sink + window + N - 1 while generating, then returns to
+    sink + window (the tokens the paper's rule keeps), instead of re-gathering at every token."""
+    model = tiny_model("llama")
+    ids = random_ids(1, PROMPT, seed=22)
+    sink, window, interval = 2, 10, 4
+    with kvx.patched(model, "streaming_llm", sink=sink, window=window, decode_interval=interval):
+        with torch.inference_mode():
+            out = model(ids)
+            cache, stored = cache_of(out), []
+            for _ in range(9):
+                out = model(out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
+                cache = cache_of(out)
+                stored.append(cache.stats()[0]["stored"])
+    capacity = sink + window
+    assert stored == [capacity + 1, capacity + 2, capacity + 3, capacity, capacity + 1, capacity + 2, capacity + 3,
+                      capacity, capacity + 1]
+    assert max(stored) == capacity + interval - 1
