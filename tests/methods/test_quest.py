@@ -134,7 +134,9 @@ def test_sparse_reads_change_the_outputs(model):
     torch.testing.assert_close(dense[0], sparse[0])  # the prompt attends densely
 
 
-def test_bounds_stay_equal_to_rebuilt_ones_as_a_selection_evicts(model, monkeypatch):
+@pytest.fixture
+def checked_bounds(monkeypatch):
+    """Every page index quest uses, checked against one rebuilt from the step's keys; the stored counts."""
     checked = []
     real_index = quest_module.Quest.page_index
 
@@ -148,6 +150,11 @@ def test_bounds_stay_equal_to_rebuilt_ones_as_a_selection_evicts(model, monkeypa
         return index
 
     monkeypatch.setattr(quest_module.Quest, "page_index", checking)
+    return checked
+
+
+def test_bounds_stay_equal_to_rebuilt_ones_as_a_selection_evicts(model, checked_bounds):
+    checked = checked_bounds
     spec = SPARSE + "+h2o:budget=90,recent=8,decode_interval=3"
     with kvx.patched(model, from_spec(spec)):
         greedy(model, random_ids(1, 200, seed=9), new_tokens=8)
@@ -193,3 +200,12 @@ def test_composes_with_selections_and_storage_and_is_listed():
     assert listed["axis"] == "method"
     assert {o["name"] for o in listed["options"]} >= {"budget", "density", "page_size", "sink", "recent"}
     assert all(o["help"] for o in listed["options"])
+
+
+def test_beam_search_rebuilds_the_bounds_of_reordered_rows(model, checked_bounds):
+    ids = random_ids(2, 150, seed=12)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  num_beams=3, num_return_sequences=2)
+    with kvx.patched(model, from_spec(SPARSE)), torch.inference_mode():
+        model.generate(ids, **kwargs)
+    assert len(checked_bounds) == 4 * model.config.num_hidden_layers  # every step's bounds equal rebuilt ones
