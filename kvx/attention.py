@@ -128,7 +128,8 @@ def kvx_attention(
     layer.check_attended(module, context.layer_idx, key)
     mask = layer.begin_step(attention_mask, query.shape[-2], query.shape[1])
     try:
-        out = context.state.method.attend(layer, query, key, value, mask, scaling, softcap, s_aux)
+        method = context.state.method.for_layer(context.state.active_cache, context.layer_idx)
+        out = method.attend(layer, query, key, value, mask, scaling, softcap, s_aux)
         _select(context, layer, query, mask, scaling, softcap)
     finally:
         layer.end_step()

@@ -130,6 +130,8 @@ class LayerStats:
     kept_per_head: list[list[int]] | None = None  # [B][Hkv], given where heads differ
     blocks_computed: int | None = None  # attention blocks a block-sparse method computed for the prompt ...
     blocks_causal: int | None = None  # ... of the causal ones (their ratio: the density it really ran at)
+    decode_keys_read: int | None = None  # real keys a decode-sparse method (quest, tidal) read at decode ...
+    decode_keys_total: int | None = None  # ... of those stored (summed over steps, rows and query heads)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -165,6 +167,7 @@ class KVCache(Cache):
             if isinstance(layer, Storage):
                 layer.layer_idx = idx
         self.frozen = False  # True: nothing more is evicted (see kvx.compress_context)
+        self.method_state: dict[str, Any] = {}  # a method's state across the layers of one forward (tidal)
 
     @classmethod
     def convert_in_place(cls, cache: Any, config: PretrainedConfig, storage: str = "dense") -> KVCache:
@@ -220,8 +223,9 @@ class KVCache(Cache):
             low, high = (int(kept.min()), int(kept.max())) if kept.numel() else (0, 0)
             per_head = kept.tolist() if low != high else None
             computed, causal = layer.attention_blocks or (None, None)
+            read, total = layer.decode_keys or (None, None)
             return LayerStats(idx, layer.kind, layer.seen, layer.stored_slots(), low, high, layer_nbytes(layer),
-                              _kv_bytes(layer), per_head, computed, causal)
+                              _kv_bytes(layer), per_head, computed, causal, read, total)
         if isinstance(layer, SlidingWindowLayer):
             kind = f"sliding({layer.sliding_window})"
         else:  # a layer transformers keeps for the model (not attention, or attention kvx leaves alone)

@@ -45,6 +45,10 @@ class Composed(Policy):
         self.implied: tuple[Policy, ...] = ()  # parts added because the selection needs them
         self.selection = by_axis.get("selection")
         self._check_storage(by_axis.get("storage"))
+        for part in self.parts:
+            check = getattr(part, "check_composition", None)
+            if check is not None:  # a method that cannot serve some selections or storage kinds (tidal)
+                check(self.selection, self.storage_part)
 
     def _check_storage(self, storage_part: Policy | None) -> None:
         """Fill the storage axis with what the selection needs when none is given (a selection's

@@ -5,6 +5,9 @@ from kvx.methods.base import Method, method_class, method_names, register_method
 from kvx.methods.block_topk import BlockTopK
 from kvx.methods.dense import Dense
 from kvx.methods.head_patterns import HeadPatterns
+from kvx.methods.quest import Quest
+from kvx.methods.tidal import Tidal
 from kvx.methods.vertical_slash import VerticalSlash
 
-__all__ = ["AShape", "BlockTopK", "Dense", "HeadPatterns", "Method", "VerticalSlash", "method_class", "method_names", "register_method"]
+__all__ = ["AShape", "BlockTopK", "Dense", "HeadPatterns", "Method", "Quest", "Tidal", "VerticalSlash", "method_class",
+           "method_names", "register_method"]

@@ -29,6 +29,12 @@ class Method:
         gives the dense model's outputs, on every storage kind."""
         return cls()
 
+    def for_layer(self, cache, layer_idx: int) -> Method:
+        """This method as it runs on layer ``layer_idx`` of ``cache`` (the ``kvx.KVCache`` of the
+        forward in progress): itself, unless it depends on the layer or keeps state across the
+        layers of one forward on the cache (``tidal``)."""
+        return self
+
     def attend(self, storage: Storage, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scaling: float, softcap: float | None,
                sinks: torch.Tensor | None) -> torch.Tensor:

@@ -101,6 +101,33 @@ class Storage(CacheLayerMixin):
         done, total = self.attention_blocks or (0, 0)
         self.attention_blocks = (done + computed, total + causal)
 
+    decode_keys: tuple[int, int] | None = None
+    """``(read, total)`` real keys the decode queries (one new query per row and query head) read,
+    of those stored, summed over steps, rows and query heads, counted by a decode-sparse method
+    (:meth:`count_decode_keys`: ``quest``, ``tidal``); None where no method counted."""
+
+    def count_decode_keys(self, read: int, total: int) -> None:
+        """Add the keys a decode method read for this layer, of the ``total`` real keys stored."""
+        done, seen = self.decode_keys or (0, 0)
+        self.decode_keys = (done + read, seen + total)
+
+    method_state: dict | None = None
+    """What a method keeps beside this layer's storage between calls (quest's page bounds); cleared
+    by :meth:`layout_changed` whenever stored slots are re-gathered, re-ordered or cleared, so a
+    method rebuilds it then and may extend it in place while tokens are only appended."""
+
+    def layout_changed(self) -> None:
+        """Stored slots moved (eviction, quantization out of a tail, beam re-ordering, reset)."""
+        self.method_state = None
+
+    def method_tensors(self) -> list[torch.Tensor]:
+        """The tensors of :attr:`method_state` (counted in the layer's bytes)."""
+        found = []
+        for value in (self.method_state or {}).values():
+            tensors = value.tensors() if hasattr(value, "tensors") else [value]
+            found.extend(t for t in tensors if isinstance(t, torch.Tensor))
+        return found
+
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         """Everything stored as a dense view for a selection policy (may be built per call: only asked
         for when the policy wants it)."""

@@ -82,6 +82,7 @@ class DenseLayer(Storage):
         self.set_valid(valid)
         for name, stat in self.state.items():
             self.state[name] = stat.gather(2, indices)
+        self.layout_changed()
 
     def count_real(self, new_valid: torch.Tensor | None, batch: int, new_tokens: int) -> None:
         """Add the real (non-padding) tokens of the latest update, ``new_valid [B, q]``, per row."""
@@ -150,7 +151,7 @@ class DenseLayer(Storage):
 
     def held_tensors(self) -> list[torch.Tensor]:
         tensors = [t for t in (self.keys, self.values, self.valid) if t is not None]
-        return tensors + list(self.state.values())
+        return tensors + list(self.state.values()) + self.method_tensors()
 
     def kv_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values) if t is not None]
@@ -170,8 +171,9 @@ class DenseLayer(Storage):
     get_max_cache_shape = get_max_length  # its name before transformers 5.10
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.real_seen = self.attention_blocks = None
+        self.keys = self.values = self.valid = self.real_seen = self.attention_blocks = self.decode_keys = None
         self.state = {}
+        self.layout_changed()
         self.is_initialized = False
         self.seen = self.past_stored = self.past_seen = 0
 
@@ -189,6 +191,7 @@ class DenseLayer(Storage):
             self.state = {name: fn(stat) for name, stat in self.state.items()}
             if self.real_seen is not None:
                 self.real_seen = fn(self.real_seen.to(self.keys.device)).cpu()
+            self.layout_changed()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -104,6 +104,7 @@ class RaggedLayer(PrefixTailLayer):
         self.state = {name: stat[..., :0].clone() for name, stat in state.items()}
         self.keys, self.values = keys[..., :0, :].clone(), values[..., :0, :].clone()
         self.valid = None
+        self.layout_changed()
 
     def keep_mask(self, keep: torch.Tensor, state: dict[str, torch.Tensor] | None = None,
                   view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
