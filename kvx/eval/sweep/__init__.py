@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import statistics
@@ -29,20 +28,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import kvx
 from kvx.eval.needle import (
     DEFAULT_MODEL,
     DENSE,
-    NeedleConfig,
-    NeedleRunner,
     PolicyRun,
     _nonempty_list,
     _progress,
     _safe,
     _yaml_policy,
     parse_length,
+)
+from kvx.eval.sweep.benchmarks import (  # noqa: F401
+    BENCHMARKS,
+    Benchmark,
+    Context,
+    LmEvalBenchmark,
+    LongBenchBenchmark,
+    NeedleBenchmark,
 )
 from kvx.eval.sweep.grid import Cell, _option_names, expand, row_key, shard, with_options, with_ratio  # noqa: F401
 from kvx.eval.sweep.log import IDENTITY_KEY, ROW_KEYS, ResultsLog  # noqa: F401
@@ -58,174 +63,6 @@ TOP_KEYS = {
     "lengths": "context lengths in tokens (1k, 4k, ...)",
     "benchmarks": "list of {kind: needle | lm_eval | longbench, ...}",
 }
-
-
-# --- benchmark kinds -------------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    """What every cell runs on: one loaded model and tokenizer, and the sweep's output directory."""
-
-    model: Any
-    tokenizer: Any
-    model_path: str
-    out_dir: Path
-
-
-class Benchmark:
-    """A benchmark kind: ``keys`` are its YAML keys (besides ``kind``, ``name``, ``lengths``), ``check``
-    runs before any cell (missing data, unknown tasks), ``run`` scores one cell."""
-
-    kind: ClassVar[str]
-    keys: ClassVar[dict[str, str]]
-
-    def __init__(self, name: str, settings: dict[str, Any]):
-        self.name, self.settings = name, settings
-
-    @property
-    def digest(self) -> str:
-        """A short digest of what shapes this benchmark's scores (its settings, lengths aside)."""
-        from kvx.eval.needle import _digest
-
-        shaping = {k: v for k, v in self.settings.items() if k not in ("name", "lengths")}
-        return _digest(json.dumps(shaping, sort_keys=True, default=str))[:8]
-
-    @classmethod
-    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
-        """The benchmarks one YAML entry names (one per task where the kind has tasks)."""
-        return [cls(entry.get("name", cls.kind), entry)]
-
-    def check(self, context: Context, cells: list[Cell]) -> None:
-        """Raise before any cell runs when this benchmark cannot run."""
-
-    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class NeedleBenchmark(Benchmark):
-    """``kvx needle`` at one length: the cell's score is the mean exact match over its depths,
-    variants and samples; per-cell rows (and resumption inside a cell) under ``OUT/cells/``."""
-
-    kind = "needle"
-    keys = {f.name: "see kvx needle" for f in dataclasses.fields(NeedleConfig)
-            if f.name not in ("lengths", "policies", "haystack_text")}
-
-    def config(self, length: int, run: PolicyRun) -> NeedleConfig:
-        return NeedleConfig(lengths=[length], policies=[run],
-                            **{k: v for k, v in self.settings.items() if k in self.keys})
-
-    def check(self, context: Context, cells: list[Cell]) -> None:
-        from kvx.eval.needle import check_prompts
-
-        for length in sorted({c.length for c in cells}):
-            check_prompts(self.config(length, PolicyRun(DENSE)), context.tokenizer)
-
-    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
-        runner = NeedleRunner(context.model, context.tokenizer, self.config(cell.length, run),
-                              context.out_dir / "cells" / cell.slug, model_path=context.model_path)
-        rows = runner.run(progress=False)
-        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "exact_match",
-                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
-                "kept_tokens": min(r["kept_tokens"] for r in rows), "samples": len(rows)}
-
-
-class LmEvalBenchmark(Benchmark):
-    """One lm-eval task through kvx's model type; the length goes to the task's metadata as
-    ``max_seq_lengths`` (what RULER reads) with the model as ``tokenizer``."""
-
-    kind = "lm_eval"
-    keys = {"tasks": "lm-eval task names", "include_path": "a directory of task YAML files",
-            "default_tasks": "index the harness's own tasks too (default true)", "limit": "examples per task",
-            "metadata": "a mapping given to the tasks", "batch_size": "requests per batch (default 1)",
-            "max_length": "the harness's context limit"}
-
-    @classmethod
-    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
-        tasks = entry.get("tasks")
-        if isinstance(tasks, str):
-            tasks = [tasks]
-        tasks = _nonempty_list("tasks (of an lm_eval benchmark)", tasks)
-        if importlib.util.find_spec("lm_eval") is None:
-            raise ImportError("an lm_eval benchmark needs lm-evaluation-harness: pip install 'kvx[lm-eval]'")
-        path = entry.get("include_path")
-        if path is not None and not Path(path).expanduser().is_dir():
-            raise FileNotFoundError(f"include path {path}: no such directory (it holds task YAML files)")
-        return [cls(f"{entry.get('name', 'lm_eval')}/{task}", {**entry, "task": task}) for task in tasks]
-
-    def metadata(self, length: int, context: Context) -> dict[str, Any]:
-        """The tasks' metadata at ``length``: the config's, the model as ``tokenizer``, ``max_seq_lengths``."""
-        return {"tokenizer": context.model_path, **(self.settings.get("metadata") or {}), "max_seq_lengths": [length]}
-
-    def manager(self, metadata: dict[str, Any]):
-        """lm-eval's task manager for ``metadata`` (the harness gives tasks the manager's metadata, not
-        the evaluation's, so there is one per length), built once each."""
-        from kvx.eval import lm_eval_bridge as bridge
-
-        managers = self.__dict__.setdefault("_managers", {})
-        key = json.dumps(metadata, sort_keys=True, default=str)
-        if key not in managers:
-            managers[key] = bridge.task_manager(self.settings.get("include_path"), metadata,
-                                                include_defaults=self.settings.get("default_tasks", True))
-        return managers[key]
-
-    def check(self, context: Context, cells: list[Cell]) -> None:
-        from kvx.eval import lm_eval_bridge as bridge
-
-        bridge.check_tasks([self.settings["task"]], self.manager(self.metadata(cells[0].length, context)))
-
-    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
-        from kvx.eval import lm_eval_bridge as bridge
-
-        metadata = self.metadata(cell.length, context)
-        (row,) = bridge.evaluate_policy(context.model, context.tokenizer, None if run.name == DENSE else run.label,
-                                        [self.settings["task"]], self.manager(metadata), limit=self.settings.get("limit"),
-                                        metadata=metadata, batch_size=self.settings.get("batch_size", 1),
-                                        max_length=self.settings.get("max_length"))
-        return {"score": row["score"], "metric": row["metric"], "kv_bytes": row["kv_bytes_mean"],
-                "kept_tokens": row["kept_tokens_min"], "samples": row["calls"], "metrics": row["metrics"]}
-
-
-class LongBenchBenchmark(Benchmark):
-    """One LongBench task (``kvx longbench``) with prompts middle-truncated to the cell's length;
-    per-sample rows (and resumption inside a cell) under ``OUT/cells/``."""
-
-    kind = "longbench"
-    keys = {"data": "the directory of LongBench's JSONL files", "tasks": "task names (default: all)",
-            "longbench_e": "LongBench-E (default false)", "limit": "samples per task",
-            "use_chat_template": "(default true)", "compress": "prompt or context (query-aware)"}
-
-    @classmethod
-    def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:
-        from kvx.eval.longbench.tasks import check_data, select_tasks
-
-        if "data" not in entry:
-            raise ValueError("a longbench benchmark needs data: DIR (LongBench's JSONL files)")
-        tasks = select_tasks(entry.get("tasks"), entry.get("longbench_e", False))
-        check_data(Path(entry["data"]).expanduser(), tasks, entry.get("longbench_e", False))  # names what is missing
-        return [cls(f"{entry.get('name', 'longbench')}/{task.name}", {**entry, "tasks": [task.name]}) for task in tasks]
-
-    def config(self, length: int, run: PolicyRun):
-        from kvx.eval.longbench.runner import LongBenchConfig
-
-        options = {k: v for k, v in self.settings.items() if k in self.keys and k != "data"}
-        return LongBenchConfig(data_dir=Path(self.settings["data"]).expanduser(), policies=[run], max_length=length,
-                               **options)
-
-    def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
-        from kvx.eval.longbench.runner import LongBenchRunner
-
-        runner = LongBenchRunner(context.model, context.tokenizer, self.config(cell.length, run),
-                                 context.out_dir / "cells" / cell.slug, model_path=context.model_path)
-        rows = runner.run(progress=False)
-        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "longbench",
-                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
-                "kept_tokens": min((layer["kept_min"] for r in rows for layer in r["layers"]), default=None),
-                "samples": len(rows)}
-
-
-BENCHMARKS: dict[str, type[Benchmark]] = {b.kind: b for b in (NeedleBenchmark, LmEvalBenchmark, LongBenchBenchmark)}
-"""Benchmark kinds by their YAML ``kind``; a new kind is one :class:`Benchmark` subclass and one entry."""
 
 
 # --- the config ------------------------------------------------------------------------------
