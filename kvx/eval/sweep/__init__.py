@@ -15,11 +15,14 @@ started by hand); ``--summary-only`` rebuilds the summary from the results file.
 Benchmark kinds are a registry (:data:`BENCHMARKS`): ``needle`` (``kvx.eval.needle``), ``lm_eval``
 (``kvx.eval.lm_eval_bridge``) and ``longbench`` (``kvx.eval.longbench``); a kind is one class with
 its YAML keys, a check run before any cell, and ``run(cell)``.
+
+- :mod:`.config`: the YAML read and checked; :mod:`.grid`: cells, ratios, options and shards;
+- :mod:`.benchmarks`: the benchmark kinds, one module each; :mod:`.log`: ``OUT/results.jsonl``;
+- :mod:`.runner`: a shard's cells run, then the summary; :mod:`.summary`: tables and plots;
+  :mod:`.cli`: the command.
 """
 
-from __future__ import annotations
-
-from kvx.eval.sweep.benchmarks import (  # noqa: F401
+from kvx.eval.sweep.benchmarks import (
     BENCHMARKS,
     Benchmark,
     Context,
@@ -27,50 +30,16 @@ from kvx.eval.sweep.benchmarks import (  # noqa: F401
     LongBenchBenchmark,
     NeedleBenchmark,
 )
-from kvx.eval.sweep.config import TOP_KEYS, SweepConfig, load_config  # noqa: F401
-from kvx.eval.sweep.grid import Cell, _option_names, expand, row_key, shard, with_options, with_ratio  # noqa: F401
-from kvx.eval.sweep.log import IDENTITY_KEY, ROW_KEYS, ResultsLog  # noqa: F401
-from kvx.eval.sweep.runner import Sweep, distributed_rank, run_sweep  # noqa: F401
-from kvx.eval.sweep.summary import (  # noqa: F401
-    markdown,
-    summarize,
-    write_needle_heatmaps,
-    write_plots,
-    write_summary,
-)
+from kvx.eval.sweep.cli import add_sweep_command
+from kvx.eval.sweep.config import TOP_KEYS, SweepConfig, load_config
+from kvx.eval.sweep.grid import Cell, expand, row_key, shard, with_options, with_ratio
+from kvx.eval.sweep.log import IDENTITY_KEY, ROW_KEYS, ResultsLog
+from kvx.eval.sweep.runner import Sweep, distributed_rank, run_sweep
+from kvx.eval.sweep.summary import markdown, summarize, write_needle_heatmaps, write_plots, write_summary
 
-# --- the command -----------------------------------------------------------------------------
-
-
-def add_sweep_command(sub) -> None:
-    """Register ``kvx sweep`` on the ``kvx`` command's sub-parsers."""
-    from kvx.cli import int_at_least
-
-    p = sub.add_parser(
-        "sweep", help="a grid of policies x options x ratios x benchmarks x lengths, resumable and sharded",
-        description="Runs every cell of CONFIG's grid not yet in OUT/results.jsonl (a rerun resumes), appending each as "
-                    "it finishes, then writes OUT/summary.md, summary.json and plots. Under torchrun each process runs "
-                    "its shard of the cells (torchrun --nproc-per-node N -m kvx.cli sweep CONFIG).",
-    )
-    p.add_argument("config", help="the sweep's YAML file (see docs/sweep.md and configs/)")
-    p.add_argument("--out", help="output directory (default runs/sweep-<config name>)")
-    p.add_argument("--rank", type=int_at_least(0), help="run shard RANK of --world by hand, without torch.distributed")
-    p.add_argument("--world", type=int_at_least(1), help="number of shards (with --rank)")
-    p.add_argument("--summary-only", action="store_true", help="write the summary from the results file, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_sweep)
-
-
-def _cmd_sweep(args) -> int:
-    from kvx.cli import input_file, output_dir
-
-    path = input_file(args.config, "config")
-    if (args.rank is None) != (args.world is None):
-        raise ValueError("--rank and --world go together (shard RANK of WORLD), or neither")
-    if args.rank is not None and args.rank >= args.world:
-        raise ValueError(f"--rank {args.rank} must be below --world {args.world}")
-    out = output_dir(args.out or f"runs/sweep-{path.stem}")
-    for written in run_sweep(path, out, args.rank, args.world, progress=not args.no_progress,
-                             summary_only=args.summary_only):
-        print(f"wrote {written}")
-    return 0
+__all__ = [
+    "BENCHMARKS", "IDENTITY_KEY", "ROW_KEYS", "TOP_KEYS", "Benchmark", "Cell", "Context", "LmEvalBenchmark",
+    "LongBenchBenchmark", "NeedleBenchmark", "ResultsLog", "Sweep", "SweepConfig", "add_sweep_command",
+    "distributed_rank", "expand", "load_config", "markdown", "row_key", "run_sweep", "shard", "summarize",
+    "with_options", "with_ratio", "write_needle_heatmaps", "write_plots", "write_summary",
+]
