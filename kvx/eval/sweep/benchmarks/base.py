@@ -4,6 +4,8 @@ any cell, ``run(cell)``) running on a :class:`Context` (the loaded model, the ou
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,3 +52,12 @@ class Benchmark:
 
     def run(self, cell: Cell, run: PolicyRun, context: Context) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def cell_result(rows: list[dict[str, Any]], metric: str,
+                kept_tokens: Callable[[list[dict[str, Any]]], int | None]) -> dict[str, Any]:
+    """A cell's result from its runner's rows (prompts or samples): the mean score and KV bytes,
+    ``metric``, the fewest tokens kept (``kept_tokens(rows)``) and how many rows."""
+    return {"score": statistics.fmean(r["score"] for r in rows), "metric": metric,
+            "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows), "kept_tokens": kept_tokens(rows),
+            "samples": len(rows)}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 from kvx.eval.needle import PolicyRun
-from kvx.eval.sweep.benchmarks.base import Benchmark, Context
+from kvx.eval.sweep.benchmarks.base import Benchmark, Context, cell_result
 from kvx.eval.sweep.grid import Cell
 
 
@@ -43,7 +42,9 @@ class LongBenchBenchmark(Benchmark):
         runner = LongBenchRunner(context.model, context.tokenizer, self.config(cell.length, run),
                                  context.out_dir / "cells" / cell.slug, model_path=context.model_path)
         rows = runner.run(progress=False)
-        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "longbench",
-                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
-                "kept_tokens": min((layer["kept_min"] for r in rows for layer in r["layers"]), default=None),
-                "samples": len(rows)}
+        return cell_result(rows, "longbench", _fewest_kept)
+
+
+def _fewest_kept(rows: list[dict[str, Any]]) -> int | None:
+    """The fewest tokens any layer of any sample's cache kept (None: no layers reported)."""
+    return min((layer["kept_min"] for r in rows for layer in r["layers"]), default=None)

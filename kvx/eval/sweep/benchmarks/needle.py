@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from typing import Any
 
 from kvx.eval.needle import DENSE, NeedleConfig, NeedleRunner, PolicyRun
-from kvx.eval.sweep.benchmarks.base import Benchmark, Context
+from kvx.eval.sweep.benchmarks.base import Benchmark, Context, cell_result
 from kvx.eval.sweep.grid import Cell
 
 
@@ -33,6 +32,9 @@ class NeedleBenchmark(Benchmark):
         runner = NeedleRunner(context.model, context.tokenizer, self.config(cell.length, run),
                               context.out_dir / "cells" / cell.slug, model_path=context.model_path)
         rows = runner.run(progress=False)
-        return {"score": statistics.fmean(r["score"] for r in rows), "metric": "exact_match",
-                "kv_bytes": statistics.fmean(r["kv_bytes"] for r in rows),
-                "kept_tokens": min(r["kept_tokens"] for r in rows), "samples": len(rows)}
+        return cell_result(rows, "exact_match", _fewest_kept)
+
+
+def _fewest_kept(rows: list[dict[str, Any]]) -> int:
+    """The fewest tokens any prompt's cache kept."""
+    return min(r["kept_tokens"] for r in rows)
