@@ -35,7 +35,7 @@ from kvx.compat import cache_kwargs, cache_of, decoder_config
 from kvx.compose import parse_spec, split_option
 from kvx.eval.haystack import KEYS, VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
 from kvx.eval.results import Results, ResultsFile
-from kvx.eval.results import identity_differences as _identity_differences  # noqa: F401 (kvx.eval.sweep)
+from kvx.eval.results import identity_differences as _identity_differences  # noqa: F401 (kvx.eval.sweep.log)
 from kvx.policy import Policy, check_positive_int, make_policy, policy_class
 
 DENSE = "dense"
