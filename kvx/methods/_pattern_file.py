@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvx.policies._head_scores import check_identity
+from kvx.policies._head_scores import check_identity, read_tensor_file
 
 SCHEMA_VERSION = 1
 KIND = "block_patterns"
@@ -115,17 +115,8 @@ def load_patterns(path: str | Path) -> PatternFile:
     """Read a pattern file; a missing file, another format (a ``kvx profile-heads`` scores file
     included), an unknown schema version or inconsistent tensors raise a ``ValueError`` naming the
     file and what was expected."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"pattern file {path}: no such file; make one with `kvx search-patterns MODEL --out {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"pattern file {path}: not a safetensors file ({err})") from None
+    metadata, tensors = read_tensor_file(path, "pattern file", "kvx search-patterns")
     kind = metadata.get("kind")
     if kind != KIND:
         made_by = " (a `kvx profile-heads` scores file?)" if "scores" in tensors else ""

@@ -96,20 +96,28 @@ def check_identity(saved: dict[str, Any], model: Any, made: str, remedy: str, wh
                       f"{what_differs} may differ here", UserWarning, stacklevel=stacklevel)
 
 
-def load_scores(path: str | Path) -> HeadScores:
-    """Read a scores file; a missing file, another format or an unknown schema version raises a
-    ``ValueError`` that names the file and what was expected."""
+def read_tensor_file(path: Path, label: str, command: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file that ``command`` makes (``kvx profile-heads``,
+    ``kvx search-patterns``); a missing or unreadable file raises a ``ValueError`` starting
+    ``"{label} {path}:"`` that says how to make one."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
-        raise ValueError(f"head pattern {path}: no such file; make one with `kvx profile-heads MODEL --out {path}`")
+        raise ValueError(f"{label} {path}: no such file; make one with `{command} MODEL --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"head pattern {path}: not a safetensors file ({err})") from None
+        raise ValueError(f"{label} {path}: not a safetensors file ({err})") from None
+    return metadata, tensors
+
+
+def load_scores(path: str | Path) -> HeadScores:
+    """Read a scores file; a missing file, another format or an unknown schema version raises a
+    ``ValueError`` that names the file and what was expected."""
+    path = Path(path)
+    metadata, tensors = read_tensor_file(path, "head pattern", "kvx profile-heads")
     version = metadata.get("schema_version")
     if version != str(SCHEMA_VERSION):
         raise ValueError(f"head pattern {path}: schema version {version!r} is not one this kvx reads "
