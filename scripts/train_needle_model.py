@@ -39,13 +39,24 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvx.eval.haystack import VARIANTS, build_prompt, build_tokenizer, filler_sentences, make_needles, score_answer
+from kvx.eval.haystack import (
+    ABSENT_ANSWER,
+    KEYS,
+    VARIANTS,
+    NeedleSpec,
+    build_prompt,
+    build_tokenizer,
+    filler_sentences,
+    make_needles,
+    score_answer,
+)
 
 
 @dataclass
@@ -69,6 +80,11 @@ class Stage:
     # the induction (copy) heads the needle lookup needs far sooner than answer tokens alone do
     repeat_rate: float = 0.0
     repeat_sentences: tuple[int, int] = (2, 5)
+    # further questions after a prompt's answered question (uniform in this range; MQAR-style), each about a
+    # key not asked yet: a single-value needle of the context (its value) or a key absent from it ("none"),
+    # each answered, each answer ending in EOS. The first question is exactly the runner's prompt; the others
+    # give the key match many gradient signals per context instead of one (0: the runner's format only)
+    questions: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -153,14 +169,18 @@ TINY = Preset(  # for tests: seconds on a CPU
                num_key_value_heads=2, head_dim=8, rope_theta=1e4, max_position_embeddings=1024,
                tie_word_embeddings=True),
     stages=[Stage(steps=4, min_len=48, max_len=64, batch=2, lr=2e-3, variant_weights=SINGLE, repeat_rate=0.5),
-            Stage(steps=4, min_len=80, max_len=96, batch=2, lr=1e-3, distractors=(1, 2))],
+            Stage(steps=4, min_len=80, max_len=96, batch=2, lr=1e-3, distractors=(1, 2), questions=(1, 2))],
     eval_lengths=(64,), eval_variants=("multikey", "absent"), eval_distractors=1, eval_count=2, eval_every=3,
 )
 PRESETS[TINY.name] = TINY
 
 
 def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [B, T], labels [B, T])``: one length per batch (no padding), labels only on the answer."""
+    """``(ids [B, T], labels [B, T])``: a prompt of one length per batch, labels only on the answers.
+
+    With ``stage.questions``, each prompt's answer is followed by further questions and answers
+    (:func:`more_questions`); rows then differ in length and are padded at the end with the pad
+    token (label -100, and :func:`training_loss` leaves it out of the next-token loss)."""
     length = rng.randint(stage.min_len, stage.max_len)
     rows, labels = [], []
     for _ in range(stage.batch):
@@ -172,26 +192,75 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
             haystack = " ".join(filler_sentences(rng, rng.randint(*stage.repeat_sentences), stage.number_rate))
         prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, haystack_text=haystack,
                               number_rate=stage.number_rate)
-        rows.append(prompt.ids + answer)
-        labels.append([-100] * len(prompt.ids) + answer)
-    return torch.tensor(rows), torch.tensor(labels)
+        row, label = prompt.ids + answer, [-100] * len(prompt.ids) + answer
+        if stage.questions[1]:  # no draw otherwise (older runs unchanged)
+            for question, reply in more_questions(tokenizer, spec, rng.randint(*stage.questions), rng):
+                row, label = row + question + reply, label + [-100] * len(question) + reply
+        rows.append(row)
+        labels.append(label)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    return (torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]))
 
 
-def training_loss(model, ids: torch.Tensor, labels: torch.Tensor, lm_weight: float) -> torch.Tensor:
-    """Mean cross-entropy on the answer tokens + ``lm_weight`` x mean next-token loss elsewhere."""
+def more_questions(tokenizer, spec: NeedleSpec, count: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """``count`` (question ids, answer ids + EOS) pairs about keys other than ``spec.key``, none
+    asked twice: half of them (while any is left) about a single-value needle of the context, which
+    answers its value, the others about a key absent from the context, which answers ``none``. The
+    question is the runner's plain one (" Question : ... Answer : <answer prefix>")."""
+    counts = Counter(k for k, _ in spec.needles)
+    present = [k for k, v in spec.needles if k != spec.key and counts[k] == 1 and v.isdigit()]
+    absent = [k for k in KEYS if k not in counts and k != spec.key]
+    rng.shuffle(present)
+    rng.shuffle(absent)
+    out = []
+    for _ in range(count):
+        if present and (not absent or rng.random() < 0.5):
+            key = present.pop()
+            expected = [v for k, v in spec.needles if k == key]
+        else:
+            key, expected = absent.pop(), [ABSENT_ANSWER]
+        asked = NeedleSpec("single", key, [], expected)
+        question = tokenizer(f" {asked.question} Answer : {asked.answer_prefix}", add_special_tokens=False)["input_ids"]
+        reply = tokenizer(" " + asked.answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((question, reply))
+    return out
+
+
+def training_loss(model, ids: torch.Tensor, labels: torch.Tensor, lm_weight: float,
+                  pad_id: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy on the answer tokens + ``lm_weight`` x mean next-token loss elsewhere
+    (padding, ``pad_id``, left out)."""
     logits = model(ids).logits[:, :-1].float()
     targets = ids[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     is_answer = labels[:, 1:] != -100
-    return per_token[is_answer].mean() + lm_weight * per_token[~is_answer].mean()
+    other = ~is_answer if pad_id is None else ~is_answer & (targets != pad_id)
+    return per_token[is_answer].mean() + lm_weight * per_token[other].mean()
 
 
 @torch.no_grad()
-def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
-    """Teacher-forced accuracy of the next-token prediction on answer tokens (cheap progress signal)."""
+def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """``(answer_acc, answer_exact)`` of a batch, teacher-forced. ``answer_acc`` is token level: the
+    share of answer tokens that are the argmax. It flatters key matching: a model that copies a random
+    needle's value misses only the first digit (the rest follow that digit), so it scores ~0.9 on
+    multikey prompts it answers at chance. ``answer_exact`` is the share of answers (runs of answer
+    tokens) whose every token is the argmax: greedy exact match, as the runner scores it."""
     predicted = model(ids).logits[:, :-1].argmax(-1)
     is_answer = labels[:, 1:] != -100
-    return (predicted[is_answer] == ids[:, 1:][is_answer]).float().mean().item()
+    right = predicted == ids[:, 1:]
+    spans = hits = 0
+    for b in range(ids.shape[0]):
+        run_ok, inside = True, False
+        for t in range(is_answer.shape[1]):
+            if is_answer[b, t]:
+                run_ok, inside = (run_ok if inside else True) and bool(right[b, t]), True
+            elif inside:
+                spans, hits, inside = spans + 1, hits + run_ok, False
+        if inside:
+            spans, hits = spans + 1, hits + run_ok
+    return right[is_answer].float().mean().item(), hits / max(spans, 1)
 
 
 @torch.no_grad()
@@ -384,8 +453,13 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
 
 def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, checkpoint_dir: Path | None = None,
           checkpoint_every: int = 100, init_from: Path | None = None, stop_after: int | None = None,
-          verbose: bool = True) -> LlamaForCausalLM:
+          verbose: bool = True, start_stage: int = 0) -> LlamaForCausalLM:
     """Run (or resume) ``preset``'s curriculum; save the model into ``out`` after every stage.
+
+    ``init_from`` (a saved model: weights only, no optimizer or RNG) and ``start_stage`` warm-start a
+    new run: e.g. the model a run saved after stage 2, continued from stage 3 of an edited curriculum
+    (whose checkpoint the old run's would refuse). A checkpoint in ``checkpoint_dir`` still wins: the
+    warm-started run resumes from its own checkpoints like any other.
 
     ``stop_after``: return after this many optimizer steps in this call (a checkpoint is written
     first), as a kill would: for tests of resuming."""
@@ -396,7 +470,9 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, preset, init_from).to(device)
     state = load_checkpoint(checkpoint_dir, preset, seed, steps_scale)
-    first_stage, first_step, log_rows, elapsed = 0, 0, [], 0.0
+    if not 0 <= start_stage < len(preset.stages):
+        raise SystemExit(f"--start-stage {start_stage}: preset {preset.name} has stages 0-{len(preset.stages) - 1}")
+    first_stage, first_step, log_rows, elapsed = start_stage, 0, [], 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         first_stage, first_step, log_rows, elapsed = state["stage"], state["step"], state["log"], state["elapsed"]
@@ -417,7 +493,8 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     if state is None:
         where = str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
         record({"preset": preset.name, "seed": seed, "device": where,
-                "parameters": sum(p.numel() for p in model.parameters())})
+                "parameters": sum(p.numel() for p in model.parameters()),
+                **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
     else:
         record({"resumed": True, "stage": first_stage, "step": first_step})
     start = time.time() - elapsed
@@ -445,7 +522,7 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
                 group["lr"] = stage.lr * lr_factor(step, steps)
             ids, labels = sample_batch(tokenizer, stage, rng)
             ids, labels = ids.to(device), labels.to(device)
-            loss = training_loss(model, ids, labels, preset.lm_weight)
+            loss = training_loss(model, ids, labels, preset.lm_weight, tokenizer.pad_token_id)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -453,8 +530,9 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
             done_here += 1
             evaluate = bool(preset.eval_every and preset.eval_variants and step > 0 and step % preset.eval_every == 0)
             if step % 50 == 0 or step == steps - 1 or evaluate:
+                acc, exact = answer_accuracy(model, ids, labels)
                 row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
-                           answer_acc=round(answer_accuracy(model, ids, labels), 3),
+                           answer_acc=round(acc, 3), answer_exact=round(exact, 3),
                            lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
                 if evaluate:
                     row["eval_len"] = stage.max_len
@@ -488,7 +566,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    parser.add_argument("--init-from", type=Path, help="start from this saved model instead of random weights")
+    parser.add_argument("--init-from", type=Path,
+                        help="start from this saved model's weights (no optimizer or RNG state) instead of random ones")
+    parser.add_argument("--start-stage", type=int, default=0,
+                        help="begin at this stage of the curriculum (with --init-from: warm-start an edited "
+                             "curriculum from a model saved after the stages before it)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         help="write checkpoints here and resume from the one found there (same settings only)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
@@ -507,7 +589,8 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(preset, args.out, args.seed, args.steps_scale, args.checkpoint_dir, args.checkpoint_every, args.init_from)
+    train(preset, args.out, args.seed, args.steps_scale, args.checkpoint_dir, args.checkpoint_every, args.init_from,
+          start_stage=args.start_stage)
 
 
 if __name__ == "__main__":
