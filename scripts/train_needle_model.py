@@ -85,6 +85,7 @@ class Stage:
     # each answered, each answer ending in EOS. The first question is exactly the runner's prompt; the others
     # give the key match many gradient signals per context instead of one (0: the runner's format only)
     questions: tuple[int, int] = (0, 0)
+    lm_weight: float | None = None  # this stage's weight of the next-token loss (None: the preset's)
 
 
 @dataclass
@@ -144,18 +145,20 @@ KEYS_PRESET = Preset(
         # 2. more distractors, slowly; negatives and several values join once keys are matched
         Stage(steps=1200, min_len=96, max_len=256, batch=32, lr=1.5e-3, variant_weights=(0.25, 0.55, 0.1, 0.1),
               distractors=(1, 3), repeat_rate=0.1),
-        # 3. several questions per context (MQAR-style). Through stage 2 the model copied a needle's value but
-        #    not the asked key's: greedy exact match on multikey stayed at chance (0.1-0.5 with 3 distractors)
-        #    for 2400 steps while the token-level answer_acc read ~0.9 (the digits after the first follow it).
-        #    One question per context gives the key match one gradient signal (the answer's first digit) per
-        #    prompt; 2-4 more questions about the context's other keys or absent ones give it several, and
-        #    set "value" against "none" in the same context. Run warm from stage 2's model (--init-from
-        #    runs/train17/stage2-model --start-stage 3) in issue 17.
-        Stage(steps=1500, min_len=96, max_len=256, batch=24, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
-              distractors=(1, 4), questions=(2, 4)),
+        # 3. key matching. Through stage 2 the model copied a needle's value but not the asked key's: greedy exact
+        #    match on multikey stayed at chance (0.1-0.5 with 3 distractors) for 2400 steps while the token-level
+        #    answer_acc read ~0.9 (the digits after the first follow it). Matching "for <key> is" to the needle
+        #    is 2-gram induction (the token before "is" must match too), and the stage-2 model had none: on a
+        #    repeated paragraph it predicted 3% of the tokens after "the" (48% of the others). So: mostly
+        #    repeated-paragraph filler under a full-weight next-token loss (every repeated token after "the" is
+        #    a 2-gram induction signal), and 2-4 further questions per context (MQAR-style) about its other
+        #    keys or absent ones ("none"), several key-match signals per prompt instead of one. Run warm from
+        #    stage 2's model (--init-from runs/train17/stage2-model --start-stage 3) in issue 17.
+        Stage(steps=1500, min_len=96, max_len=192, batch=16, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
+              distractors=(1, 4), questions=(2, 4), repeat_rate=0.75, lm_weight=1.0),
         # 4. length, at a lower learning rate re-warmed each stage, still with further questions
         Stage(steps=600, min_len=256, max_len=512, batch=12, lr=1e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
-              distractors=(2, 4), questions=(1, 3)),
+              distractors=(2, 4), questions=(1, 3), repeat_rate=0.25),
         Stage(steps=500, min_len=512, max_len=1024, batch=6, lr=8e-4, variant_weights=(0.2, 0.5, 0.1, 0.2),
               distractors=(2, 4), questions=(1, 3)),
         Stage(steps=400, min_len=1024, max_len=2048, batch=3, lr=6e-4, variant_weights=(0.2, 0.5, 0.1, 0.2),
@@ -531,7 +534,8 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
                 group["lr"] = stage.lr * lr_factor(step, steps)
             ids, labels = sample_batch(tokenizer, stage, rng)
             ids, labels = ids.to(device), labels.to(device)
-            loss = training_loss(model, ids, labels, preset.lm_weight, tokenizer.pad_token_id)
+            lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+            loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
