@@ -316,11 +316,34 @@ def variant_accuracy(model, tokenizer, variant: str, length: int, count: int, di
     return sum(hits) / count
 
 
+@torch.no_grad()
+def induction_accuracy(model, tokenizer, count: int, seed: int, device, length: int = 160) -> float:
+    """Next-token accuracy after "the" in the second half of ``count`` rows that repeat one
+    4-sentence paragraph: the repeated text's token after "the" is known only from the two tokens
+    before it (2-gram induction, the circuit that matches "for <key> is" to its needle)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        ids = tokenizer(" " + " ".join(filler_sentences(rng, 4)), add_special_tokens=False)["input_ids"]
+        rows.append((ids * (length // len(ids) + 1))[:length])
+    ids = torch.tensor(rows, device=device)
+    was_training = model.training
+    model.eval()
+    right = model(ids).logits[:, :-1].argmax(-1) == ids[:, 1:]
+    model.train(was_training)
+    after_the = ids[:, :-1] == tokenizer.convert_tokens_to_ids("the")
+    after_the[:, : length // 2] = False
+    return right[after_the].float().mean().item()
+
+
 def quick_eval(model, tokenizer, preset: Preset, length: int, device, seed: int) -> dict[str, float]:
-    """Teacher-forced exact match of every ``preset.eval_variants`` at ``length`` tokens."""
-    return {v: round(variant_accuracy(model, tokenizer, v, length, preset.eval_count, preset.eval_distractors,
-                                      seed + i, device), 3)
-            for i, v in enumerate(preset.eval_variants)}
+    """Teacher-forced exact match of every ``preset.eval_variants`` at ``length`` tokens, and
+    (``induction``) :func:`induction_accuracy`."""
+    scores = {v: round(variant_accuracy(model, tokenizer, v, length, preset.eval_count, preset.eval_distractors,
+                                        seed + i, device), 3)
+              for i, v in enumerate(preset.eval_variants)}
+    scores["induction"] = round(induction_accuracy(model, tokenizer, preset.eval_count, seed, device), 3)
+    return scores
 
 
 def lr_factor(step: int, steps: int) -> float:

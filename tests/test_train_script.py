@@ -100,7 +100,7 @@ def test_resume_continues_identically(script, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k != "minutes"}  # noqa: E731
     a_rows, b_rows = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [strip(r) for r in b_rows if "resumed" not in r] == [strip(r) for r in a_rows]
-    assert any("eval" in r and set(r["eval"]) == {"multikey", "absent"} for r in a_rows)
+    assert any("eval" in r and set(r["eval"]) == {"multikey", "absent", "induction"} for r in a_rows)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (tmp_path / "b" / name).exists()
     final = torch.load(tmp_path / "cb" / script.CHECKPOINT, weights_only=False)
@@ -199,3 +199,25 @@ def test_warm_start_from_a_saved_model_at_a_later_stage(script, tmp_path):
     assert torch.load(tmp_path / "c" / script.CHECKPOINT, weights_only=False)["stage"] == len(tiny.stages)
     with pytest.raises(SystemExit, match="start-stage"):
         script.train(tiny, tmp_path / "d", start_stage=len(tiny.stages), verbose=False)
+
+
+def test_induction_probe_reads_two_gram_copying(script):
+    """A model that copies the repeated paragraph scores 1; one that never predicts it, 0."""
+    tok = script.build_tokenizer()
+
+    class Oracle(torch.nn.Module):  # copies the token one paragraph back (perfect induction)
+        def forward(self, ids):
+            out = torch.zeros(*ids.shape, len(tok))
+            for b, row in enumerate(ids.tolist()):
+                period = next(p for p in range(1, len(row)) if row[p:] == row[:-p])
+                for t in range(period - 1, len(row) - 1):
+                    out[b, t, row[t + 1 - period]] = 1
+            return type("Out", (), {"logits": out})()
+
+    assert script.induction_accuracy(Oracle(), tok, 2, 0, "cpu", length=100) == 1.0
+
+    class Never(torch.nn.Module):
+        def forward(self, ids):
+            return type("Out", (), {"logits": torch.zeros(*ids.shape, len(tok))})()  # always token 0 (<pad>)
+
+    assert script.induction_accuracy(Never(), tok, 2, 0, "cpu", length=100) == 0.0
