@@ -126,9 +126,14 @@ NEEDLE_LLAMA = Preset(
 SINGLE = (1.0, 0.0, 0.0, 0.0)
 KEYS_PRESET = Preset(
     name="keys",
-    # 4 layers x 4 KV heads (8 query heads, GQA 2), head dim 32: ~1.1M parameters, ~4.5 MB in fp32
+    # 4 layers x 4 KV heads (8 query heads, GQA 2), head dim 32: ~1.0M parameters, ~4 MB in fp32.
+    # RoPE base 1e4, not 1e6: with head dim 32 there are only 16 rotation frequencies, and at base 1e6 only
+    # two of them turn fast enough to tell the previous token from the ones before it; the model trained
+    # at 1e6 through stage 2 grew no previous-token head (no head put over 0.21 of its attention on the
+    # token before), hence no induction and no key matching. Stages 0-2 of issue 17's run were trained at
+    # 1e6; it continued at 1e4 from their weights (--init-from loads weights only, under this config).
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=32, rope_theta=1e6, max_position_embeddings=16384,
+               num_key_value_heads=4, head_dim=32, rope_theta=1e4, max_position_embeddings=16384,
                tie_word_embeddings=True),
     stages=[
         # 0. copy circuit: one needle whose value is the only number (the stepping stone that formed the first
@@ -358,12 +363,14 @@ def make_optimizer(model, stage: Stage) -> torch.optim.Optimizer:
 
 
 def build_model(tokenizer, preset: Preset, init_from: Path | None = None) -> LlamaForCausalLM:
-    if init_from:
-        return LlamaForCausalLM.from_pretrained(init_from)
+    """The preset's model: random weights, or ``init_from``'s (a saved model of the same shape; its
+    weights only: the config, RoPE base included, is the preset's)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **preset.model,
     )
+    if init_from:
+        return LlamaForCausalLM.from_pretrained(init_from, config=config)
     return LlamaForCausalLM(config)
 
 

@@ -221,3 +221,16 @@ def test_induction_probe_reads_two_gram_copying(script):
             return type("Out", (), {"logits": torch.zeros(*ids.shape, len(tok))})()  # always token 0 (<pad>)
 
     assert script.induction_accuracy(Never(), tok, 2, 0, "cpu", length=100) == 0.0
+
+
+def test_init_from_loads_weights_only_under_the_presets_config(script, tmp_path):
+    tiny = script.PRESETS["tiny"]
+    tok = script.build_tokenizer()
+    script.build_model(tok, tiny).save_pretrained(tmp_path / "m")  # RoPE base 1e4
+    other = script.Preset(**{**script.asdict(tiny), "model": {**tiny.model, "rope_theta": 500.0}})
+    loaded = script.build_model(tok, other, init_from=tmp_path / "m")
+    from transformers import LlamaForCausalLM
+
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.rope_parameters["rope_theta"] == 500.0
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
