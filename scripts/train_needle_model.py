@@ -159,7 +159,9 @@ KEYS_PRESET = Preset(
         #    a 2-gram induction signal), and 2-4 further questions per context (MQAR-style) about its other
         #    keys or absent ones ("none"), several key-match signals per prompt instead of one. Run warm from
         #    stage 2's model (--init-from runs/train17/stage2-model --start-stage 3) in issue 17.
-        Stage(steps=1500, min_len=96, max_len=192, batch=16, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
+        #    Induction forms after a plateau whose length is a matter of data seen (batch 16: hundreds of steps
+        #    showed none, on this filler or on repeated random tokens), hence a long stage of short prompts.
+        Stage(steps=4000, min_len=96, max_len=192, batch=16, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
               distractors=(1, 4), questions=(2, 4), repeat_rate=0.75, lm_weight=1.0),
         # 4. length, at a lower learning rate re-warmed each stage, still with further questions
         Stage(steps=600, min_len=256, max_len=512, batch=12, lr=1e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
