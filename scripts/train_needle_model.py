@@ -17,11 +17,25 @@ What it builds:
 Presets:
 - ``needle-llama``: the first shipped model (3 layers, 2 KV heads, up to 4K tokens). It finds a
   single needle but does not match keys.
-- ``keys``: issue 17's model (4 layers, 8 query / 4 KV heads, up to 8K tokens), with a curriculum
-  built on what the first one taught: a copy circuit first (single needles, with numbers in the
-  filler from the start so "copy the only number" never works), then one distractor key, then
-  their number raised slowly, negatives ("none") and several values only once keys are matched,
-  then the length raised stage by stage to 2x past 4K at a lower, re-warmed learning rate.
+- ``keys``: issue 17's model (4 layers, 8 query / 4 KV heads, RoPE base 1e4, up to 8K tokens),
+  with a curriculum built on what the first one taught: a copy circuit first (single needles, the
+  value the only number), then numbers in the filler and one distractor key, then their number
+  raised slowly; then a long stage of short prompts for key matching (2-gram induction: repeated
+  filler under a full next-token loss, and several questions per context), then the length raised
+  stage by stage to 2x past 4K at a lower, re-warmed learning rate.
+
+Progress signals in the log: ``answer_acc`` (token level, teacher-forced; ~0.9 even when keys are
+matched at chance, since the digits after the first follow it), ``answer_exact`` (whole answers,
+teacher-forced), and every ``eval_every`` steps ``eval``: teacher-forced exact match per variant
+(greedy exact match, as ``kvx needle`` scores it) and ``induction`` (2-gram copying of a repeated
+paragraph, the circuit key matching needs).
+
+Warm start: ``--init-from DIR --start-stage N`` runs stages N.. from a saved model's weights (under
+the preset's config), in a new ``--checkpoint-dir``; issue 17's run continued this way from the
+model saved after stage 2 when stages 3+ and the RoPE base changed:
+
+    python scripts/train_needle_model.py --preset keys --out runs/train17e/model --checkpoint-dir runs/train17e \
+        --threads 1 --init-from runs/train17b/init-stage2 --start-stage 3
 
 Resumable: with ``--checkpoint-dir`` it writes ``checkpoint.pt`` there every ``--checkpoint-every``
 steps and at each stage's end (model, optimizer, stage, step, every RNG state, the log so far),
