@@ -144,8 +144,9 @@ KEYS_PRESET = Preset(
     # RoPE base 1e4, not 1e6: with head dim 32 there are only 16 rotation frequencies, and at base 1e6 only
     # two of them turn fast enough to tell the previous token from the ones before it; the model trained
     # at 1e6 through stage 2 grew no previous-token head (no head put over 0.21 of its attention on the
-    # token before), hence no induction and no key matching. Stages 0-2 of issue 17's run were trained at
-    # 1e6; it continued at 1e4 from their weights (--init-from loads weights only, under this config).
+    # token before), and neither induction nor key matching formed (the likely reason, not a proven one).
+    # Stages 0-2 of issue 17's run were trained at 1e6; it continued at 1e4 from their weights
+    # (--init-from loads weights only, under this config).
     model=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4, head_dim=32, rope_theta=1e4, max_position_embeddings=16384,
                tie_word_embeddings=True),
@@ -172,7 +173,7 @@ KEYS_PRESET = Preset(
         #    repeated-paragraph filler under a full-weight next-token loss (every repeated token after "the" is
         #    a 2-gram induction signal), and 2-4 further questions per context (MQAR-style) about its other
         #    keys or absent ones ("none"), several key-match signals per prompt instead of one. Run warm from
-        #    stage 2's model (--init-from runs/train17/stage2-model --start-stage 3) in issue 17.
+        #    stage 2's model (--init-from a copy of runs/train17/stage2-model, --start-stage 3) in issue 17.
         #    Induction forms after a plateau whose length is a matter of data seen (batch 16: hundreds of steps
         #    showed none, on this filler or on repeated random tokens), hence a long stage of short prompts.
         Stage(steps=4000, min_len=96, max_len=192, batch=16, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
@@ -492,6 +493,9 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
         f"  {i}. {st.steps} steps, lengths {st.min_len}-{st.max_len}, batch {st.batch}, lr {st.lr}, "
         f"numbers in filler {st.number_rate}, variants {'/'.join(str(w) for w in st.variant_weights)}"
         + (f", distractors {st.distractors[0]}-{st.distractors[1]}" if preset is not NEEDLE_LLAMA else "")
+        + (f", repeated-paragraph filler {st.repeat_rate}" if st.repeat_rate else "")
+        + (f", {st.questions[0]}-{st.questions[1]} further questions" if st.questions[1] else "")
+        + (f", next-token loss weight {st.lm_weight}" if st.lm_weight is not None else "")
         for i, st in enumerate(preset.stages)
     )
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
