@@ -189,7 +189,8 @@ def test_answer_exact_counts_whole_answers(script):
 
 def test_warm_start_from_a_saved_model_at_a_later_stage(script, tmp_path):
     tiny = script.PRESETS["tiny"]
-    first = script.train(tiny, tmp_path / "a", seed=0, verbose=False)
+    first = script.build_model(script.build_tokenizer(), tiny)
+    first.save_pretrained(tmp_path / "a")
     warm = script.train(tiny, tmp_path / "b", seed=0, init_from=tmp_path / "a", start_stage=1,
                         checkpoint_dir=tmp_path / "c", verbose=False)
     rows = [json.loads(x) for x in (tmp_path / "b" / "training_log.jsonl").read_text().splitlines()]
