@@ -4,6 +4,7 @@ checkpoint and resumed ends with the same weights, log and RNG as one that never
 import importlib.util
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_resume_continues_identically(script, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k != "minutes"}  # noqa: E731
     a_rows, b_rows = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [strip(r) for r in b_rows if "resumed" not in r] == [strip(r) for r in a_rows]
-    assert any("eval" in r and set(r["eval"]) == {"multikey", "absent"} for r in a_rows)
+    assert any("eval" in r and set(r["eval"]) == {"multikey", "absent", "induction"} for r in a_rows)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (tmp_path / "b" / name).exists()
     final = torch.load(tmp_path / "cb" / script.CHECKPOINT, weights_only=False)
@@ -120,3 +121,117 @@ def test_a_checkpoint_of_other_settings_is_refused_and_one_exports(script, tmp_p
     edited = script.Preset(**{**script.asdict(tiny), "stages": tiny.stages[:1]})  # same name, other curriculum
     with pytest.raises(SystemExit, match="digest"):
         script.train(edited, tmp_path / "m", seed=1, checkpoint_dir=tmp_path / "c", verbose=False)
+
+
+def test_further_questions_follow_the_runners_prompt(script):
+    """questions (n, n): the runner's prompt and its answer, then n more questions about other keys of the
+    context (their value) or absent keys ("none"), each answered and ended by EOS; rows padded at the end."""
+    tok = script.build_tokenizer()
+    stage = script.Stage(steps=1, min_len=120, max_len=120, batch=6, lr=1e-3, variant_weights=(0, 1, 0, 1),
+                         distractors=(3, 3), questions=(3, 3))
+    ids, labels = script.sample_batch(tok, stage, random.Random(4))
+    assert ids.shape == labels.shape and ids.shape[1] > 120
+    kinds = set()
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        end = len(row) - (row[::-1].index(tok.eos_token_id))  # after the last EOS: padding only
+        assert all(t == tok.pad_token_id for t in row[end:]) and all(x == -100 for x in lab[end:])
+        first_eos = row.index(tok.eos_token_id)
+        head = tok.decode(row[:first_eos + 1])
+        assert head.count("Question") == 1  # the first 120 tokens and the answer: the runner's prompt, answered
+        needles = dict(re.findall(r"magic number for (\w+) is (\d \d \d \d) \.", head.split("Question")[0]))
+        qas = re.findall(r"magic number for (\w+) \? Answer : The special magic number for \1 is ([\d ]+|none) \.",
+                         tok.decode(row[first_eos:end]))
+        assert len(qas) == 3 and len({k for k, _ in qas}) == 3
+        asked = re.search(r"magic number for (\w+) \?", head).group(1)
+        for key, answer in qas:
+            assert key != asked and answer == needles.get(key, "none")
+            kinds.add("value" if key in needles else "none")
+        answers = [t for t, x in zip(row, lab) if x != -100]
+        assert answers == [x for x in lab if x != -100] and answers.count(tok.eos_token_id) == 4
+    assert kinds == {"value", "none"}
+
+
+def test_padding_is_left_out_of_the_loss(script):
+    tok = script.build_tokenizer()
+    torch.manual_seed(0)
+    model = script.build_model(tok, script.PRESETS["tiny"]).eval()
+    stage = script.Stage(steps=1, min_len=60, max_len=60, batch=1, lr=1e-3, variant_weights=(0, 1, 0, 0),
+                         distractors=(1, 1), questions=(1, 1))
+    ids, labels = script.sample_batch(tok, stage, random.Random(0))
+    padded = torch.cat([ids, torch.full((1, 7), tok.pad_token_id)], 1)
+    padded_labels = torch.cat([labels, torch.full((1, 7), -100)], 1)
+    with torch.no_grad():
+        a = script.training_loss(model, ids, labels, 0.2, tok.pad_token_id)
+        b = script.training_loss(model, padded, padded_labels, 0.2, tok.pad_token_id)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_answer_exact_counts_whole_answers(script):
+    """answer_acc is token level; answer_exact counts an answer only when every token of it is right:
+    a wrong first digit (the key missed, the rest copied) costs one token but the whole answer."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, predicted):
+            super().__init__()
+            self.predicted = predicted
+
+        def forward(self, ids):
+            logits = torch.nn.functional.one_hot(self.predicted, 20).float()
+            return type("Out", (), {"logits": logits})()
+
+    ids = torch.tensor([[1, 2, 5, 6, 7, 8, 3, 4, 9, 9]])
+    labels = torch.tensor([[-100, -100, 5, 6, 7, 8, -100, -100, 9, 9]])  # two answers: 5 6 7 8 and 9 9
+    predicted = torch.roll(ids, -1, 1).clone()  # right everywhere
+    predicted[0, 1] = 0  # the first answer's first token wrong
+    acc, exact = script.answer_accuracy(Fixed(predicted), ids, labels)
+    assert acc == pytest.approx(5 / 6) and exact == 0.5
+
+
+def test_warm_start_from_a_saved_model_at_a_later_stage(script, tmp_path):
+    tiny = script.PRESETS["tiny"]
+    first = script.build_model(script.build_tokenizer(), tiny)
+    first.save_pretrained(tmp_path / "a")
+    warm = script.train(tiny, tmp_path / "b", seed=0, init_from=tmp_path / "a", start_stage=1,
+                        checkpoint_dir=tmp_path / "c", verbose=False)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "training_log.jsonl").read_text().splitlines()]
+    assert rows[0]["init_from"] == str(tmp_path / "a") and rows[0]["start_stage"] == 1
+    assert {r["stage"] for r in rows[1:]} == {1}  # stage 0 not run again
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), warm.state_dict().values()))
+    assert torch.load(tmp_path / "c" / script.CHECKPOINT, weights_only=False)["stage"] == len(tiny.stages)
+    with pytest.raises(SystemExit, match="start-stage"):
+        script.train(tiny, tmp_path / "d", start_stage=len(tiny.stages), verbose=False)
+
+
+def test_induction_probe_reads_two_gram_copying(script):
+    """A model that copies the repeated paragraph scores 1; one that never predicts it, 0."""
+    tok = script.build_tokenizer()
+
+    class Oracle(torch.nn.Module):  # copies the token one paragraph back (perfect induction)
+        def forward(self, ids):
+            out = torch.zeros(*ids.shape, len(tok))
+            for b, row in enumerate(ids.tolist()):
+                period = next(p for p in range(1, len(row)) if row[p:] == row[:-p])
+                for t in range(period - 1, len(row) - 1):
+                    out[b, t, row[t + 1 - period]] = 1
+            return type("Out", (), {"logits": out})()
+
+    assert script.induction_accuracy(Oracle(), tok, 2, 0, "cpu", length=100) == 1.0
+
+    class Never(torch.nn.Module):
+        def forward(self, ids):
+            return type("Out", (), {"logits": torch.zeros(*ids.shape, len(tok))})()  # always token 0 (<pad>)
+
+    assert script.induction_accuracy(Never(), tok, 2, 0, "cpu", length=100) == 0.0
+
+
+def test_init_from_loads_weights_only_under_the_presets_config(script, tmp_path):
+    tiny = script.PRESETS["tiny"]
+    tok = script.build_tokenizer()
+    script.build_model(tok, tiny).save_pretrained(tmp_path / "m")  # RoPE base 1e4
+    other = script.Preset(**{**script.asdict(tiny), "model": {**tiny.model, "rope_theta": 500.0}})
+    loaded = script.build_model(tok, other, init_from=tmp_path / "m")
+    from transformers import LlamaForCausalLM
+
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.rope_parameters["rope_theta"] == 500.0
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
