@@ -210,7 +210,8 @@ def _mask_over_storage(
 
     Args:
         layer: the layer after ``update`` (new tokens appended).
-        given: the mask transformers built, ``[B, 1, q, past_stored + q]`` bool or None.
+        given: the mask transformers built over the new tokens (``get_mask_sizes``), ``[B, 1, q, q]``
+            bool or None.
     Returns:
         ``(mask, valid [B, Hkv, S] or None)``. The mask: None = plain causal attention (every valid
         stored token visible); ``[B|1, 1|H, q, S]`` for a prompt attending to itself or one new token
@@ -219,7 +220,7 @@ def _mask_over_storage(
     """
     batch, kv_heads, num_stored = layer.keys.shape[:3]
     if layer.past_seen == 0 or (not layer.has_evicted and layer.valid is None and given is None):
-        # storage is exactly what a dense cache would hold: transformers' mask is right as is
+        # the prompt's first tokens, or nothing evicted and no padding: transformers' mask is right as is
         # (at prefill this is where padding is first recorded, from the mask's last query row)
         valid = None if given is None else given[:, None, 0, -1, :].expand(batch, kv_heads, num_stored)
         return given, valid
