@@ -55,20 +55,20 @@ class StreamingLLM(EvictionPolicy):
         return capacity_tensor(view, self.sink + self.window)
 
     def score(self, view: CompressionView) -> torch.Tensor:
-        return self._keep(view).float()
+        return self._keep(view.valid, view.valid.sum(-1, keepdim=True)).float()
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """The keep mask itself, without ranking scores (a sort per layer at every decode step):
         a row that holds no more than ``sink + window`` real tokens keeps them all. While
         generating, nothing is evicted until a row holds ``decode_interval`` tokens past that."""
         slack = self.decode_interval - 1 if view.phase == "decode" else 0
-        if not bool((view.valid.sum(-1) > self.sink + self.window + slack).any()):
+        num_real = view.valid.sum(-1, keepdim=True)  # [B, Hkv, 1]
+        if not bool((num_real > self.sink + self.window + slack).any()):
             return None
-        return self._keep(view)
+        return self._keep(view.valid, num_real)
 
-    def _keep(self, view: CompressionView) -> torch.Tensor:
-        """``[B, Hkv, S]`` bool: the first ``sink`` and the last ``window`` real tokens of each row."""
-        valid = view.valid  # [B, Hkv, S]
+    def _keep(self, valid: torch.Tensor, num_real: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, S]`` bool: the first ``sink`` and the last ``window`` real tokens of each row, of
+        ``valid [B, Hkv, S]`` holding ``num_real [B, Hkv, 1]`` real tokens."""
         rank = valid.long().cumsum(-1) - 1  # rank of each real token among the row's real tokens
-        num_real = valid.sum(-1, keepdim=True)
         return valid & ((rank < self.sink) | (rank >= num_real - self.window))
