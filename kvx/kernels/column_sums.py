@@ -23,6 +23,23 @@ def attention_column_sums(
     return _triton_column_sums(query, key, key_valid, scaling, softcap)
 
 
+def attention_with_column_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention ``[B, H, q, Dv]`` and its column sums ``[B, Hkv, G, S]`` from one pass
+    (:func:`kvx.kernels.reference.attention_with_column_sums`), or None where two passes are the
+    faster choice (on GPU: flash attention, then the Triton column-sum kernel)."""
+    if choose_backend(query.device, backend) != "torch":
+        return None
+    return reference.attention_with_column_sums(query, key, value, key_valid, scaling, softcap)
+
+
 def _triton_column_sums(query, key, key_valid, scaling, softcap):
     import triton
 

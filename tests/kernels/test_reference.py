@@ -67,6 +67,33 @@ def test_column_sums_match_full_matrix(heads, kv_heads, q_len, kv_len, block):
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,block", [(4, 2, 13, 13, 4), (8, 1, 5, 37, 2), (6, 3, 40, 40, 256),
+                                                             (4, 4, 1, 23, None)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_attention_with_column_sums_is_attention_and_its_column_sums(heads, kv_heads, q_len, kv_len, block, softcap):
+    """One pass gives causal attention over the valid keys (a row that sees none: 0) and the column
+    sums of attention_column_sums, with padded rows, a head without any valid key, value dims that differ."""
+    g = torch.Generator().manual_seed(kv_len)
+    q = torch.randn(2, heads, q_len, 16, generator=g)
+    k, v = torch.randn(2, kv_heads, kv_len, 16, generator=g), torch.randn(2, kv_heads, kv_len, 12, generator=g)
+    valid = torch.ones(2, kv_heads, kv_len, dtype=torch.bool)
+    valid[1, :, :3] = False  # left padding in row 1
+    valid[0, -1, : kv_len - q_len + 1] = False  # row 0's last head: its first query sees nothing
+    out, sums = reference.attention_with_column_sums(q, k, v, valid, 0.25, softcap, block=block)
+    mask = reference.causal_mask(q_len, kv_len, q.device) & reference.expand_kv_heads(valid, heads // kv_heads)[:, :, None]
+    want = naive_attention(q, k, v, mask, 0.25, softcap).nan_to_num(0.0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums, reference.attention_column_sums(q, k, valid, 0.25, softcap, block=block),
+                               rtol=1e-5, atol=1e-5)
+    no_padding = reference.attention_with_column_sums(q, k, v, None, 0.25, softcap, block=block)
+    full = reference.causal_mask(q_len, kv_len, q.device).expand(2, heads, -1, -1)
+    torch.testing.assert_close(no_padding[0], naive_attention(q, k, v, full, 0.25, softcap), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_padding[1], reference.attention_column_sums(q, k, None, 0.25, softcap, block=block),
+                               rtol=1e-5, atol=1e-5)
+    half = reference.attention_with_column_sums(q.bfloat16(), k.bfloat16(), v.bfloat16(), valid, 0.25, softcap)
+    assert half[0].dtype == torch.bfloat16 and half[1].dtype == torch.float32
+
+
 def test_pack_unpack_round_trip():
     g = torch.Generator().manual_seed(3)
     dense = torch.randn(2, 3, 11, 5, generator=g)
