@@ -129,19 +129,37 @@ def kvx_attention(
     mask = layer.begin_step(attention_mask, query.shape[-2], query.shape[1])
     try:
         method = context.state.method.for_layer(context.state.active_cache, context.layer_idx)
-        out = method.attend(layer, query, key, value, mask, scaling, softcap, s_aux)
-        _select(context, layer, query, mask, scaling, softcap)
+        column_sums = None
+        if s_aux is None and _reads_column_sums(context, layer, query):
+            out, column_sums = method.attend_with_column_sums(layer, query, key, value, mask, scaling, softcap)
+        else:
+            out = method.attend(layer, query, key, value, mask, scaling, softcap, s_aux)
+        _select(context, layer, query, mask, scaling, softcap, column_sums)
     finally:
         layer.end_step()
     return out.transpose(1, 2).contiguous(), None
 
 
-def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, softcap: float | None) -> None:
-    """Ask the selection policy what to keep, and have the storage drop the rest (not once the cache
-    is frozen, and not in a phase where the policy promises to do nothing)."""
-    policy, phase = context.state.axes, _phase(layer, query.shape[-2])
-    if context.state.active_cache.frozen or not policy.wants_view_at(phase, layer.seen):
+def _selects_now(context: LayerContext, layer: Storage, query) -> bool:
+    """Whether the selection policy reads this step's view (not once the cache is frozen, and not in
+    a phase where the policy promises to do nothing)."""
+    phase = _phase(layer, query.shape[-2])
+    return not context.state.active_cache.frozen and context.state.axes.wants_view_at(phase, layer.seen)
+
+
+def _reads_column_sums(context: LayerContext, layer: Storage, query) -> bool:
+    """Whether the selection will read this step's attention column sums (then the attention pass
+    computes them where one pass is faster)."""
+    return _selects_now(context, layer, query) and context.state.axes.reads_column_sums(_phase(layer, query.shape[-2]))
+
+
+def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, softcap: float | None,
+            column_sums: torch.Tensor | None = None) -> None:
+    """Ask the selection policy what to keep, and have the storage drop the rest (when
+    :func:`_selects_now`). ``column_sums``: what the attention pass computed for the policy, or None."""
+    if not _selects_now(context, layer, query):
         return
+    policy, phase = context.state.axes, _phase(layer, query.shape[-2])
     inputs = layer.scoring_inputs(query, mask)
     view = CompressionView(
         query=query,
@@ -158,5 +176,6 @@ def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, 
         state=inputs.state,
         seen_per_row=layer.real_seen.to(inputs.keys.device),
         mask_rows=inputs.mask_rows,
+        column_sums=column_sums,
     )
     layer.apply_selection(policy.select_mask(view), inputs)

@@ -94,6 +94,9 @@ class Composed(Policy):
     def wants_view_at(self, phase: Phase, seen: int) -> bool:
         return self.selection is not None and self.selection.wants_view_at(phase, seen)
 
+    def reads_column_sums(self, phase: Phase) -> bool:
+        return self.selection is not None and self.selection.reads_column_sums(phase)
+
     def attention_method(self) -> Any:
         return next((m for m in (part.attention_method() for part in self.parts) if m is not None), None)
 

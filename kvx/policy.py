@@ -48,6 +48,10 @@ class CompressionView:
         seen_per_row: ``[B]`` real tokens each row has given this layer (None: ``num_seen`` each).
         mask_rows: builds the mask of the last ``n`` new queries on demand, where a full
             ``attention_mask`` would be large (ragged storage); :meth:`query_mask` uses it.
+        column_sums: ``[B, Hkv, G, S]`` float32 attention each stored token received from the new
+            queries in this step's attention (``G`` query heads per KV head), when the attention
+            pass computed it for a policy that :meth:`Policy.reads_column_sums`; None otherwise
+            (the policy computes it with :func:`kvx.kernels.column_sums.attention_column_sums`).
         num_layers: decoder layers of the model.
         state: per-token policy state of this layer, name -> ``[B, Hkv, S]`` tensor; the cache
             keeps it aligned with the stored tokens (zeros for new ones, gathered on eviction).
@@ -67,6 +71,7 @@ class CompressionView:
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     seen_per_row: torch.Tensor | None = None
     mask_rows: Callable[[int], torch.Tensor] | None = None
+    column_sums: torch.Tensor | None = None
 
     def real_seen(self) -> torch.Tensor:
         """``[B]`` real (non-padding) tokens each row has given this layer, evicted ones included."""
@@ -168,6 +173,12 @@ class Policy:
         """:meth:`wants_view` for a layer that has now seen ``seen`` tokens (new ones included): a
         policy that acts only every N tokens answers False in between, so kvx builds no view then."""
         return self.wants_view(phase)
+
+    def reads_column_sums(self, phase: Phase) -> bool:
+        """Whether :meth:`select_mask` reads the attention's column sums in ``phase`` (H2O): the
+        attention pass then computes them with its output, in one pass over the logits where that
+        is faster (CPU), and hands them over as ``view.column_sums``."""
+        return False
 
     def select(self, view: CompressionView) -> torch.Tensor | None:
         """Indices ``[B, Hkv, K]`` (ascending) of the tokens to keep, where every row and head keeps

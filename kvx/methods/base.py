@@ -42,6 +42,14 @@ class Method:
         :meth:`kvx.storage.base.Storage.attend` for the arguments)."""
         raise NotImplementedError
 
+    def attend_with_column_sums(self, storage: Storage, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                mask: torch.Tensor | None, scaling: float,
+                                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`attend` (no attention sinks) and, where one pass gives them, the column sums of its
+        attention ``[B, Hkv, G, S]`` over what the storage's scoring view holds; None otherwise.
+        Only dense attention gives them: a method that skips pairs has no column sums to give."""
+        return self.attend(storage, query, key, value, mask, scaling, softcap, None), None
+
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method reachable by its ``name``."""

@@ -17,3 +17,6 @@ class Dense(Method):
 
     def attend(self, storage, query, key, value, mask, scaling, softcap, sinks):
         return storage.attend(query, key, value, mask, scaling, softcap, sinks)
+
+    def attend_with_column_sums(self, storage, query, key, value, mask, scaling, softcap):
+        return storage.attend_with_column_sums(query, key, value, mask, scaling, softcap)

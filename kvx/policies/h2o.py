@@ -4,7 +4,8 @@ Paper: Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inferenc
 Language Models" (NeurIPS 2023).
 
 Every token's attention received from every query so far is accumulated (at prefill without a
-T x T matrix: ``attention_column_sums``: a Triton kernel on GPU, a blocked torch reference on CPU); the ``recent``
+T x T matrix: ``attention_column_sums``: a Triton kernel on GPU, a blocked torch reference on CPU,
+where the attention pass computes them with its output in one pass over the logits); the ``recent``
 newest tokens are always kept. Eviction continues while decoding (``decode_interval`` 1 by
 default), so the cache never exceeds its budget by more than the interval.
 """
@@ -18,7 +19,7 @@ import torch
 
 from kvx.kernels.column_sums import attention_column_sums
 from kvx.policies._scoring import GQA_REDUCTIONS, accumulate, keep_recent, reduce_groups
-from kvx.policy import BudgetedPolicy, CompressionView, check_choice, option, register_policy
+from kvx.policy import BudgetedPolicy, CompressionView, Phase, check_choice, option, register_policy
 
 
 @register_policy
@@ -39,8 +40,13 @@ class H2O(BudgetedPolicy):
         super().validate()
         check_choice(self.name, "gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
 
+    def reads_column_sums(self, phase: Phase) -> bool:
+        return True
+
     def observe(self, view: CompressionView) -> None:
-        sums = attention_column_sums(view.query, view.keys, view.valid, view.scaling, view.softcap)
+        sums = view.column_sums
+        if sums is None:
+            sums = attention_column_sums(view.query, view.keys, view.valid, view.scaling, view.softcap)
         accumulate(view.state, "h2o", reduce_groups(sums, self.gqa_reduce))
 
     def score(self, view: CompressionView) -> torch.Tensor:

@@ -61,6 +61,9 @@ class HeadBudget(BudgetedPolicy):
         return (self._scorer.observes() or phase in self.phases
                 or (phase == "decode" and self.decode_interval > 0))
 
+    def reads_column_sums(self, phase: Phase) -> bool:
+        return self._scorer.reads_column_sums(phase)
+
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its
         heads, exceed ``Hkv x capacity``; None when no row does."""

@@ -50,6 +50,9 @@ class MiKV(BudgetedPolicy):
     def wants_view(self, phase: Phase) -> bool:
         return self._scorer.observes() or phase in self.phases or (phase == "decode" and self.decode_interval > 0)
 
+    def reads_column_sums(self, phase: Phase) -> bool:
+        return self._scorer.reads_column_sums(phase)
+
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """Marks each token's precision in ``view.state`` (the storage reads it when the token leaves
         the window); returns None: nothing is evicted."""

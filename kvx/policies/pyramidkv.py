@@ -21,6 +21,7 @@ from kvx.policies._scoring import build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
+    Phase,
     capacity_tensor,
     check_number,
     check_positive_int,
@@ -105,6 +106,9 @@ class PyramidKV(BudgetedPolicy):
 
     def observes(self) -> bool:
         return self._scorer.observes()
+
+    def reads_column_sums(self, phase: Phase) -> bool:
+        return self._scorer.reads_column_sums(phase)
 
     def score(self, view: CompressionView) -> torch.Tensor:
         return self._scorer.score(view)

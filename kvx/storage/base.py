@@ -84,6 +84,13 @@ class Storage(CacheLayerMixin):
         ``value`` are what ``update`` returned. ``sinks``: ``[H]`` attention-sink logits or None."""
         raise NotImplementedError
 
+    def attend_with_column_sums(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                mask: torch.Tensor | None, scaling: float,
+                                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`attend` without sinks, and the column sums ``[B, Hkv, G, S]`` of that attention over
+        the tokens :meth:`scoring_inputs` gives, where one pass computes both; None otherwise."""
+        return self.attend(query, key, value, mask, scaling, softcap, None), None
+
     def causal_view(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """What several new queries attend over, for a method that computes a subset of the pairs
         itself: ``(keys [B, Hkv, S, D], values [B, Hkv, S, Dv], valid [B, Hkv, S] bool or None)``,

@@ -12,6 +12,7 @@ import torch
 
 from kvx.compat import mask_query_length
 from kvx.kernels import reference
+from kvx.kernels.column_sums import attention_with_column_sums
 from kvx.policy import mask_to_indices
 from kvx.storage.base import ScoringInputs, Storage
 
@@ -132,6 +133,13 @@ class DenseLayer(Storage):
             prefix_valid = None if self.valid is None else self.valid[..., :-q_len]
             return reference.prefix_then_new_attention(query, key, value, prefix_valid, mask, scaling, softcap, sinks)
         return reference.attention(query, key, value, mask, scaling, softcap, sinks)
+
+    def attend_with_column_sums(self, query, key, value, mask, scaling: float, softcap: float | None):
+        view = self.causal_view(mask)  # the scoring view's tokens, when the mask is plain causal over them
+        joint = None if view is None else attention_with_column_sums(query, *view, scaling, softcap)
+        if joint is None:
+            return self.attend(query, key, value, mask, scaling, softcap), None
+        return joint
 
     def causal_view(self, mask: torch.Tensor | None):
         if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):

@@ -52,23 +52,32 @@ def test_it_attends_over_exactly_what_it_stores(model, spec, selection, monkeypa
     checked = []
     original = attention._select
 
-    def checking(context, layer, query, mask, scaling, softcap):
+    def checking(context, layer, query, mask, scaling, softcap, column_sums=None):
         inputs = layer.scoring_inputs(query, mask)
         visible = inputs.valid[:, :, None, :].repeat_interleave(query.shape[1] // inputs.valid.shape[1], 1)
         q_len, stored = query.shape[-2], inputs.keys.shape[-2]
         causal = torch.ones(q_len, stored, dtype=torch.bool).tril(stored - q_len)
         expected = reference.attention(query, inputs.keys, inputs.values, visible & causal, scaling, softcap)
         checked.append((checking.out, expected))
-        return original(context, layer, query, mask, scaling, softcap)
+        if column_sums is not None:  # what the attention pass handed the policy (h2o on dense storage)
+            sums = reference.attention_column_sums(query, inputs.keys, inputs.valid, scaling, softcap)
+            checked.append((column_sums, sums))
+        return original(context, layer, query, mask, scaling, softcap, column_sums)
 
     method_attend = kvx.methods.Dense.attend
+    method_attend_with_sums = kvx.methods.Dense.attend_with_column_sums
 
     def recording(self, storage, *args):
         checking.out = method_attend(self, storage, *args)
         return checking.out
 
+    def recording_with_sums(self, storage, *args):
+        checking.out, sums = method_attend_with_sums(self, storage, *args)
+        return checking.out, sums
+
     monkeypatch.setattr(attention, "_select", checking)
     monkeypatch.setattr(kvx.methods.Dense, "attend", recording)
+    monkeypatch.setattr(kvx.methods.Dense, "attend_with_column_sums", recording_with_sums)
     policy = from_spec(selection if spec == "dense" else f"{selection}+{spec}")
     with kvx.patched(model, policy, chunk_size=16):
         greedy(model, random_ids(1, 60, seed=20), new_tokens=12)
