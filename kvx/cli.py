@@ -47,7 +47,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
             for opt in p["options"]:
                 print(f"    {opt['name']:<16} = {opt['default']!r:<9} {opt['help']}")
         print()
-    print("Compose one policy per axis with '+': kvx policies 'snapkv:budget=1024+ragged' describes one; "
+    print("Compose one policy per axis with '+' (on the method axis, a prefill method and a decode method: "
+          "'vertical_slash+quest'): kvx policies 'snapkv:budget=1024+ragged' describes one; "
           "in Python, kvx.compose(kvx.make_policy('snapkv', budget=1024), 'ragged').")
     return 0
 
@@ -64,11 +65,14 @@ def _describe_spec(spec: str, as_json: bool) -> int:
         print(json.dumps({"name": composed.name, "axes": composed.axes(), "parts": parts}, indent=2, default=repr))
         return 0
     print(composed.name)
-    for axis, name in composed.axes().items():
-        part = next((p for p in parts if p["axis"] == axis), None)
-        opts = ", ".join(f"{k}={v!r}" for k, v in part["options"].items()) if part else ""
-        note = " (needed by the selection)" if part and part["implied"] else ""
-        print(f"    {axis:<10} {name}{f'({opts})' if part else ''}{note}")
+    for axis in composed.axes():
+        on_axis = [p for p in parts if p["axis"] == axis]  # two on the method axis: prefill, then decode
+        for part in on_axis:
+            opts = ", ".join(f"{k}={v!r}" for k, v in part["options"].items())
+            note = " (needed by the selection)" if part["implied"] else ""
+            print(f"    {axis:<10} {part['name']}({opts}){note}")
+        if not on_axis:
+            print(f"    {axis:<10} dense")
     return 0
 
 

@@ -5,7 +5,10 @@
 
 The result is an ordinary policy: it has a name (``snapkv+ragged``), ``describe()``, and is
 accepted wherever a policy is. Two policies on one axis, or a selection that needs another storage
-than the one given, raise a ``ValueError`` that names them.
+than the one given, raise a ``ValueError`` that names them. The one exception: the method axis
+takes a prefill method and a decode method together (``vertical_slash+quest``: block-sparse
+prefill, then page-sparse decode; :attr:`kvx.methods.base.Method.serves` says which phase a
+method serves), never two methods for one phase.
 
 ``kvx.patch`` runs every policy through a :class:`Composed`: a selection alone is composed with the
 storage it needs (``head_budget`` with ``ragged``, the others with dense storage), so the storage
@@ -20,6 +23,8 @@ from typing import Any
 
 import torch
 
+from kvx.methods.base import methods_serving, phases
+from kvx.methods.by_phase import ByPhase
 from kvx.policy import CompressionView, Phase, Policy, make_policy
 
 AXES = ("selection", "storage", "method")
@@ -31,20 +36,24 @@ class Composed(Policy):
     summary = "one policy per axis, joined by kvx.compose"
 
     def __init__(self, *parts: Policy):
-        by_axis: dict[str, Policy] = {}
+        by_axis: dict[str, list[Policy]] = {}
         for part in parts:
-            if part.axis in by_axis:
+            given = by_axis.setdefault(part.axis, [])
+            if given and part.axis != "method":
                 raise ValueError(
-                    f"kvx.compose: {by_axis[part.axis].name} and {part.name} both answer the {part.axis} axis; "
-                    f"compose at most one policy per axis ({', '.join(AXES)})"
+                    f"kvx.compose: {given[0].name} and {part.name} both answer the {part.axis} axis; "
+                    f"compose at most one policy per axis ({', '.join(AXES)}; the method axis takes one prefill "
+                    "and one decode method)"
                 )
-            by_axis[part.axis] = part
+            given.append(part)
         if not by_axis:
             raise ValueError("kvx.compose needs at least one policy")
-        self.parts = tuple(by_axis[axis] for axis in AXES if axis in by_axis)
+        if "method" in by_axis:
+            by_axis["method"] = _methods_by_phase(by_axis["method"])
+        self.parts = tuple(part for axis in AXES for part in by_axis.get(axis, ()))
         self.implied: tuple[Policy, ...] = ()  # parts added because the selection needs them
-        self.selection = by_axis.get("selection")
-        self._check_storage(by_axis.get("storage"))
+        self.selection = by_axis.get("selection", [None])[0]
+        self._check_storage(by_axis.get("storage", [None])[0])
         for part in self.parts:
             check = getattr(part, "check_composition", None)
             if check is not None:  # a method that cannot serve some selections or storage kinds (tidal)
@@ -98,7 +107,12 @@ class Composed(Policy):
         return self.selection is not None and self.selection.reads_column_sums(phase)
 
     def attention_method(self) -> Any:
-        return next((m for m in (part.attention_method() for part in self.parts) if m is not None), None)
+        """The method of the method part; of two (a prefill and a decode one), both joined by phase."""
+        methods = [method for method in (part.attention_method() for part in self.parts) if method is not None]
+        if len(methods) < 2:
+            return methods[0] if methods else None
+        prefill, decode = methods  # ordered by _methods_by_phase
+        return ByPhase(prefill, decode)
 
     def check_model(self, num_layers: int) -> None:
         for part in self.parts:
@@ -112,12 +126,32 @@ class Composed(Policy):
         return "+".join(part.describe() for part in self.parts)
 
     def axes(self) -> dict[str, str]:
-        """Which policy answers each axis (``dense`` where none is given)."""
-        given = {part.axis: part.name for part in self.parts}
-        return {axis: given.get(axis, "dense") for axis in AXES}
+        """Which policy answers each axis (``dense`` where none is given; a prefill and a decode
+        method joined by ``+``: ``vertical_slash+quest``)."""
+        return {axis: "+".join(part.name for part in self.parts if part.axis == axis) or "dense" for axis in AXES}
 
     def __repr__(self) -> str:
         return f"kvx.compose({', '.join(repr(part) for part in self.parts)})"
+
+
+def _methods_by_phase(methods: list[Policy]) -> list[Policy]:
+    """``methods`` (method policies) ordered prefill first, or a ``ValueError`` naming two that serve
+    the same phase (:attr:`kvx.methods.base.Method.serves`) and the methods of each phase."""
+    if len(methods) == 1:
+        return methods
+    serves = [getattr(method.attention_method(), "serves", "all") for method in methods]
+    for i, first in enumerate(methods):
+        for second, second_serves in zip(methods[i + 1:], serves[i + 1:]):
+            shared = [phase for phase in phases(serves[i]) if phase in phases(second_serves)]
+            if shared:
+                raise ValueError(
+                    f"kvx.compose: {first.name} and {second.name} both answer the method axis at {shared[0]} "
+                    f"({first.name} serves {serves[i]}, {second.name} serves {second_serves}); compose at most one "
+                    f"prefill method ({', '.join(methods_serving('prefill'))}) with one decode method "
+                    f"({', '.join(methods_serving('decode'))})"
+                )
+    order = {"prefill": 0, "decode": 1}
+    return [method for _, method in sorted(zip(serves, methods), key=lambda pair: order[pair[0]])]
 
 
 def compose(*policies: Policy | str, **options: Any) -> Composed:

@@ -42,6 +42,14 @@ def test_policies_describes_a_spec_axis_by_axis(capsys):
     assert [p["implied"] for p in described["parts"]] == [False, True]
 
 
+def test_policies_describes_a_prefill_and_a_decode_method(capsys):
+    assert main(["policies", "quest:budget=64+vertical_slash:density=0.2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "vertical_slash+quest"
+    assert re.match(r"\s+method\s+vertical_slash\(.*density=0.2", out[3])
+    assert re.match(r"\s+method\s+quest\(budget=64, ", out[4])
+
+
 def test_policies_refuses_a_bad_spec_by_name(capsys):
     for spec, message in [("snapkv:budgt=3", "unknown option(s) ['budgt']"),
                           ("snapkv+h2o", "snapkv and h2o both answer the selection axis"),

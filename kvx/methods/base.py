@@ -3,6 +3,11 @@
 A method asks a storage kind to attend over everything it holds (dense), or over a subset (block-
 sparse prefill, page selection at decode); it never changes what is stored. Adding one: a file in
 ``kvx/methods/`` with a subclass of :class:`Method` decorated with :func:`register_method`.
+
+A method says which calls it acts on (:attr:`Method.serves`): ``prefill`` methods (block-sparse)
+act on calls with several new queries per row and attend densely at decode, ``decode`` methods
+(``quest``, ``tidal``) the reverse. ``kvx.compose`` joins one of each (``vertical_slash+quest``) into
+a :class:`kvx.methods.by_phase.ByPhase`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,20 @@ from kvx.storage.base import Storage
 
 _METHODS: dict[str, type[Method]] = {}
 
+SERVES = ("prefill", "decode", "all")
+"""What a method may serve: calls with several new queries per row (a prompt, a chunk of a chunked
+prefill, an extension), steps with one new query per row, or both."""
+
 
 class Method:
     """Base of every attention method."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    serves: ClassVar[str] = "all"
+    """Which calls the method acts on, one of :data:`SERVES`: ``prefill`` (several new queries per
+    row) or ``decode`` (one) where it attends densely in the other, ``all`` where it acts on both.
+    ``kvx.compose`` joins two methods only where they serve different phases."""
 
     @classmethod
     def exact(cls) -> Method:
@@ -53,6 +66,8 @@ class Method:
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method reachable by its ``name``."""
+    if cls.serves not in SERVES:
+        raise ValueError(f"method {cls.name!r} serves {cls.serves!r}; choose one of {', '.join(SERVES)}")
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
     _METHODS[cls.name] = cls
@@ -61,6 +76,16 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def phases(serves: str) -> tuple[str, ...]:
+    """The phases (``prefill``, ``decode``) a method serving ``serves`` acts on."""
+    return ("prefill", "decode") if serves == "all" else (serves,)
+
+
+def methods_serving(phase: str) -> list[str]:
+    """The registered methods that act on ``phase`` alone (``prefill`` or ``decode``)."""
+    return [name for name in sorted(_METHODS) if _METHODS[name].serves == phase]
 
 
 def method_class(name: str) -> type[Method]:

@@ -46,6 +46,7 @@ class BlockSparseMethod(MethodPolicy, Method):
     a ``density`` (or ``threshold``) option."""
 
     summary: ClassVar[str] = "block-sparse prefill"
+    serves: ClassVar[str] = "prefill"
 
     block_size: int = option(64, "tokens per query and key block (a power of two >= 16)")
     sink: int = option(1, "first key blocks (of a row's real tokens) every query block computes")

@@ -31,6 +31,7 @@ class DecodeSparseMethod(MethodPolicy, Method):
     (row, KV head) and how a KV head's query heads combine (``reduce``)."""
 
     summary: ClassVar[str] = "decode-sparse attention"
+    serves: ClassVar[str] = "decode"
 
     budget: int = option(1024, "tokens each (row, KV head) reads at a decode step (> 0)")
     density: float | None = option(None, "instead of budget: the share of a (row, KV head)'s stored tokens it reads, "
