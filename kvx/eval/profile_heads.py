@@ -194,7 +194,7 @@ def write_heatmap(scores: HeadScores, path: Path) -> Path:
 
 def add_parser(sub: Any) -> None:
     """Register ``kvx profile-heads`` on the CLI's sub-parsers."""
-    from kvx.cli import device_arg, int_at_least
+    from kvx.cli import int_at_least, model_flags, progress_flag
     from kvx.eval.needle import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -221,19 +221,16 @@ def add_parser(sub: Any) -> None:
     duo.add_argument("--sink", type=int_at_least(0), default=64, help="streaming attention's sinks (default 64)")
     duo.add_argument("--recent", type=int_at_least(1), default=256, help="streaming attention's window (default 256)")
     p.add_argument("--top", type=int_at_least(1), default=10, help="heads listed after the table (default 10)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_flags(p)
+    progress_flag(p)
     p.set_defaults(func=run_command)
 
 
 def run_command(args: Any) -> int:
-    from kvx.cli import _parse_ints, _parse_numbers
+    from kvx.cli import _parse_ints, _parse_numbers, safetensors_path
     from kvx.eval.needle import load_model
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: give a .safetensors file name")
+    out = safetensors_path(args.out)
     lengths = tuple(_parse_ints(args.lengths, "--lengths"))
     if args.method == "duo":
         from kvx.eval.duo_gates import DuoSettings, train_gates
