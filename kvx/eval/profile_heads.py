@@ -122,7 +122,7 @@ def profile_heads(model: torch.nn.Module, tokenizer: Any, settings: ProfileSetti
                   progress: bool = True) -> HeadScores:
     """Retrieval scores ``[L, Hkv]`` of ``model`` over the prompts of ``settings`` (module docstring).
     Layers kvx leaves to the model (sliding windows) score NaN."""
-    from kvx.eval.needle import _progress
+    from kvx.eval.needle import progress_bar
 
     settings = settings or ProfileSettings()
     config = decoder_config(model.config)
@@ -132,7 +132,7 @@ def profile_heads(model: torch.nn.Module, tokenizer: Any, settings: ProfileSetti
     cells = [(n, d, s) for n in settings.lengths for d in settings.depths for s in range(settings.samples)]
     probe = AttentionProbe()
     with kvx.patched(model, probe, chunk_size=None), torch.inference_mode():
-        for length, depth, sample in _progress(cells, progress, "profile-heads"):
+        for length, depth, sample in progress_bar(cells, progress, "profile-heads"):
             rng = random.Random(f"{settings.seed}:{length}:{depth:g}:{sample}")
             prompt = copy_prompt(tokenizer, length, depth, rng, settings.number_rate)
             probe.last = len(prompt.targets)

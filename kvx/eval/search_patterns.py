@@ -350,7 +350,7 @@ def search_patterns(model: torch.nn.Module, tokenizer: Any, settings: SearchSett
     """Measure every candidate on the calibration prompts (``prompts``, or those of ``settings``) and
     choose each head's pattern and size (module docstring). Layers kvx leaves to the model (sliding
     windows) are not searched (pattern ``-1``)."""
-    from kvx.eval.needle import _progress
+    from kvx.eval.needle import progress_bar
 
     settings = settings or SearchSettings()
     config = decoder_config(model.config)
@@ -359,7 +359,7 @@ def search_patterns(model: torch.nn.Module, tokenizer: Any, settings: SearchSett
     prompts = calibration_prompts(tokenizer, settings) if prompts is None else prompts
     probe = RecallProbe(settings, tuple(cands))
     with kvx.patched(model, probe, chunk_size=None), torch.inference_mode():
-        for ids in _progress(prompts, progress, "search-patterns"):
+        for ids in progress_bar(prompts, progress, "search-patterns"):
             model(torch.tensor([ids], device=model.device), use_cache=True)
     cand_recall = torch.full((layers, heads, len(cands)), math.nan)
     cand_computed = torch.full((layers, heads, len(cands)), math.nan)

@@ -70,9 +70,9 @@ class ResultsLog:
             draft.unlink()
         old = self.identity()
         if old != identity:
-            from kvx.eval.needle import _identity_differences
+            from kvx.eval.results import identity_differences
 
-            why = "; ".join(_identity_differences(old, identity)) if old else "it records no sweep identity"
+            why = "; ".join(identity_differences(old, identity)) if old else "it records no sweep identity"
             raise ValueError(f"{self.path} was written by another model or kvx ({why}); resuming would mix their "
                              "cells: use another --out")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kvx
-from kvx.eval.needle import DENSE, PolicyRun, _progress
+from kvx.eval.needle import DENSE, PolicyRun, progress_bar
 from kvx.eval.sweep.benchmarks import Context
 from kvx.eval.sweep.config import SweepConfig, load_config
 from kvx.eval.sweep.grid import Cell, row_key, shard
@@ -92,7 +92,7 @@ class Sweep:
         todo = self.pending()
         run_stamp = stamp(context.model.device) if todo else {}
         written = []
-        for cell in _progress(todo, progress, desc=f"sweep {self.rank + 1}/{self.world}" if self.world > 1 else "sweep"):
+        for cell in progress_bar(todo, progress, desc=f"sweep {self.rank + 1}/{self.world}" if self.world > 1 else "sweep"):
             row = self.run_cell(cell, context)
             self.log.append({**row, "rank": self.rank, "stamp": run_stamp})
             written.append(row)
