@@ -149,6 +149,26 @@ def device_arg(text: str) -> str:
     return text
 
 
+def model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--device`` of a command that loads a model (``kvx.eval.needle.load_causal_lm``)."""
+    parser.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    parser.add_argument("--device", type=device_arg,
+                        help="cpu, cuda, cuda:N or mps; default: where from_pretrained puts it")
+
+
+def progress_flag(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``, for a command that shows a progress bar."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def safetensors_path(path: str, flag: str = "--out") -> Path:
+    """``path`` as the name of a .safetensors file to write, or an error naming ``flag``."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{flag} {path}: give a .safetensors file name")
+    return out
+
+
 def output_dir(path: str, flag: str = "--out") -> Path:
     """``path`` as a directory kvx can write to (created if missing), or an error naming ``flag``."""
     out = Path(path)
@@ -371,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check the installed transformers now")
     p.add_argument("--write", action="store_true", help="with --verify: save the result as kvx's shipped list")
     p.add_argument("--json", action="store_true", help="print the shipped list as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_flag(p)
     p.add_argument("model_type", nargs="*", help="with --verify: only these model types")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("demo", help="patch a tiny random llama; compare dense and compressed KV bytes and outputs")
@@ -413,9 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt (default): compress the whole prompt, question included; context: compress the "
                    "context alone, then append the question uncompressed (query-agnostic compression)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), help="tokens to generate (default: enough for the answer)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps; default: where from_pretrained puts it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_flags(p)
+    progress_flag(p)
     p.set_defaults(func=_cmd_needle)
     from kvx.eval.longbench.cli import add_longbench_command
 

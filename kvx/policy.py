@@ -294,7 +294,7 @@ class EvictionPolicy(Policy):
         """Which ``[B, Hkv]`` (row, head) compress now, given their real token counts and capacities."""
         if view.phase not in self.phases:
             return torch.zeros_like(real, dtype=torch.bool)
-        return real > capacity
+        return past_capacity(real, capacity)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         self.observe(view)
@@ -310,6 +310,13 @@ class EvictionPolicy(Policy):
 
 def capacity_tensor(view: CompressionView, budget: int) -> torch.Tensor:
     return torch.full((view.keys.shape[0],), budget, dtype=torch.long, device=view.keys.device)
+
+
+def past_capacity(real: torch.Tensor, capacity: torch.Tensor | int, interval: int = 1) -> torch.Tensor:
+    """Where ``real`` token counts call for compressing back to ``capacity``: ``interval`` or more
+    tokens past it (1: as soon as they exceed it). Compressing by this rule, a row never holds more
+    than ``capacity + interval - 1`` tokens after a step (``decode_interval``'s promise)."""
+    return real >= capacity + interval
 
 
 @dataclass
@@ -371,7 +378,7 @@ class BudgetedPolicy(EvictionPolicy):
         if view.phase == "decode":
             if self.decode_interval <= 0:
                 return torch.zeros_like(real, dtype=torch.bool)
-            return real >= capacity + self.decode_interval
+            return past_capacity(real, capacity, self.decode_interval)
         return super().triggered(view, real, capacity)
 
 

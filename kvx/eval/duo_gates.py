@@ -132,7 +132,7 @@ def train_gates(model: torch.nn.Module, tokenizer: Any, settings: DuoSettings | 
                 progress: bool = True) -> HeadScores:
     """Trained gates ``[L, Hkv]`` of ``model`` as scores (module docstring); layers kvx leaves to the
     model score NaN."""
-    from kvx.eval.needle import _progress
+    from kvx.eval.needle import progress_bar
 
     settings = settings or DuoSettings()
     config = decoder_config(model.config)
@@ -145,7 +145,7 @@ def train_gates(model: torch.nn.Module, tokenizer: Any, settings: DuoSettings | 
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        for _ in _progress(list(range(settings.steps)), progress, "profile-heads (duo)"):
+        for _ in progress_bar(list(range(settings.steps)), progress, "profile-heads (duo)"):
             prompt = copy_prompt(tokenizer, rng.choice(settings.lengths), rng.uniform(0, 100), rng,
                                  settings.number_rate)
             ids = torch.tensor([prompt.ids], device=device)

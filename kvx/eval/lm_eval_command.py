@@ -17,7 +17,7 @@ from kvx.eval.needle import DEFAULT_MODEL, DENSE
 
 def add_lm_eval_command(sub: argparse._SubParsersAction) -> None:
     """Register ``kvx lm-eval`` on the ``kvx`` command's sub-parsers."""
-    from kvx.cli import device_arg, int_at_least
+    from kvx.cli import int_at_least, model_flags
 
     p = sub.add_parser(
         "lm-eval", help="lm-evaluation-harness tasks (RULER, LongBench, your own) dense and under each policy",
@@ -42,8 +42,7 @@ def add_lm_eval_command(sub: argparse._SubParsersAction) -> None:
                    "(default: from its config)")
     p.add_argument("--chunk-size", type=int_at_least(1), help="policies prefill in chunks of this many tokens "
                    "(default: kvx.patch's)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps; default: where from_pretrained puts it")
+    model_flags(p)
     p.add_argument("--out", default="runs/lm-eval", help="output directory (default runs/lm-eval)")
     p.set_defaults(func=run_command)
 

@@ -35,7 +35,6 @@ from kvx.compat import cache_kwargs, cache_of, decoder_config
 from kvx.compose import parse_spec, split_option
 from kvx.eval.haystack import KEYS, VARIANTS, PromptTemplate, build_prompt, make_needles, score_answer
 from kvx.eval.results import Results, ResultsFile
-from kvx.eval.results import identity_differences as _identity_differences  # noqa: F401 (kvx.eval.sweep.log)
 from kvx.policy import Policy, check_positive_int, make_policy, policy_class
 
 DENSE = "dense"
@@ -102,12 +101,12 @@ class NeedleConfig:
         """Every setting checked by name (the YAML key; the flag is the same with dashes)."""
         if self.compress not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}; got {self.compress!r}")
-        for length in _nonempty_list("lengths", self.lengths):
+        for length in nonempty_list("lengths", self.lengths):
             check_positive_int("needle", "each of lengths (tokens)", length)
-        for depth in _nonempty_list("depths", self.depths):
+        for depth in nonempty_list("depths", self.depths):
             if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 100:
                 raise ValueError(f"depths: {depth!r} is not a depth within [0, 100] percent")
-        unknown = [v for v in _nonempty_list("variants", self.variants) if v not in VARIANTS]
+        unknown = [v for v in nonempty_list("variants", self.variants) if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown needle variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
         check_positive_int("needle", "samples", self.samples)
@@ -118,7 +117,7 @@ class NeedleConfig:
             raise TypeError(f"use_chat_template must be true or false, got {self.use_chat_template!r}")
         if self.haystack_text is not None and not isinstance(self.haystack_text, str):
             raise TypeError(f"haystack_text must be text, got {type(self.haystack_text).__name__}")
-        for run in _nonempty_list("policies", self.policies, distinct=False):  # labels are compared below
+        for run in nonempty_list("policies", self.policies, distinct=False):  # labels are compared below
             run.validate()
         labels = [run.label for run in self.policies]
         if len(set(labels)) != len(labels):
@@ -146,7 +145,7 @@ class NeedleConfig:
         ]
 
 
-def _nonempty_list(name: str, value: Any, distinct: bool = True) -> list:
+def nonempty_list(name: str, value: Any, distinct: bool = True) -> list:
     """``value`` itself when it is a non-empty list (of distinct items), else an error naming setting ``name``."""
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name} must be a non-empty list, got {value!r}")
@@ -222,7 +221,7 @@ def _row_key(row: dict[str, Any]) -> tuple:
     return (row["policy"], row["length"], float(row["depth"]), row["variant"], row["sample"])
 
 
-def _digest(*parts: Any) -> str:
+def short_digest(*parts: Any) -> str:
     """A short SHA-256 of ``parts`` (bytes, or anything with a stable ``str``)."""
     h = hashlib.sha256()
     for part in parts:
@@ -246,14 +245,14 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
                                   generator=torch.Generator().manual_seed(flat.numel()))
         picked = flat[positions.to(flat.device)].to("cpu").contiguous()
         parts.append(picked.view(torch.uint8).numpy().tobytes())
-    return _digest(*parts)
+    return short_digest(*parts)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A fingerprint of what a tokenizer turns text into: class, vocabulary, special tokens, chat template."""
     vocab = sorted(tokenizer.get_vocab().items())
-    return _digest(type(tokenizer).__name__, vocab, getattr(tokenizer, "all_special_tokens", []),
-                   getattr(tokenizer, "chat_template", None))
+    return short_digest(type(tokenizer).__name__, vocab, getattr(tokenizer, "all_special_tokens", []),
+                        getattr(tokenizer, "chat_template", None))
 
 
 def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, model_path: str | None) -> dict[str, Any]:
@@ -265,7 +264,7 @@ def run_identity(model: torch.nn.Module, tokenizer: Any, config: NeedleConfig, m
         "settings": {"distractors": config.distractors, "values": config.values,
                      "max_new_tokens": config.max_new_tokens, "use_chat_template": config.use_chat_template,
                      "compress": config.compress,
-                     "haystack": None if config.haystack_text is None else _digest(config.haystack_text)},
+                     "haystack": None if config.haystack_text is None else short_digest(config.haystack_text)},
         "kvx": kvx.__version__,
     }
 
@@ -281,7 +280,7 @@ def model_identity(model: torch.nn.Module, tokenizer: Any, model_path: str | Non
                     if k not in ("_name_or_path", "transformers_version") and not k.startswith("_attn_implementation")}
     return {
         "model": str(model_path),
-        "model_config": _digest(json.dumps(model_config, sort_keys=True, default=str)),
+        "model_config": short_digest(json.dumps(model_config, sort_keys=True, default=str)),
         "weights": weights_fingerprint(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -405,7 +404,7 @@ class NeedleRunner:
         self.open_results(fresh)
         todo = self.pending()
         with _results_file(self.results_path).appender() as append:
-            for run, cell in _progress(todo, progress, desc="needle"):
+            for run, cell in progress_bar(todo, progress, desc="needle"):
                 append(self.run_cell(run, cell))
         return self.rows()
 
@@ -485,7 +484,9 @@ def _kept_tokens(cache) -> int:
     return cache.get_seq_length()
 
 
-def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+def progress_bar(items: list, enabled: bool, desc: str) -> Iterable:
+    """``items``, with a progress bar titled ``desc`` while iterated when ``enabled`` (tqdm, else a
+    counter line)."""
     if not enabled:
         return items
     try:
@@ -585,14 +586,16 @@ def write_heatmaps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=7)
             fig.colorbar(image, ax=ax, fraction=0.05)
             fig.tight_layout()
-            path = out_dir / f"heatmap-{_safe(policy)}-{variant}.png"
+            path = out_dir / f"heatmap-{safe_filename(policy)}-{variant}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
     return paths
 
 
-def _safe(label: str) -> str:
+def safe_filename(label: str) -> str:
+    """``label`` (a policy spec, a cell) as a file name: characters other than letters, digits and
+    ``-_.`` become ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
@@ -642,9 +645,9 @@ def config_from_yaml(path: Path, **overrides: Any) -> NeedleConfig:
     data = read_yaml_mapping(Path(path), {f for f in NeedleConfig.__dataclass_fields__})
     try:
         if "lengths" in data:
-            data["lengths"] = [parse_length(n) for n in _nonempty_list("lengths", data["lengths"])]
+            data["lengths"] = [parse_length(n) for n in nonempty_list("lengths", data["lengths"])]
         if "policies" in data:
-            data["policies"] = [_yaml_policy(i, p) for i, p in enumerate(_nonempty_list("policies", data["policies"]))]
+            data["policies"] = [yaml_policy(i, p) for i, p in enumerate(nonempty_list("policies", data["policies"]))]
         data.update({k: v for k, v in overrides.items() if v is not None})
         return NeedleConfig(**data)
     except (ValueError, TypeError) as err:
@@ -678,7 +681,7 @@ def read_yaml_mapping(path: Path, known: Iterable[str]) -> dict[str, Any]:
     return data
 
 
-def _yaml_policy(index: int, entry: Any) -> PolicyRun:
+def yaml_policy(index: int, entry: Any) -> PolicyRun:
     """One entry of a YAML ``policies`` list: a spec (``snapkv:budget=256+ragged``, or ``dense``) or a
     mapping ``{name: snapkv, budget: 256}``."""
     if isinstance(entry, str):

@@ -122,7 +122,7 @@ def profile_heads(model: torch.nn.Module, tokenizer: Any, settings: ProfileSetti
                   progress: bool = True) -> HeadScores:
     """Retrieval scores ``[L, Hkv]`` of ``model`` over the prompts of ``settings`` (module docstring).
     Layers kvx leaves to the model (sliding windows) score NaN."""
-    from kvx.eval.needle import _progress
+    from kvx.eval.needle import progress_bar
 
     settings = settings or ProfileSettings()
     config = decoder_config(model.config)
@@ -132,7 +132,7 @@ def profile_heads(model: torch.nn.Module, tokenizer: Any, settings: ProfileSetti
     cells = [(n, d, s) for n in settings.lengths for d in settings.depths for s in range(settings.samples)]
     probe = AttentionProbe()
     with kvx.patched(model, probe, chunk_size=None), torch.inference_mode():
-        for length, depth, sample in _progress(cells, progress, "profile-heads"):
+        for length, depth, sample in progress_bar(cells, progress, "profile-heads"):
             rng = random.Random(f"{settings.seed}:{length}:{depth:g}:{sample}")
             prompt = copy_prompt(tokenizer, length, depth, rng, settings.number_rate)
             probe.last = len(prompt.targets)
@@ -194,7 +194,7 @@ def write_heatmap(scores: HeadScores, path: Path) -> Path:
 
 def add_parser(sub: Any) -> None:
     """Register ``kvx profile-heads`` on the CLI's sub-parsers."""
-    from kvx.cli import device_arg, int_at_least
+    from kvx.cli import int_at_least, model_flags, progress_flag
     from kvx.eval.needle import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -221,19 +221,16 @@ def add_parser(sub: Any) -> None:
     duo.add_argument("--sink", type=int_at_least(0), default=64, help="streaming attention's sinks (default 64)")
     duo.add_argument("--recent", type=int_at_least(1), default=256, help="streaming attention's window (default 256)")
     p.add_argument("--top", type=int_at_least(1), default=10, help="heads listed after the table (default 10)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_flags(p)
+    progress_flag(p)
     p.set_defaults(func=run_command)
 
 
 def run_command(args: Any) -> int:
-    from kvx.cli import _parse_ints, _parse_numbers
+    from kvx.cli import _parse_ints, _parse_numbers, safetensors_path
     from kvx.eval.needle import load_model
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: give a .safetensors file name")
+    out = safetensors_path(args.out)
     lengths = tuple(_parse_ints(args.lengths, "--lengths"))
     if args.method == "duo":
         from kvx.eval.duo_gates import DuoSettings, train_gates

@@ -4,11 +4,13 @@ of work (a needle cell, a LongBench sample), appended as each finishes.
 A rerun into the same file skips the rows there; one whose identity differs refuses to resume it
 (``fresh=True`` moves it aside as ``results-N.jsonl`` and starts a new one). A line that cannot be
 read (torn by a kill, edited, from another tool) is reported by number and neither crashes the run
-nor counts.
+nor counts. Several processes may share one file (the shards of a sweep): it is created with its
+identity line in one step, and each row is appended whole under a lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
@@ -39,6 +41,8 @@ class ResultsFile:
     identity_key: str
     row_key: Callable[[dict[str, Any]], tuple]
     check_row: Callable[[dict[str, Any]], str | None]
+    remedy: str = "pass --fresh (fresh=True) to start a new file, or another --out"
+    """What the refusal to resume a file of another run tells the user to do instead."""
 
     def read(self) -> Results:
         """Read the file: a torn, malformed, foreign or repeated line is a problem reported by its
@@ -88,33 +92,47 @@ class ResultsFile:
             raise ValueError(f"output directory {self.path.parent}: cannot create it ({err.strerror or err})") from None
         existing = self.read() if self.path.exists() else None
         if existing == Results():  # an empty file (killed before its first line): nothing to keep
+            self.path.unlink(missing_ok=True)
             existing = None
         if existing is not None and fresh:
             aside = self._aside_path()
             os.replace(self.path, aside)
             warnings.warn(f"{self.path} moved to {aside.name}; starting a new results file", stacklevel=3)
             existing = None
-        if existing is None:
-            self.path.write_text(json.dumps({self.identity_key: identity}) + "\n", encoding="utf-8")
+        if existing is None and self._start(identity):
             return Results(identity)
+        if existing is None:  # another process started it first
+            existing = self.read()
         self._check_identity(existing, identity)
         for problem in existing.problems:
             warnings.warn(problem, stacklevel=3)
         return existing
+
+    def _start(self, identity: dict[str, Any]) -> bool:
+        """Create the file with its identity line in one step (a draft linked into place), so that
+        another process opening it meanwhile never finds it empty; False when one was there first."""
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        draft.write_text(json.dumps({self.identity_key: identity}) + "\n", encoding="utf-8")
+        try:
+            os.link(draft, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            draft.unlink()
 
     def _check_identity(self, existing: Results, identity: dict[str, Any]) -> None:
         """Refuse to resume a file written by another model, tokenizer, settings or kvx."""
         if existing.identity is None:
             raise ValueError(
                 f"{self.path} records no run identity (written by an older kvx or another tool), so its rows "
-                "cannot be trusted to come from this model and settings; pass --fresh (fresh=True) to start a new "
-                "file, or another --out"
+                f"cannot be trusted to come from this model and settings; {self.remedy}"
             )
         differences = identity_differences(existing.identity, identity)
         if differences:
             raise ValueError(
                 f"{self.path} was written by another run ({'; '.join(differences)}); resuming would mix "
-                "its rows with this one's: pass --fresh (fresh=True) to start a new file, or another --out"
+                f"its rows with this one's: {self.remedy}"
             )
 
     def _aside_path(self) -> Path:
@@ -126,25 +144,30 @@ class ResultsFile:
 
     @contextmanager
     def appender(self) -> Iterator[Callable[[dict[str, Any]], None]]:
-        """``with file.appender() as append: append(row)``: each row written and flushed at once."""
-        self._end_torn_line()
-        with self.path.open("a", encoding="utf-8") as sink:
-            yield lambda row: _write_row(sink, row)
-
-    def _end_torn_line(self) -> None:
-        """After a run killed mid-write, start the next row on a line of its own."""
-        if self.path.exists() and self.path.stat().st_size:
-            with self.path.open("rb") as f:
-                f.seek(-1, 2)
-                torn = f.read(1) != b"\n"
-            if torn:
-                with self.path.open("a") as f:
-                    f.write("\n")
+        """``with file.appender() as append: append(row)``: each row written at once (see
+        :func:`_append_line`)."""
+        with self.path.open("a+b") as sink:
+            yield lambda row: _append_line(sink, json.dumps(row, ensure_ascii=False))
 
 
-def _write_row(sink: IO[str], row: dict[str, Any]) -> None:
-    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-    sink.flush()
+def _append_line(sink: IO[bytes], line: str) -> None:
+    """Append ``line`` in one write, flushed to disk, under an exclusive lock (processes sharing the
+    file never interleave rows); after a writer killed mid-row, on a line of its own."""
+    fcntl.flock(sink, fcntl.LOCK_EX)
+    try:
+        sink.write((("\n" if _ends_torn(sink) else "") + line + "\n").encode("utf-8"))
+        sink.flush()
+        os.fsync(sink.fileno())
+    finally:
+        fcntl.flock(sink, fcntl.LOCK_UN)
+
+
+def _ends_torn(f: IO[bytes]) -> bool:
+    """Whether the file ``f`` ends without its newline (a row cut short by a kill)."""
+    if f.seek(0, os.SEEK_END) == 0:
+        return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
 
 
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -41,7 +41,6 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -351,7 +350,7 @@ def search_patterns(model: torch.nn.Module, tokenizer: Any, settings: SearchSett
     """Measure every candidate on the calibration prompts (``prompts``, or those of ``settings``) and
     choose each head's pattern and size (module docstring). Layers kvx leaves to the model (sliding
     windows) are not searched (pattern ``-1``)."""
-    from kvx.eval.needle import _progress
+    from kvx.eval.needle import progress_bar
 
     settings = settings or SearchSettings()
     config = decoder_config(model.config)
@@ -360,7 +359,7 @@ def search_patterns(model: torch.nn.Module, tokenizer: Any, settings: SearchSett
     prompts = calibration_prompts(tokenizer, settings) if prompts is None else prompts
     probe = RecallProbe(settings, tuple(cands))
     with kvx.patched(model, probe, chunk_size=None), torch.inference_mode():
-        for ids in _progress(prompts, progress, "search-patterns"):
+        for ids in progress_bar(prompts, progress, "search-patterns"):
             model(torch.tensor([ids], device=model.device), use_cache=True)
     cand_recall = torch.full((layers, heads, len(cands)), math.nan)
     cand_computed = torch.full((layers, heads, len(cands)), math.nan)
@@ -424,7 +423,7 @@ def format_patterns(patterns: PatternFile) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register ``kvx search-patterns`` on the CLI's sub-parsers."""
-    from kvx.cli import device_arg, int_at_least
+    from kvx.cli import int_at_least, model_flags, progress_flag
     from kvx.eval.needle import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -476,19 +475,16 @@ def add_parser(sub: Any) -> None:
     calib.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     calib.add_argument("--text", help="a UTF-8 text file: calibrate on windows of it (--samples per length) instead "
                                       "of needle prompts")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_flags(p)
+    progress_flag(p)
     p.set_defaults(func=run_command)
 
 
 def run_command(args: Any) -> int:
-    from kvx.cli import _parse_ints, _parse_numbers, _split, input_file
+    from kvx.cli import _parse_ints, _parse_numbers, _split, input_file, safetensors_path
     from kvx.eval.needle import load_model
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out}: give a .safetensors file name")
+    out = safetensors_path(args.out)
     if args.text is not None:
         input_file(args.text, "--text")
     settings = SearchSettings(

@@ -31,6 +31,7 @@ from kvx.policy import (
     Phase,
     check_number,
     option,
+    past_capacity,
     register_policy,
     token_ranks,
 )
@@ -75,9 +76,9 @@ class HeadBudget(BudgetedPolicy):
         if view.phase == "decode":
             if self.decode_interval <= 0:
                 return None
-            compress = real >= total + kv_heads * self.decode_interval
+            compress = past_capacity(real, total, kv_heads * self.decode_interval)
         elif view.phase in self.phases:
-            compress = real > total
+            compress = past_capacity(real, total)
         else:
             return None
         if not bool(compress.any()):

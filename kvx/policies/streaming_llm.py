@@ -25,6 +25,7 @@ from kvx.policy import (
     capacity_tensor,
     check_positive_int,
     option,
+    past_capacity,
     register_policy,
 )
 
@@ -61,9 +62,9 @@ class StreamingLLM(EvictionPolicy):
         """The keep mask itself, without ranking scores (a sort per layer at every decode step):
         a row that holds no more than ``sink + window`` real tokens keeps them all. While
         generating, nothing is evicted until a row holds ``decode_interval`` tokens past that."""
-        slack = self.decode_interval - 1 if view.phase == "decode" else 0
+        interval = self.decode_interval if view.phase == "decode" else 1
         num_real = view.valid.sum(-1, keepdim=True)  # [B, Hkv, 1]
-        if not bool((num_real > self.sink + self.window + slack).any()):
+        if not bool(past_capacity(num_real, self.sink + self.window, interval).any()):
             return None
         return self._keep(view.valid, num_real)
 

@@ -71,7 +71,7 @@ class PrefixTailLayer(DenseLayer):
             return reference.merge_attention(parts).to(query.dtype)
         # several queries: one pass over the dense view, which the policy then scores on
         self._step_view = self.dense_view()
-        return attend_over_view(query, self._step_view, self.keys.shape[-2], mask, scaling, softcap, sinks)
+        return attend_over_view(query, self._step_view, mask, scaling, softcap, sinks)
 
     def causal_view(self, mask: torch.Tensor | None):
         if not self.has_prefix:
@@ -99,7 +99,7 @@ class PrefixTailLayer(DenseLayer):
         self._step_view = None
 
 
-def attend_over_view(query, view: View, tail_len: int, tail_mask, scaling: float, softcap: float | None,
+def attend_over_view(query, view: View, tail_mask, scaling: float, softcap: float | None,
                      sinks: torch.Tensor | None = None):
     """Several new queries ``[B, H, q, D]`` over a layer's dense view ``(keys, values [B, Hkv, P + T,
     D], valid [B, Hkv, P + T])``, the new tokens last: every real token before them is visible to

@@ -63,7 +63,7 @@ def test_two_cell_sweep(tmp_path, capsys):
     config = grid(tmp_path, policies="[streaming_llm:sink=4]")
     out = tmp_path / "out"
     assert main(["sweep", str(config), "--out", str(out), "--no-progress"]) == 0
-    rows = sweep.ResultsLog(out / "results.jsonl").rows()
+    rows = sweep.results_file(out / "results.jsonl").read().rows
     assert labels(rows) == [("needle", LENGTH, "dense"), ("needle", LENGTH, "streaming_llm:sink=4,window=20")]
     dense, compressed = rows
     assert compressed["kept_tokens"] == LENGTH // 8 and dense["kept_tokens"] >= LENGTH
@@ -96,41 +96,43 @@ def test_interrupted_sweep_resumes_without_repeating_or_losing_a_cell(tmp_path, 
     monkeypatch.setattr(needle.NeedleRunner, "run_cell", failing)
     with pytest.raises(RuntimeError, match="injected"):
         sweep.run_sweep(config, out, progress=False)
-    assert labels(sweep.ResultsLog(out / "results.jsonl").rows()) == [("needle", LENGTH, "dense")]
+    assert labels(sweep.results_file(out / "results.jsonl").read().rows) == [("needle", LENGTH, "dense")]
     calls.clear()
     monkeypatch.setattr(needle.NeedleRunner, "run_cell", lambda self, run, cell: (
         calls.append((run.label, cell.depth)), original(self, run, cell))[1])
     sweep.run_sweep(config, out, progress=False)
     assert calls == [("snapkv:ratio=0.875,window=8", 70.0), ("streaming_llm:sink=4,window=20", 30.0),
                      ("streaming_llm:sink=4,window=20", 70.0)]
-    rows = sweep.ResultsLog(out / "results.jsonl").rows()
+    rows = sweep.results_file(out / "results.jsonl").read().rows
     assert sorted(keys(rows)) == sorted(c.key for c in sweep.load_config(config).cells())
     assert all(r["samples"] == 2 for r in rows)
 
 
 def test_a_row_torn_by_a_kill_is_skipped_and_the_next_starts_a_line(tmp_path):
-    """A process killed mid-write leaves half a row without its newline: reading skips it (with a
-    warning), and the next row written starts on a line of its own."""
-    log = sweep.ResultsLog(tmp_path / "results.jsonl")
-    log.open({"model": "m"})
+    """A process killed mid-write leaves half a row without its newline: reading skips it (reported by
+    its line, a warning when the sweep resumes), and the next row written starts on a line of its own."""
+    results = sweep.results_file(tmp_path / "results.jsonl")
+    results.open({"model": "m"})
     row = {"benchmark": "needle", "length": 64, "policy": "dense", "line": "dense", "ratio": None, "score": 1.0,
            "kv_bytes": 10}
-    log.append(row)
-    with log.path.open("a") as f:
+    with results.appender() as append:
+        append(row)
+    with results.path.open("a") as f:
         f.write('{"benchmark": "needle", "len')  # torn
+    assert results.read().rows == [row]
     with pytest.warns(UserWarning, match="line 3: not JSON"):
-        assert log.rows() == [row]
-    log.append({**row, "policy": "h2o"})
-    with pytest.warns(UserWarning, match="line 3: not JSON"):
-        assert [r["policy"] for r in log.rows()] == ["dense", "h2o"]
-    with log.path.open("a") as f:
+        results.open({"model": "m"})
+    with results.appender() as append:
+        append({**row, "policy": "h2o"})
+    assert [r["policy"] for r in results.read().rows] == ["dense", "h2o"]
+    with results.path.open("a") as f:
         f.write('{"policy": "foreign"}\n')
-    with pytest.warns(UserWarning) as caught:
-        assert len(log.rows()) == 2
-    assert [str(w.message).split(" line ")[1] for w in caught] == [
+    read = results.read()
+    assert len(read.rows) == 2
+    assert [problem.split(" line ")[1] for problem in read.problems] == [
         "3: not JSON (a row torn by a killed run?); ignored", "5: not a sweep row; ignored"]
-    with pytest.raises(ValueError, match="written by another model"):
-        log.open({"model": "other"})
+    with pytest.raises(ValueError, match="written by another run .*: use another --out"):
+        results.open({"model": "other"})
 
 
 def test_longbench_cells_run_through_the_longbench_runner(tmp_path):
@@ -140,7 +142,7 @@ def test_longbench_cells_run_through_the_longbench_runner(tmp_path):
     config = write_config(tmp_path, "policies: [snapkv:window=8]\nratios: [0.5]\nlengths: [256]\nbenchmarks:\n"
                                     f"  - {{kind: longbench, data: {data}, tasks: [trec], limit: 1, use_chat_template: false}}\n")
     sweep.run_sweep(config, tmp_path / "out", progress=False)
-    dense, compressed = sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
+    dense, compressed = sweep.results_file(tmp_path / "out" / "results.jsonl").read().rows
     assert (dense["benchmark"], compressed["policy"]) == ("longbench/trec", "snapkv:ratio=0.5,window=8")
     assert compressed["kept_tokens"] < dense["kept_tokens"] and compressed["kv_bytes"] < dense["kv_bytes"]
     assert 0 <= compressed["score"] <= 1 and compressed["samples"] == 1
@@ -159,7 +161,7 @@ def test_lm_eval_cells_run_through_kvx_model_type(tmp_path, monkeypatch):
         metadata.append(manager.metadata), evaluate(lm, tasks, manager, **kw))[1])
     sweep.run_sweep(config, tmp_path / "out", progress=False)
     assert metadata == [{"tokenizer": str(needle.DEFAULT_MODEL), "max_seq_lengths": [LENGTH]}] * 2  # what RULER reads
-    dense, compressed = sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
+    dense, compressed = sweep.results_file(tmp_path / "out" / "results.jsonl").read().rows
     assert compressed["benchmark"] == f"lm_eval/{TASK}" and compressed["metric"] == "exact_match,none"
     assert compressed["kept_tokens"] == LENGTH // 8 and dense["kept_tokens"] >= LENGTH - 8
     assert dense["samples"] == compressed["samples"] == 3 and dense["score"] >= compressed["score"]
@@ -173,7 +175,7 @@ def test_two_shards_write_disjoint_cells_whose_union_is_the_grid(tmp_path, capsy
     for rank in (0, 1):
         assert main(["sweep", str(config), "--out", str(out), "--rank", str(rank), "--world", "2", "--no-progress"]) == 0
     assert "warning: 1 of 3 cells are not in" in capsys.readouterr().err  # rank 0 ran first
-    rows = sweep.ResultsLog(out / "results.jsonl").rows()
+    rows = sweep.results_file(out / "results.jsonl").read().rows
     by_rank = {rank: {k for r, k in zip(rows, keys(rows)) if r["rank"] == rank} for rank in (0, 1)}
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     assert by_rank[0] | by_rank[1] == {c.key for c in sweep.load_config(config).cells()}
@@ -191,7 +193,7 @@ def test_torchrun_two_processes(tmp_path):
                            "-m", "kvx.cli", "sweep", str(config), "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = sweep.ResultsLog(out / "results.jsonl").rows()
+    rows = sweep.results_file(out / "results.jsonl").read().rows
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert (out / "summary.md").exists()
 
@@ -252,4 +254,4 @@ def test_an_unknown_lm_eval_task_is_refused_before_any_cell(tmp_path, capsys):
                                     f"include_path: {tasks}, default_tasks: false}}\n")
     assert main(["sweep", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "unknown lm-eval task(s) 'no_such_task'" in capsys.readouterr().err
-    assert not sweep.ResultsLog(tmp_path / "out" / "results.jsonl").rows()
+    assert not sweep.results_file(tmp_path / "out" / "results.jsonl").read().rows

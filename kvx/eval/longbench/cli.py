@@ -11,7 +11,7 @@ from kvx.eval.longbench.tasks import E_TASKS, TASKS
 
 def add_longbench_command(sub: Any) -> None:
     """Add ``kvx longbench`` to the ``kvx`` command's sub-parsers."""
-    from kvx.cli import device_arg, int_at_least
+    from kvx.cli import int_at_least, model_flags, progress_flag
     from kvx.eval.needle import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -51,9 +51,8 @@ def add_longbench_command(sub: Any) -> None:
                    "resumes when the model, tokenizer and settings are the same, and refuses otherwise")
     p.add_argument("--fresh", action="store_true", help="start a new results file in --out, moving an existing one "
                    "aside (results-N.jsonl) instead of resuming it")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:N or mps; default: where from_pretrained puts it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_flags(p)
+    progress_flag(p)
     p.set_defaults(func=run_longbench_command)
 
 

@@ -38,10 +38,10 @@ from kvx.eval.needle import (
     COMPRESS_MODES,
     DENSE,
     PolicyRun,
-    _progress,
     check_patchable,
     model_identity,
     policy_generate,
+    progress_bar,
 )
 from kvx.eval.results import ResultsFile
 
@@ -223,7 +223,7 @@ class LongBenchRunner:
         if todo:
             run_stamp = stamp(self.model.device)
             with self.results.appender() as append:
-                for run, task, sample in _progress(todo, progress, desc="longbench"):
+                for run, task, sample in progress_bar(todo, progress, desc="longbench"):
                     append({**self.run_sample(run, task, sample), "stamp": run_stamp})
         return self.rows(samples)
 

@@ -33,13 +33,13 @@ from kvx.eval.sweep.benchmarks import (
 from kvx.eval.sweep.cli import add_sweep_command
 from kvx.eval.sweep.config import TOP_KEYS, SweepConfig, load_config
 from kvx.eval.sweep.grid import Cell, expand, row_key, shard, with_options, with_ratio
-from kvx.eval.sweep.log import IDENTITY_KEY, ROW_KEYS, ResultsLog
+from kvx.eval.sweep.log import IDENTITY_KEY, ROW_KEYS, check_row, results_file
 from kvx.eval.sweep.runner import Sweep, distributed_rank, run_sweep
 from kvx.eval.sweep.summary import markdown, summarize, write_needle_heatmaps, write_plots, write_summary
 
 __all__ = [
     "BENCHMARKS", "IDENTITY_KEY", "ROW_KEYS", "TOP_KEYS", "Benchmark", "Cell", "Context", "LmEvalBenchmark",
-    "LongBenchBenchmark", "NeedleBenchmark", "ResultsLog", "Sweep", "SweepConfig", "add_sweep_command",
-    "distributed_rank", "expand", "load_config", "markdown", "row_key", "run_sweep", "shard", "summarize",
-    "with_options", "with_ratio", "write_needle_heatmaps", "write_plots", "write_summary",
+    "LongBenchBenchmark", "NeedleBenchmark", "Sweep", "SweepConfig", "add_sweep_command", "check_row",
+    "distributed_rank", "expand", "load_config", "markdown", "results_file", "row_key", "run_sweep", "shard",
+    "summarize", "with_options", "with_ratio", "write_needle_heatmaps", "write_plots", "write_summary",
 ]

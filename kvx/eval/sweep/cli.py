@@ -7,7 +7,7 @@ from kvx.eval.sweep.runner import run_sweep
 
 def add_sweep_command(sub) -> None:
     """Register ``kvx sweep`` on the ``kvx`` command's sub-parsers."""
-    from kvx.cli import int_at_least
+    from kvx.cli import int_at_least, progress_flag
 
     p = sub.add_parser(
         "sweep", help="a grid of policies x options x ratios x benchmarks x lengths, resumable and sharded",
@@ -20,7 +20,7 @@ def add_sweep_command(sub) -> None:
     p.add_argument("--rank", type=int_at_least(0), help="run shard RANK of --world by hand, without torch.distributed")
     p.add_argument("--world", type=int_at_least(1), help="number of shards (with --rank)")
     p.add_argument("--summary-only", action="store_true", help="write the summary from the results file, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_flag(p)
     p.set_defaults(func=_cmd_sweep)
 
 

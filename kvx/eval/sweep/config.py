@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvx.eval.needle import DEFAULT_MODEL, DENSE, PolicyRun, _nonempty_list, _yaml_policy, parse_length
+from kvx.eval.needle import DEFAULT_MODEL, DENSE, PolicyRun, nonempty_list, parse_length, yaml_policy
 from kvx.eval.sweep.benchmarks import BENCHMARKS, Benchmark
 from kvx.eval.sweep.grid import Cell, _option_names, expand
 
@@ -59,18 +59,18 @@ def load_config(path: str | Path) -> SweepConfig:
 
 
 def _build_config(data: dict[str, Any]) -> SweepConfig:
-    lengths = [parse_length(n) for n in _nonempty_list("lengths", data.get("lengths"))]
-    policies = [_yaml_policy(i, p) for i, p in enumerate(data.get("policies") or [])]
+    lengths = [parse_length(n) for n in nonempty_list("lengths", data.get("lengths"))]
+    policies = [yaml_policy(i, p) for i, p in enumerate(data.get("policies") or [])]
     policies = [p for p in policies if p.name != DENSE]  # dense is always run, once
     options = _grid_options(data.get("options") or {}, policies)
     ratios = [_ratio(r) for r in (data.get("ratios") or [])]
     benchmarks, per_bench = [], {}
-    for index, entry in enumerate(_nonempty_list("benchmarks", data.get("benchmarks"), distinct=False)):
+    for index, entry in enumerate(nonempty_list("benchmarks", data.get("benchmarks"), distinct=False)):
         for bench in _benchmarks_of(index, entry):
             if bench.name in per_bench:
                 raise ValueError(f"benchmarks[{index}]: a second benchmark named {bench.name!r}; give it another name")
             own = bench.settings.get("lengths")
-            per_bench[bench.name] = [parse_length(n) for n in _nonempty_list("lengths", own)] if own else lengths
+            per_bench[bench.name] = [parse_length(n) for n in nonempty_list("lengths", own)] if own else lengths
             benchmarks.append(bench)
     known = {k: data[k] for k in ("model", "tokenizer", "dtype", "device") if data.get(k) is not None}
     return SweepConfig(benchmarks, per_bench, policies, options, ratios, **{k: str(v) for k, v in known.items()})
@@ -104,7 +104,7 @@ def _grid_options(options: Any, policies: list[PolicyRun]) -> dict[str, list]:
     for key, values in options.items():
         if not any(key in _option_names(name) for name in names):
             raise ValueError(f"options: {key!r} is an option of none of the listed policies ({', '.join(sorted(names))})")
-        grid[str(key)] = _nonempty_list(f"options.{key}", values if isinstance(values, list) else [values])
+        grid[str(key)] = nonempty_list(f"options.{key}", values if isinstance(values, list) else [values])
     return grid
 
 

@@ -8,7 +8,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from kvx.eval.needle import DENSE, PolicyRun, _safe
+from kvx.eval.needle import DENSE, PolicyRun, safe_filename
 from kvx.policy import policy_class
 
 
@@ -32,7 +32,7 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        return _safe(f"{self.benchmark}-{self.length}-{self.policy}-{self.settings}")
+        return safe_filename(f"{self.benchmark}-{self.length}-{self.policy}-{self.settings}")
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, int, str, str]:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import kvx
-from kvx.eval.needle import DENSE, PolicyRun, _progress
+from kvx.eval.needle import DENSE, PolicyRun, progress_bar
 from kvx.eval.sweep.benchmarks import Context
 from kvx.eval.sweep.config import SweepConfig, load_config
 from kvx.eval.sweep.grid import Cell, row_key, shard
-from kvx.eval.sweep.log import ResultsLog
+from kvx.eval.sweep.log import results_file
 from kvx.eval.sweep.summary import write_summary
 
 
@@ -45,19 +45,22 @@ class Sweep:
 
     def __init__(self, config: SweepConfig, out_dir: Path, rank: int = 0, world: int = 1):
         self.config, self.out_dir, self.rank, self.world = config, Path(out_dir), rank, world
-        self.log = ResultsLog(self.out_dir / "results.jsonl")
+        self.results = results_file(self.out_dir / "results.jsonl")
         self.cells = config.cells()
 
     def pending(self) -> list[Cell]:
         """This shard's cells not yet in the results file, in grid order."""
-        done = {row_key(r) for r in self.log.rows()}
+        done = {row_key(r) for r in self.results.read().rows}
         return [cell for cell in shard(self.cells, self.rank, self.world) if cell.key not in done]
 
     def rows(self) -> list[dict[str, Any]]:
         """The results rows of this grid's cells (the file may hold others: cells since removed from
-        the config, or measured with other benchmark settings)."""
+        the config, or measured with other benchmark settings); a line that cannot be read is a warning."""
+        results = self.results.read()
+        for problem in results.problems:
+            warnings.warn(problem, stacklevel=2)
         wanted = {cell.key for cell in self.cells}
-        return [row for row in self.log.rows() if row_key(row) in wanted]
+        return [row for row in results.rows if row_key(row) in wanted]
 
     def load(self) -> Context:
         from kvx.eval.needle import load_causal_lm, load_tokenizer
@@ -88,14 +91,16 @@ class Sweep:
 
         context = context or self.load()
         self.check(context)
-        self.log.open({**model_identity(context.model, context.tokenizer, context.model_path), "kvx": kvx.__version__})
+        self.results.open({**model_identity(context.model, context.tokenizer, context.model_path), "kvx": kvx.__version__})
         todo = self.pending()
         run_stamp = stamp(context.model.device) if todo else {}
         written = []
-        for cell in _progress(todo, progress, desc=f"sweep {self.rank + 1}/{self.world}" if self.world > 1 else "sweep"):
-            row = self.run_cell(cell, context)
-            self.log.append({**row, "rank": self.rank, "stamp": run_stamp})
-            written.append(row)
+        desc = f"sweep {self.rank + 1}/{self.world}" if self.world > 1 else "sweep"
+        with self.results.appender() as append:
+            for cell in progress_bar(todo, progress, desc=desc):
+                row = self.run_cell(cell, context)
+                append({**row, "rank": self.rank, "stamp": run_stamp})
+                written.append(row)
         return written
 
     def run_cell(self, cell: Cell, context: Context) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def run_sweep(config_path: str | Path, out_dir: str | Path, rank: int | None = N
         rows = sweep.rows()
         missing = len(sweep.cells) - len(rows)
         if missing:
-            warnings.warn(f"{missing} of {len(sweep.cells)} cells are not in {sweep.log.path} yet "
+            warnings.warn(f"{missing} of {len(sweep.cells)} cells are not in {sweep.results.path} yet "
                           "(other shards still running, or not started): the summary covers the rest", stacklevel=2)
         paths = write_summary(rows, out_dir)
     if dist is not None:

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kvx.eval.needle import DENSE, _safe
+from kvx.eval.needle import DENSE, safe_filename
 from kvx.eval.sweep.benchmarks import NeedleBenchmark
 from kvx.eval.sweep.grid import Cell
 
@@ -93,7 +93,7 @@ def write_plots(summary: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        path = out_dir / f"accuracy-vs-kv-{_safe(bench)}.png"
+        path = out_dir / f"accuracy-vs-kv-{safe_filename(bench)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

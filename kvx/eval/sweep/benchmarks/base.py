@@ -37,10 +37,10 @@ class Benchmark:
     @property
     def digest(self) -> str:
         """A short digest of what shapes this benchmark's scores (its settings, lengths aside)."""
-        from kvx.eval.needle import _digest
+        from kvx.eval.needle import short_digest
 
         shaping = {k: v for k, v in self.settings.items() if k not in ("name", "lengths")}
-        return _digest(json.dumps(shaping, sort_keys=True, default=str))[:8]
+        return short_digest(json.dumps(shaping, sort_keys=True, default=str))[:8]
 
     @classmethod
     def expand(cls, entry: dict[str, Any]) -> list[Benchmark]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvx.eval.needle import DENSE, PolicyRun, _nonempty_list
+from kvx.eval.needle import DENSE, PolicyRun, nonempty_list
 from kvx.eval.sweep.benchmarks.base import Benchmark, Context
 from kvx.eval.sweep.grid import Cell
 
@@ -27,7 +27,7 @@ class LmEvalBenchmark(Benchmark):
         tasks = entry.get("tasks")
         if isinstance(tasks, str):
             tasks = [tasks]
-        tasks = _nonempty_list("tasks (of an lm_eval benchmark)", tasks)
+        tasks = nonempty_list("tasks (of an lm_eval benchmark)", tasks)
         if importlib.util.find_spec("lm_eval") is None:
             raise ImportError("an lm_eval benchmark needs lm-evaluation-harness: pip install 'kvx[lm-eval]'")
         path = entry.get("include_path")
