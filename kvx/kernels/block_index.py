@@ -46,11 +46,11 @@ def _pool(x: torch.Tensor, weight: torch.Tensor | None, block_size: int) -> torc
     pad = -x.shape[-2] % block_size
     if weight is None:
         weight = torch.ones(1, 1, x.shape[-2], device=x.device)  # [1, 1, L]
-        x = F.pad(x.float(), (0, 0, pad, 0))
+        x = x.float()
     else:
-        x = F.pad(x.float() * weight[..., None], (0, 0, pad, 0))
-    weight = F.pad(weight, (pad, 0))
-    sums = x.view(*x.shape[:2], -1, block_size, x.shape[-1]).sum(dim=-2)
+        x = x.float() * weight[..., None]
+    x, weight = (F.pad(x, (0, 0, pad, 0)), F.pad(weight, (pad, 0))) if pad else (x, weight)  # no copy unless padded
+    sums = x.reshape(*x.shape[:2], -1, block_size, x.shape[-1]).sum(dim=-2)  # a view unless x is strided
     counts = weight.view(*weight.shape[:2], -1, block_size).sum(dim=-1, keepdim=True)
     return sums / counts.clamp(min=1)
 
