@@ -239,16 +239,20 @@ def block_index(
     first = first_block[:, :, None, None]  # [B, H, 1, 1]
     visible = (blocks >= first) & (blocks <= own)  # [B, H, Qb, Nb]
     forced = visible & ((blocks < first + sink) | (blocks > own - local))
-    count = forced.sum(-1)  # [B, H, Qb]
-    rank_by = forced.float().masked_fill(~visible, -torch.inf)
-    if scores is not None:
+    # counted, not summed over the [B, H, Qb, Nb] masks: a list sees blocks first .. own, and forces the
+    # first sink and the last local of them
+    seen = (own[:, 0] - first[..., 0] + 1).clamp(min=0)  # [B, H, Qb]
+    count = seen.clamp(max=sink + local) if isinstance(local, int) else torch.minimum(seen, sink + local[..., 0].long())
+    if scores is None:
+        rank_by = forced.float().masked_fill(~visible, -torch.inf)
+    else:
         weights = scores.float().masked_fill(~visible, 0.0)
         rank_by = torch.where(forced, torch.inf, weights.masked_fill(~visible, -torch.inf))
         if density is not None:
-            wanted = torch.ceil(density * visible.sum(-1).double() - 1e-9).long()
-            count = torch.maximum(count, wanted.clamp(max=visible.sum(-1)))
+            wanted = torch.ceil(density * seen.double() - 1e-9).long()
+            count = torch.maximum(count, wanted.clamp(max=seen))
         elif threshold is not None:
-            count = torch.maximum(count, _threshold_count(weights, rank_by, threshold).clamp(max=visible.sum(-1)))
+            count = torch.maximum(count, _threshold_count(weights, rank_by, threshold).clamp(max=seen))
     width = max(1, int(count.max()))
     top = rank_by.topk(width, dim=-1, sorted=True).indices  # [B, H, Qb, K]
     index = torch.where(torch.arange(width, device=device) < count[..., None], top, -1)
