@@ -56,7 +56,10 @@ def block_sparse_attention(
     block_seen = (bias == 0).cumsum(dim=-1) > 0  # [B * Hkv * Nb + 1, n]: a real key at or before each slot
     spare = keys.shape[0] - 1
     # one row per (batch row, head, query block): R = B * H * Qb, in that order
-    queries = F.pad(query.to(dtype), (0, 0, num_qb * n - q_len, 0)).reshape(-1, n, dim)  # [R, n, D]
+    queries = query.to(dtype)
+    if num_qb * n > q_len:  # F.pad copies even when it pads nothing
+        queries = F.pad(queries, (0, 0, num_qb * n - q_len, 0))
+    queries = queries.reshape(-1, n, dim)  # [R, n, D]
     own, others = _split_index(block_index, kv_heads, num_kb, spare)  # [R], [R, K]
     counts = (others != spare).sum(-1)  # [R]
     # rows sorted by how many blocks they compute, so a chunk pads its lists to little more than its own
