@@ -11,12 +11,18 @@ every row and head at once (``N`` (row, head, query block) triples):
    read their KV head's blocks, K/V are never expanded), attended with a per-key padding bias;
 3. the two merged by log-sum-exp.
 
-Each part runs through PyTorch's fused CPU flash-attention kernel where it is available (logits
-never leave the cache: as efficient per computed element as a dense SDPA call), else, and with a
-logit soft-cap, through batched matmuls and a softmax. Rows are taken in chunks in the order of
-their block counts, each chunk as wide as its own longest list, and no longer than 5/4 of its shortest
-(plus one), so lists of different lengths (few blocks early in a causal index, more later; heads
-that need more) are not all padded to the widest.
+A chunk whose rows all compute the same number of blocks, every one selected and holding no padding
+(the usual case: a density gives every head the same count per query block), does all three in one
+call instead: its own block gathered last, after the others, under one mask that is causal in the
+last block (no separate ``n x n`` call, no merge).
+
+Each call runs through PyTorch's fused CPU flash-attention kernel where it is available (logits
+never leave the cache; per computed element about 1.1x a dense SDPA call, which takes longer query
+runs), else, and with a logit soft-cap, through batched matmuls and a softmax. Rows are taken in
+chunks in the order of their block counts, each chunk as wide as its own longest list, and no longer
+than 5/4 of its shortest (plus one), cut where the counts change when enough rows share one, so
+lists of different lengths (few blocks early in a causal index, more later; heads that need more)
+are not all padded to the widest.
 
 Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` KV heads, ``n`` block size, ``Qb`` / ``Nb`` query
 / key blocks, ``K`` blocks per query block.
