@@ -39,13 +39,18 @@ def first_real_block(key_valid: torch.Tensor | None, batch: int, heads: int, kv_
     return reference.expand_kv_heads((first_slot + pad) // block_size, heads // key_valid.shape[1])
 
 
-def _pool(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of ``x [B, h, L, D]`` over the real slots (``weight [B, h, L]``, 1 / 0) of each block of
-    the end-aligned grid: ``[B, h, ceil(L / n), D]`` float32 (zero where a block has none)."""
+def _pool(x: torch.Tensor, weight: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """Mean of ``x [B, h, L, D]`` over the real slots (``weight [B, h, L]``, 1 / 0; None: every slot)
+    of each block of the end-aligned grid: ``[B, h, ceil(L / n), D]`` float32 (zero where a block
+    has none)."""
     pad = -x.shape[-2] % block_size
-    x = F.pad(x.float() * weight[..., None], (0, 0, pad, 0))
-    weight = F.pad(weight, (pad, 0))
-    sums = x.view(*x.shape[:2], -1, block_size, x.shape[-1]).sum(dim=-2)
+    if weight is None:
+        weight = torch.ones(1, 1, x.shape[-2], device=x.device)  # [1, 1, L]
+        x = x.float()
+    else:
+        x = x.float() * weight[..., None]
+    x, weight = (F.pad(x, (0, 0, pad, 0)), F.pad(weight, (pad, 0))) if pad else (x, weight)  # no copy unless padded
+    sums = x.reshape(*x.shape[:2], -1, block_size, x.shape[-1]).sum(dim=-2)  # a view unless x is strided
     counts = weight.view(*weight.shape[:2], -1, block_size).sum(dim=-1, keepdim=True)
     return sums / counts.clamp(min=1)
 
@@ -77,36 +82,55 @@ def pooled_block_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch
 
 
 def pooled_query_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
-                        block_size: int, softcap: float | None = None, chunk_elements: int = 2**23) -> torch.Tensor:
+                        block_size: int, softcap: float | None = None, chunk_elements: int = 2**21) -> torch.Tensor:
     """``[B, H, Qb, Nb]`` float32: the attention each mean-pooled query block gives each key block,
     a softmax over every real key it may see (key blocks up to its own) summed per key block; 0
     elsewhere. Keys are not pooled, so one key that stands out (a needle) is not averaged away with
-    its block. ``Qb x S`` per head, a chunk of query blocks at a time: never ``q x S``.
+    its block. ``Qb x S`` per head, a chunk of query blocks at a time (about ``chunk_elements``
+    logits: they stay in the cache): never ``q x S``. The causal cut is at block edges, so it masks
+    the chunk's last blocks alone; a per-key mask is applied only where keys hold padding.
 
     Args:
         query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
     """
     batch, heads, q_len, _ = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    num_qb, num_kb, pad = block_grid(q_len, kv_len, block_size)
-    valid = torch.ones(batch, kv_heads, kv_len, device=key.device) if key_valid is None else key_valid.float()
-    queries = _pool(query, reference.expand_kv_heads(valid[..., kv_len - q_len:], groups), block_size)  # [B, H, Qb, D]
-    key_block = (torch.arange(kv_len, device=key.device) + pad) // block_size  # [S]
-    real = reference.expand_kv_heads(valid > 0, groups)[:, :, None, :]  # [B, H, 1, S]
-    scores = torch.empty(batch, heads, num_qb, num_kb, device=key.device)
-    step = max(1, chunk_elements // (batch * heads * kv_len))
+    groups, n = heads // kv_heads, block_size
+    num_qb, num_kb, pad = block_grid(q_len, kv_len, n)
+    query_weight = None if key_valid is None else reference.expand_kv_heads(key_valid[..., kv_len - q_len:].float(),
+                                                                            groups)  # a padding query weighs 0
+    queries = _pool(query, query_weight, n)  # [B, H, Qb, D]
+    keys = F.pad(key.float(), (0, 0, pad, 0)) if pad else key.float()  # [B, Hkv, Nb * n, D]: empty slots masked
+    real = None  # [B, H, 1, Nb * n] the grid's real keys, where any slot is not one
+    if key_valid is not None or pad:
+        valid = torch.ones(batch, kv_heads, kv_len, dtype=torch.bool, device=key.device) if key_valid is None \
+            else key_valid
+        real = reference.expand_kv_heads(F.pad(valid, (pad, 0), value=False), groups)[:, :, None, :]
+    scores = torch.zeros(batch, heads, num_qb, num_kb, device=key.device)
+    step = max(1, chunk_elements // (batch * heads * num_kb * n))
     for start in range(0, num_qb, step):
         stop = min(start + step, num_qb)
-        own = num_kb - num_qb + torch.arange(start, stop, device=key.device)
-        seen = (num_kb - num_qb + stop) * block_size - pad  # keys up to the chunk's last own block
-        logits = reference.grouped_logits(queries[:, :, start:stop], key[:, :, :seen], scaling, softcap)
-        logits = logits.view(batch, heads, stop - start, seen)  # [B, H, c, seen]
-        visible = (key_block[None, :seen] <= own[:, None]) & real[..., :seen]
-        probs = torch.softmax(logits.masked_fill_(~visible, -torch.inf), dim=-1).nan_to_num_(0.0)
-        blocks = F.pad(probs, (pad, 0)).view(batch, heads, stop - start, -1, block_size).sum(-1)
-        scores[:, :, start:stop] = F.pad(blocks, (0, num_kb - blocks.shape[-1]))
+        seen = num_kb - num_qb + stop  # key blocks up to the chunk's last own block
+        probs = _pooled_chunk_probs(queries[:, :, start:stop], keys[:, :, :seen * n], real, scaling, softcap, n)
+        scores[:, :, start:stop, :seen] = probs.view(batch, heads, stop - start, seen, n).sum(-1)
     return scores
+
+
+def _pooled_chunk_probs(queries: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None, scaling: float,
+                        softcap: float | None, block_size: int) -> torch.Tensor:
+    """``[B, H, c, L]`` softmax of ``c`` consecutive pooled query blocks ``[B, H, c, D]`` over ``keys
+    [B, Hkv, L, D]`` (``L = seen * n``, the last query block's own block last), each over the key
+    blocks up to its own and the ``real [B, H, 1, >= L]`` keys (None: all); 0 where none is seen."""
+    batch, heads, chunk = queries.shape[:3]
+    seen = keys.shape[-2] // block_size
+    logits = reference.grouped_logits(queries, keys, scaling, softcap).view(batch, heads, chunk, seen, block_size)
+    ahead = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).triu_(1)  # [c, c] blocks after its own
+    logits[:, :, :, seen - chunk:].masked_fill_(ahead[..., None], -torch.inf)
+    logits = logits.view(batch, heads, chunk, -1)
+    if real is None:
+        return torch.softmax(logits, dim=-1)
+    logits.masked_fill_(~real[..., :logits.shape[-1]], -torch.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def _causal_blocks(num_qb: int, num_kb: int, device) -> torch.Tensor:
@@ -129,21 +153,13 @@ def vertical_slash_scores(query: torch.Tensor, key: torch.Tensor, key_valid: tor
         query: ``[B, H, q, D]`` (the last ``last`` of them are read); key: ``[B, Hkv, S, D]``.
     """
     batch, heads, q_len, _ = query.shape
-    kv_len, groups = key.shape[2], heads // key.shape[1]
+    kv_len = key.shape[2]
     n = block_size
     num_qb, num_kb, pad = block_grid(q_len, kv_len, n)
     last = min(last, q_len)
-    mask = reference.causal_mask(last, kv_len, key.device)
-    if key_valid is not None:
-        mask = mask & reference.expand_kv_heads(key_valid, groups)[:, :, None, :]
-    probs = reference.window_attention_probs(query[:, :, -last:], key, mask, scaling, softcap)  # [B, Hkv, G, w, S]
-    probs = probs.reshape(batch, heads, last, kv_len) / last
-    columns = F.pad(probs.sum(dim=-2), (pad, 0)).view(batch, heads, num_kb, n).sum(dim=-1)  # [B, H, Nb]
-    # distance d = query slot - key slot of each (query, key); keys after a query carry no attention
-    distance = (torch.arange(kv_len - last, kv_len, device=key.device)[:, None]
-                - torch.arange(kv_len, device=key.device)[None, :]).clamp_(min=0)  # [w, S]
-    diagonals = probs.new_zeros(batch, heads, num_kb * n)
-    diagonals.scatter_add_(-1, distance.reshape(1, 1, -1).expand(batch, heads, -1), probs.reshape(batch, heads, -1))
+    probs = _last_queries_attention(query[:, :, -last:], key, key_valid, scaling, softcap)  # [B, H, w, S]
+    columns = F.pad(probs.sum(dim=-2), (pad, 0)).view(batch, heads, num_kb, n).sum(dim=-1) / last  # [B, H, Nb]
+    diagonals = F.pad(_diagonal_sums(probs), (0, num_kb * n - kv_len)) / last  # [B, H, Nb * n] by distance
     # a diagonal m * n + r lies (n - r) / n in block-diagonal m, r / n in m + 1
     by_offset = diagonals.view(batch, heads, num_kb, n)
     share = torch.arange(n, device=key.device, dtype=torch.float32) / n  # r / n
@@ -152,6 +168,42 @@ def vertical_slash_scores(query: torch.Tensor, key: torch.Tensor, key_valid: tor
     behind = (own[:, None] - torch.arange(num_kb, device=key.device)[None, :])  # [Qb, Nb] block-diagonal of a tile
     tiles = columns[:, :, None, :] + block_diagonals[:, :, behind.clamp(min=0)]  # [B, H, Qb, Nb]
     return tiles.masked_fill_(behind < 0, 0.0)
+
+
+def _last_queries_attention(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
+                            softcap: float | None) -> torch.Tensor:
+    """``[B, H, w, S]`` float32, contiguous: the causal attention of ``query [B, H, w, D]``, the last
+    ``w`` slots, over ``key [B, Hkv, S, D]`` and real keys (``key_valid [B, Hkv, S]`` or None); a
+    query that sees no key gets zeros. The causal mask is applied to the last ``w x w`` keys alone
+    (the only ones a last query may not see), in place: no ``w x S`` mask is built."""
+    batch, heads, window, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    logits = reference.grouped_logits(query, key, scaling, softcap).view(batch, heads, window, kv_len)
+    future = torch.ones(window, window, dtype=torch.bool, device=key.device).triu_(1)  # [w, w] keys after a query
+    logits[..., kv_len - window:].masked_fill_(future, -torch.inf)
+    if key_valid is None:
+        return torch.softmax(logits, dim=-1)
+    real = reference.expand_kv_heads(key_valid, heads // kv_heads)[:, :, None, :]  # [B, H, 1, S]
+    return torch.softmax(logits.masked_fill_(~real, -torch.inf), dim=-1).nan_to_num_(0.0)
+
+
+def _diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S]``: ``probs [B, H, w, S]`` (contiguous; query ``i`` is slot ``S - w + i``) summed
+    along each distance ``d = S - w + i - c`` of query and key (keys after a query, ``d < 0``,
+    carry nothing). Distances up to ``S - w`` read one strided view (query ``i``'s row shifted by
+    ``i``: stride ``S + 1``), no index; the larger ones (keys ``c < i``) come from the corner
+    ``[w, w]``."""
+    batch, heads, window, kv_len = probs.shape
+    width = kv_len - window + 1  # distances 0 .. S - w: key c = i + j, d = S - w - j
+    shifted = probs.as_strided((batch, heads, window, width), (heads * window * kv_len, window * kv_len, kv_len + 1, 1),
+                               probs.storage_offset())
+    near = shifted.sum(dim=-2).flip(-1)  # [B, H, S - w + 1] by distance 0 .. S - w
+    corner = probs[..., :window].tril(-1)  # [B, H, w, w] keys c < i: distance S - w + (i - c)
+    rows = torch.arange(window, device=probs.device)
+    gap = (rows[:, None] - rows[None, :]).clamp_(min=0)  # [w, w] i - c
+    far = probs.new_zeros(batch, heads, window).scatter_add_(
+        -1, gap.reshape(1, 1, -1).expand(batch, heads, -1), corner.reshape(batch, heads, -1))  # [B, H, w] by i - c
+    return torch.cat([near, far[..., 1:]], dim=-1)  # [B, H, S]
 
 
 def block_index(
@@ -187,16 +239,20 @@ def block_index(
     first = first_block[:, :, None, None]  # [B, H, 1, 1]
     visible = (blocks >= first) & (blocks <= own)  # [B, H, Qb, Nb]
     forced = visible & ((blocks < first + sink) | (blocks > own - local))
-    count = forced.sum(-1)  # [B, H, Qb]
-    rank_by = forced.float().masked_fill(~visible, -torch.inf)
-    if scores is not None:
+    # counted, not summed over the [B, H, Qb, Nb] masks: a list sees blocks first .. own, and forces the
+    # first sink and the last local of them
+    seen = (own[:, 0] - first[..., 0] + 1).clamp(min=0)  # [B, H, Qb]
+    count = seen.clamp(max=sink + local) if isinstance(local, int) else torch.minimum(seen, sink + local[..., 0].long())
+    if scores is None:
+        rank_by = forced.float().masked_fill(~visible, -torch.inf)
+    else:
         weights = scores.float().masked_fill(~visible, 0.0)
         rank_by = torch.where(forced, torch.inf, weights.masked_fill(~visible, -torch.inf))
         if density is not None:
-            wanted = torch.ceil(density * visible.sum(-1).double() - 1e-9).long()
-            count = torch.maximum(count, wanted.clamp(max=visible.sum(-1)))
+            wanted = torch.ceil(density * seen.double() - 1e-9).long()
+            count = torch.maximum(count, wanted.clamp(max=seen))
         elif threshold is not None:
-            count = torch.maximum(count, _threshold_count(weights, rank_by, threshold).clamp(max=visible.sum(-1)))
+            count = torch.maximum(count, _threshold_count(weights, rank_by, threshold).clamp(max=seen))
     width = max(1, int(count.max()))
     top = rank_by.topk(width, dim=-1, sorted=True).indices  # [B, H, Qb, K]
     index = torch.where(torch.arange(width, device=device) < count[..., None], top, -1)

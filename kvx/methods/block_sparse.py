@@ -33,9 +33,9 @@ from kvx.policy import MethodPolicy, check_number, check_positive_int, option
 
 MIN_LENGTH = 4096
 """Default ``min_length``: prompts shorter than this run dense attention. Measured on the CPU path
-at 10% density, one layer, in two runs on a shared machine (docs/block-sparse.md): the methods are
-0.7-1.4x SDPA at 1K keys, 1.1-2.2x at 2K, 2.3-2.6x at 4K; 4K keeps every prompt clear of the
-crossover, with a margin for load. Not measured on a GPU (MInference reports its kernel slower than
+at 10% density, one layer, on a shared machine (docs/block-sparse.md): the methods were 0.7-1.4x
+SDPA at 1K keys, 1.1-2.2x at 2K, 2.3-2.6x at 4K, and after the estimate and op speed-ups 0.8-1.3x,
+2.2-2.8x and 3.3-4.1x; 4K keeps every prompt clear of the crossover, with a margin for load. Not measured on a GPU (MInference reports its kernel slower than
 FlashAttention-2 below ~10-50K)."""
 
 
