@@ -1,18 +1,19 @@
 """Block top-k: per head, mean-pooled query blocks estimate which key blocks matter to each query
 block; each keeps the best up to a density, or the fewest whose estimated attention sums to a
-threshold, with sink and local blocks. The final query block (``exact_blocks``), the one whose
-last query produces the next token, is scored from its own queries' attention instead.
+threshold, with sink and local blocks. The final query block, the one whose last query produces
+the next token, is scored from its last queries' own attention instead (``last_queries``).
 
 Papers: Gao et al., "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs" (2024), here
 without its trained gate: mean-pooled query blocks scored against every key, summed per key block
 (``estimate=keys``, :func:`kvx.kernels.block_index.pooled_query_scores`, the default: on kvx's
 needle model, pooling the keys too, ``estimate=pooled``, averages a needle away with its block).
-The last ``exact_blocks`` query blocks are scored exactly, each query's own attention summed per
-key block and averaged over the block (:func:`kvx.kernels.block_index.final_block_scores`,
-``n x S`` per head and block, as MInference's estimate reads the last 64 queries): on kvx's needle
-model the mean of a question's last 16 queries neither asks for the needle nor spreads like the
-last query's broad first-layer heads, and 5 of 120 answers were wrong without it (docs/block-sparse.md);
-the threshold is FlexPrefill's adaptive budget (Lai et al., "FlexPrefill: A Context-Aware Sparse
+The blocks holding the last ``last_queries`` queries are scored from those queries, each one's
+own attention summed per key block and averaged over the block
+(:func:`kvx.kernels.block_index.final_block_scores`, ``last_queries x S`` per head, as
+MInference's estimate reads the last 64 queries; exact for the final block when it holds no more
+queries): on kvx's needle model the mean query of a question's final block neither asks for the
+needle (the last layer's retrieval heads) nor attends as broadly as the last query (the first
+layer's heads), and 5 of 120 answers were wrong with it (docs/block-sparse.md); the threshold is FlexPrefill's adaptive budget (Lai et al., "FlexPrefill: A Context-Aware Sparse
 Attention Mechanism for Efficient Long-Sequence Inference", ICLR 2025). A prefill method: decode
 steps attend densely, and what is stored never changes.
 """
@@ -46,13 +47,13 @@ class BlockTopK(BlockSparseMethod):
                                            "sum to this share, in (0, 1]")
     estimate: str = option("keys", "block scores: keys (mean-pooled query blocks over every key, summed per key "
                                    "block) or pooled (mean-pooled query and key blocks)")
-    exact_blocks: int = option(1, "final query blocks scored from their own queries' attention (the exact "
-                                  "block mass) instead of a pooled estimate; 0: none")
+    last_queries: int = option(16, "last queries whose own attention scores the query blocks they fall in "
+                                    "(the final one, exactly up to its size) instead of a pooled estimate; 0: none")
 
     def validate(self) -> None:
         super().validate()
         check_choice(self.name, "estimate", self.estimate, ESTIMATES)
-        check_positive_int(self.name, "exact_blocks", self.exact_blocks, minimum=0)
+        check_positive_int(self.name, "last_queries", self.last_queries, minimum=0)
 
     @classmethod
     def exact_options(cls) -> dict:
@@ -61,9 +62,9 @@ class BlockTopK(BlockSparseMethod):
     def scores(self, query, keys, valid, scaling, softcap):
         if self.estimate == "keys":
             return pooled_query_scores(query, keys, valid, scaling, self.block_size, softcap,
-                                       exact_blocks=self.exact_blocks)
+                                       last_queries=self.last_queries)
         scores = pooled_block_scores(query, keys, valid, scaling, self.block_size, softcap)
-        if self.exact_blocks:
-            final = final_block_scores(query, keys, valid, scaling, self.block_size, self.exact_blocks, softcap)
+        if self.last_queries:
+            final = final_block_scores(query, keys, valid, scaling, self.block_size, self.last_queries, softcap)
             scores[:, :, scores.shape[2] - final.shape[2]:] = final
         return scores

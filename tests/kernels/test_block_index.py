@@ -139,7 +139,7 @@ def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
     def lists(q, k, valid):
         score = (pooled_block_scores(q, k, valid, 0.25, n) if estimate == "pooled"
                  else pooled_query_scores(q, k, valid, 0.25, n) if estimate == "keys"
-                 else pooled_query_scores(q, k, valid, 0.25, n, exact_blocks=2) if estimate == "keys_exact"
+                 else pooled_query_scores(q, k, valid, 0.25, n, last_queries=24) if estimate == "keys_exact"
                  else vertical_slash_scores(q, k, valid, 0.25, n, 16))
         num_qb, num_kb, _ = reference.block_grid(q.shape[2], k.shape[2], n)
         first = first_real_block(valid, 1, 2, k.shape[2], n, q.device)
@@ -173,27 +173,27 @@ def test_pooled_query_scores_are_the_block_mass_of_each_mean_query_over_every_ke
                 torch.testing.assert_close(got[b, h, j], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 5])
-def test_final_block_scores_are_the_mean_block_mass_of_each_final_blocks_own_queries(blocks):
-    """Brute force, GQA and a left-padded row: each real query's causal softmax over the real keys,
-    summed per key block, averaged over the real queries of each of the last blocks (5 > the 4
-    query blocks of 60 queries: all of them, the first one partial)."""
+@pytest.mark.parametrize("last", [16, 8, 40, 90])
+def test_final_block_scores_are_the_mean_block_mass_of_the_last_queries(last):
+    """Brute force, GQA and a left-padded row: each of the last real queries' causal softmax over
+    the real keys, summed per key block, averaged over those queries in each query block they
+    fall in (8: half the final block; 40: two and a half blocks; 90 > the 60 queries: all)."""
     query, key = _qk(2, 2, 2, 60, 100, 16, seed=11)
     valid = torch.ones(2, 2, 100, dtype=torch.bool)
     valid[1, :, :55] = False  # row 1: 45 real tokens, its first query blocks partly padding
     n = 16
-    got = final_block_scores(query, key, valid, 0.25, n, blocks, chunk_elements=1000)  # a KV head per chunk
+    got = final_block_scores(query, key, valid, 0.25, n, last, chunk_elements=1000)  # a KV head per chunk
     num_qb, num_kb, pad = reference.block_grid(60, 100, n)
-    rows = min(blocks, num_qb)
+    width = min(last, 60)
+    rows = -(-width // n)
     assert got.shape == (2, 4, rows, num_kb)
     key_block = _grid_slots(100, n)
     for b in range(2):
         for h in range(4):
             real = valid[b, h // 2]
             for r in range(rows):
-                j = num_qb - rows + r
-                own = num_kb - num_qb + j
-                slots = [s for s in range(40, 100) if key_block[s] == own and real[s]]
+                own = num_kb - rows + r
+                slots = [s for s in range(100 - width, 100) if key_block[s] == own and real[s]]
                 want = torch.zeros(num_kb)
                 for s in slots:
                     seen = real & (torch.arange(100) <= s)
@@ -203,12 +203,12 @@ def test_final_block_scores_are_the_mean_block_mass_of_each_final_blocks_own_que
                 torch.testing.assert_close(got[b, h, r], want, rtol=1e-5, atol=1e-6)
 
 
-def test_pooled_query_scores_score_their_exact_blocks_from_their_own_queries():
+def test_pooled_query_scores_score_the_blocks_of_the_last_queries_from_them():
     query, key = _qk(1, 1, 2, 70, 100, 16, seed=12)
     pooled = pooled_query_scores(query, key, None, 0.25, 16)
-    mixed = pooled_query_scores(query, key, None, 0.25, 16, exact_blocks=2)
+    mixed = pooled_query_scores(query, key, None, 0.25, 16, last_queries=20)  # the last two query blocks
     torch.testing.assert_close(mixed[:, :, :-2], pooled[:, :, :-2])
-    torch.testing.assert_close(mixed[:, :, -2:], final_block_scores(query, key, None, 0.25, 16, 2))
+    torch.testing.assert_close(mixed[:, :, -2:], final_block_scores(query, key, None, 0.25, 16, 20))
     assert not torch.allclose(mixed[:, :, -2:], pooled[:, :, -2:])
 
 
@@ -231,4 +231,4 @@ def test_the_final_block_keeps_a_key_block_only_its_last_query_reads():
 
     pooled = last_list(pooled_query_scores(query, key, None, 1.0, n))
     assert {0, 5, 9} <= pooled and 2 not in pooled
-    assert last_list(pooled_query_scores(query, key, None, 1.0, n, exact_blocks=1)) == {0, 2, 5, 9}
+    assert last_list(pooled_query_scores(query, key, None, 1.0, n, last_queries=16)) == {0, 2, 5, 9}
