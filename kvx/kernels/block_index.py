@@ -11,7 +11,10 @@ The block grid is :mod:`kvx.kernels.reference`'s: aligned to the end of the keys
 - :func:`pooled_block_scores`: mean-pooled query blocks against mean-pooled key blocks, softmax
   over the causal key blocks (SeerAttention's and FlexPrefill's estimate, without a trained gate);
   :func:`pooled_query_scores`: mean-pooled query blocks against every key, summed per key block
-  (a key that stands out is not averaged away with its block).
+  (a key that stands out is not averaged away with its block); the blocks holding its last
+  ``last_queries`` queries are scored from those queries instead (:func:`final_block_scores`).
+- :func:`final_block_scores`: the attention the last queries give each key block, averaged over
+  the queries of each query block they fall in (the exact block mass when they fill it).
 - :func:`vertical_slash_scores`: MInference's estimate: the attention of the last queries, summed
   down each key column (*vertical* lines) and along each diagonal (*slash* lines), spread to the
   tiles those lines cross.
@@ -82,13 +85,18 @@ def pooled_block_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch
 
 
 def pooled_query_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
-                        block_size: int, softcap: float | None = None, chunk_elements: int = 2**21) -> torch.Tensor:
+                        block_size: int, softcap: float | None = None, chunk_elements: int = 2**21,
+                        last_queries: int = 0) -> torch.Tensor:
     """``[B, H, Qb, Nb]`` float32: the attention each mean-pooled query block gives each key block,
     a softmax over every real key it may see (key blocks up to its own) summed per key block; 0
     elsewhere. Keys are not pooled, so one key that stands out (a needle) is not averaged away with
     its block. ``Qb x S`` per head, a chunk of query blocks at a time (about ``chunk_elements``
     logits: they stay in the cache): never ``q x S``. The causal cut is at block edges, so it masks
     the chunk's last blocks alone; a per-key mask is applied only where keys hold padding.
+
+    The query blocks holding the last ``last_queries`` queries are not pooled: their rows are
+    :func:`final_block_scores`, the mean of those queries' own attention (a block whose last query
+    asks for a needle is not averaged into one query that asks for nothing).
 
     Args:
         query: ``[B, H, q, D]``; key: ``[B, Hkv, S, D]``; key_valid: ``[B, Hkv, S]`` bool or None.
@@ -107,13 +115,56 @@ def pooled_query_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch
             else key_valid
         real = reference.expand_kv_heads(F.pad(valid, (pad, 0), value=False), groups)[:, :, None, :]
     scores = torch.zeros(batch, heads, num_qb, num_kb, device=key.device)
+    pooled = num_qb - -(-min(max(last_queries, 0), q_len) // n)  # query blocks scored by their mean query
     step = max(1, chunk_elements // (batch * heads * num_kb * n))
-    for start in range(0, num_qb, step):
-        stop = min(start + step, num_qb)
+    for start in range(0, pooled, step):
+        stop = min(start + step, pooled)
         seen = num_kb - num_qb + stop  # key blocks up to the chunk's last own block
         probs = _pooled_chunk_probs(queries[:, :, start:stop], keys[:, :, :seen * n], real, scaling, softcap, n)
         scores[:, :, start:stop, :seen] = probs.view(batch, heads, stop - start, seen, n).sum(-1)
+    if pooled < num_qb:
+        scores[:, :, pooled:] = final_block_scores(query, key, key_valid, scaling, n, last_queries, softcap)
     return scores
+
+
+def final_block_scores(query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scaling: float,
+                       block_size: int, last: int = 16, softcap: float | None = None,
+                       chunk_elements: int = 2**23) -> torch.Tensor:
+    """``[B, H, r, Nb]`` float32 for the last ``r`` query blocks, those holding the last ``w =
+    min(last, q)`` queries: the attention those real queries give each key block (each query's
+    softmax over the real keys it may see, causal per token, summed per key block), averaged over
+    the ones in each block. Where they fill a block, exactly the share of its attention that
+    computing a key block keeps; the final block holds ``n`` queries, so ``last < n`` reads its
+    last ones alone. Rows sum to 1 (0 where a block holds none of them). ``w x S`` logits per head,
+    a chunk of KV heads at a time (about ``chunk_elements``); never ``q x S``.
+
+    Args:
+        query: ``[B, H, q, D]`` (its last ``w`` are read); key: ``[B, Hkv, S, D]``;
+        key_valid: ``[B, Hkv, S]`` bool or None.
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups, n = heads // kv_heads, block_size
+    num_qb, num_kb, pad = block_grid(q_len, kv_len, n)
+    width = min(max(last, 1), q_len)  # the last query block is full (end-aligned grid)
+    rows = -(-width // n)
+    front = rows * n - width  # slots in front of the first query read, in the first of those blocks
+    step = max(1, chunk_elements // (batch * groups * width * kv_len))  # KV heads per chunk
+    mass = torch.empty(batch, heads, width, num_kb, device=key.device)
+    for start in range(0, kv_heads, step):
+        stop = min(start + step, kv_heads)
+        probs = _last_queries_attention(query[:, start * groups:stop * groups, -width:], key[:, start:stop],
+                                        None if key_valid is None else key_valid[:, start:stop], scaling, softcap)
+        probs = F.pad(probs, (pad, 0)) if pad else probs  # [B, h, w, Nb * n]
+        mass[:, start * groups:stop * groups] = probs.view(batch, -1, width, num_kb, n).sum(-1)
+    weight = torch.ones(1, 1, width, device=key.device) if key_valid is None else \
+        reference.expand_kv_heads(key_valid[..., kv_len - width:].float(), groups)  # a padding query weighs 0
+    mass = mass * weight[..., None]
+    if front:
+        mass, weight = F.pad(mass, (0, 0, front, 0)), F.pad(weight, (front, 0))
+    sums = mass.view(batch, heads, rows, n, num_kb).sum(dim=-2)
+    counts = weight.expand(batch, heads, -1).reshape(batch, heads, rows, n).sum(-1, keepdim=True)
+    return sums / counts.clamp(min=1)
 
 
 def _pooled_chunk_probs(queries: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None, scaling: float,

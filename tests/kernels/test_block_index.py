@@ -9,6 +9,7 @@ import torch
 from kvx.kernels import reference
 from kvx.kernels.block_index import (
     block_index,
+    final_block_scores,
     first_real_block,
     pooled_block_scores,
     pooled_query_scores,
@@ -125,7 +126,7 @@ def test_a_shape_lists_are_the_sinks_and_the_window():
                                                                                [0, 3, 4]]
 
 
-@pytest.mark.parametrize("estimate", ["pooled", "keys", "vertical_slash"])
+@pytest.mark.parametrize("estimate", ["pooled", "keys", "keys_exact", "vertical_slash"])
 def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
     """The grid is aligned to the end and sinks count from a row's first real block: a row of a
     left-padded batch selects the same real tokens as the row alone."""
@@ -138,6 +139,7 @@ def test_a_padded_row_gets_the_lists_of_the_row_alone(estimate):
     def lists(q, k, valid):
         score = (pooled_block_scores(q, k, valid, 0.25, n) if estimate == "pooled"
                  else pooled_query_scores(q, k, valid, 0.25, n) if estimate == "keys"
+                 else pooled_query_scores(q, k, valid, 0.25, n, last_queries=24) if estimate == "keys_exact"
                  else vertical_slash_scores(q, k, valid, 0.25, n, 16))
         num_qb, num_kb, _ = reference.block_grid(q.shape[2], k.shape[2], n)
         first = first_real_block(valid, 1, 2, k.shape[2], n, q.device)
@@ -169,3 +171,64 @@ def test_pooled_query_scores_are_the_block_mass_of_each_mean_query_over_every_ke
                 probs = torch.softmax((key[b, 0] @ mean * 0.25).masked_fill(~seen, -math.inf), 0).nan_to_num(0.0)
                 want = torch.zeros(num_kb).index_add_(0, key_block, probs)
                 torch.testing.assert_close(got[b, h, j], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("last", [16, 8, 40, 90])
+def test_final_block_scores_are_the_mean_block_mass_of_the_last_queries(last):
+    """Brute force, GQA and a left-padded row: each of the last real queries' causal softmax over
+    the real keys, summed per key block, averaged over those queries in each query block they
+    fall in (8: half the final block; 40: two and a half blocks; 90 > the 60 queries: all)."""
+    query, key = _qk(2, 2, 2, 60, 100, 16, seed=11)
+    valid = torch.ones(2, 2, 100, dtype=torch.bool)
+    valid[1, :, :55] = False  # row 1: 45 real tokens, its first query blocks partly padding
+    n = 16
+    got = final_block_scores(query, key, valid, 0.25, n, last, chunk_elements=1000)  # a KV head per chunk
+    num_qb, num_kb, pad = reference.block_grid(60, 100, n)
+    width = min(last, 60)
+    rows = -(-width // n)
+    assert got.shape == (2, 4, rows, num_kb)
+    key_block = _grid_slots(100, n)
+    for b in range(2):
+        for h in range(4):
+            real = valid[b, h // 2]
+            for r in range(rows):
+                own = num_kb - rows + r
+                slots = [s for s in range(100 - width, 100) if key_block[s] == own and real[s]]
+                want = torch.zeros(num_kb)
+                for s in slots:
+                    seen = real & (torch.arange(100) <= s)
+                    logits = (key[b, h // 2] @ query[b, h, s - 40] * 0.25).masked_fill(~seen, -math.inf)
+                    want.index_add_(0, key_block, torch.softmax(logits, 0))
+                want = want / max(len(slots), 1)
+                torch.testing.assert_close(got[b, h, r], want, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_query_scores_score_the_blocks_of_the_last_queries_from_them():
+    query, key = _qk(1, 1, 2, 70, 100, 16, seed=12)
+    pooled = pooled_query_scores(query, key, None, 0.25, 16)
+    mixed = pooled_query_scores(query, key, None, 0.25, 16, last_queries=20)  # the last two query blocks
+    torch.testing.assert_close(mixed[:, :, :-2], pooled[:, :, :-2])
+    torch.testing.assert_close(mixed[:, :, -2:], final_block_scores(query, key, None, 0.25, 16, 20))
+    assert not torch.allclose(mixed[:, :, -2:], pooled[:, :, -2:])
+
+
+def test_the_final_block_keeps_a_key_block_only_its_last_query_reads():
+    """A needle: one key that only the last query matches, while the block's other queries read a
+    decoy. Their mean asks for the decoy alone; the block's own queries ask for both, and its list
+    keeps the needle's block too."""
+    n, length, dim = 16, 160, 16
+    g = torch.Generator().manual_seed(13)
+    query, key = torch.randn(1, 1, length, dim, generator=g) * 0.1, torch.randn(1, 1, length, dim, generator=g) * 0.1
+    needle, decoy = torch.eye(dim)[0], torch.eye(dim)[1]
+    key[0, 0, 37], key[0, 0, 90] = needle * 8, decoy * 8  # key blocks 2 and 5
+    query[0, 0, -16:-1] += decoy * 8 - needle * 0.6  # the final block's queries read the decoy ...
+    query[0, 0, -1] = needle * 8  # ... but its last one the needle
+    first = torch.zeros(1, 1, dtype=torch.long)
+
+    def last_list(scores):
+        index = block_index(scores, 10, 10, first, sink=1, local=1, density=0.4)  # 4 blocks: 2 scored
+        return {int(x) for x in index[0, 0, -1] if x >= 0}
+
+    pooled = last_list(pooled_query_scores(query, key, None, 1.0, n))
+    assert {0, 5, 9} <= pooled and 2 not in pooled
+    assert last_list(pooled_query_scores(query, key, None, 1.0, n, last_queries=16)) == {0, 2, 5, 9}

@@ -21,6 +21,8 @@ SPARSE = {  # below full density, with blocks small enough that a 300-token prom
     "block_topk": "block_topk:density=0.3,min_length=0,block_size=16",
     "block_topk_threshold": "block_topk:threshold=0.5,min_length=0,block_size=16",
     "block_topk_pooled": "block_topk:estimate=pooled,density=0.3,min_length=0,block_size=16",
+    "block_topk_mean_only": "block_topk:density=0.3,min_length=0,block_size=16,last_queries=0",
+    "block_topk_last_40": "block_topk:density=0.3,min_length=0,block_size=16,last_queries=40",
 }
 
 
@@ -123,6 +125,7 @@ def test_a_mask_that_is_not_plain_causal_gets_dense_attention():
     ("a_shape:local=0", r"a_shape: local must be >= 1, got 0"),
     ("vertical_slash:last_queries=0", r"vertical_slash: last_queries must be >= 1, got 0"),
     ("block_topk:estimate=max", r"block_topk: estimate must be one of keys, pooled; got 'max'"),
+    ("block_topk:last_queries=-1", r"block_topk: last_queries must be >= 0, got -1"),
 ])
 def test_bad_options_are_refused_by_name(spec, message):
     with pytest.raises(ValueError, match=message):
