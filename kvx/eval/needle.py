@@ -40,6 +40,9 @@ from kvx.policy import Policy, check_positive_int, make_policy, policy_class
 DENSE = "dense"
 COMPRESS_MODES = ("prompt", "context")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "needle-llama"
+KEYS_MODEL = DEFAULT_MODEL.with_name("needle-llama-keys")
+"""The second shipped model (4 layers, 8 query / 4 KV heads): it matches keys (multi-key, "none" when the
+key is absent) at 1K-2K, where the default one copies a single needle; see its card."""
 
 
 @dataclass(frozen=True)
