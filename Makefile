@@ -57,7 +57,7 @@ coverage: install
 	KVX_COVERAGE=all $(PYTHON) -m pytest -q -s tests/patches/test_coverage.py
 
 demo: install
-	$(PYTHON) -m kvx.cli needle --config configs/needle-demo.yaml --out runs/demo
+	$(PYTHON) -m kvx.cli needle --model kvx/assets/needle-llama-keys --config configs/needle-demo.yaml --out runs/demo
 
 clean:
 	rm -rf $(VENV) .venv-compat .pytest_cache *.egg-info
