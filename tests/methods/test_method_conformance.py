@@ -86,3 +86,30 @@ def test_exact_method_keeps_the_selection_and_padded_rows_equal_rows_alone(model
     for i, (row_seq, row_logits, _) in enumerate(alone):
         assert torch.equal(seq[i, -4:], row_seq[0, -4:])
         torch.testing.assert_close(logits[:, i], row_logits[:, 0], rtol=1e-4, atol=1e-4)
+
+
+ARCHITECTURES = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_oss", "opt"]
+"""Verified architectures of the coverage check's fast subset, beyond llama (the fixture above):
+softcapping (gemma2), sliding-window layers mixed with full ones (gemma3_text), attention sinks
+(gpt_oss), a decoder called directly (opt)."""
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("method", [m for m in method_names() if m != "dense"])
+def test_exact_method_equals_the_dense_model_on_verified_architectures(model_type, method):
+    """Every method at its exact setting gives the unpatched model's outputs, prefill in chunks and
+    decode, on each verified architecture of the fast subset (lossless storage, nothing evicted)."""
+    from kvx.compat import causal_lm_model_types
+    from kvx.tiny_zoo import tiny_model as zoo_model
+
+    if model_type not in causal_lm_model_types():
+        pytest.skip(f"{model_type} is not in this transformers release")
+    model = zoo_model(model_type, windows=False)  # no sliding windows: the method runs on every layer
+    ids = random_ids(1, 40, seed=43, vocab=min(128, model.config.vocab_size))
+    expected_seq, expected_logits, _ = greedy(model, ids, new_tokens=4)
+    with kvx.patched(model, kvx.compose(Exact(method)), chunk_size=16):
+        seq, logits, cache = greedy(model, ids, new_tokens=4)
+    counted = [layer.attention_blocks or layer.decode_keys for layer in cache.layers if hasattr(layer, "decode_keys")]
+    assert any(counted), "the method ran (it counted what it computed)"
+    assert torch.equal(seq, expected_seq)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
