@@ -5,7 +5,8 @@ appended k, v to its cache layer, a storage kind of :mod:`kvx.storage`):
 
 1. the storage records padding among the new tokens and gives the mask over what it holds
    (``begin_step``);
-2. the attention method (:mod:`kvx.methods`) computes the new queries' output through the storage;
+2. the attention method (:mod:`kvx.methods`) computes the new queries' output through the storage
+   (and, for a policy that reads them (H2O), the column sums of that attention where one pass gives both);
 3. the selection policy (:mod:`kvx.policies`) reads the storage's scoring view and returns what to
    keep; the storage drops the rest (``apply_selection``).
 
