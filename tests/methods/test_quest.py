@@ -216,21 +216,26 @@ def test_beam_search_rebuilds_the_bounds_of_reordered_rows(model, checked_bounds
 
 QUANTIZED = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
              "kvquant:group=8,window=4,outliers=0.1"]
+RAGGED = ["head_budget:budget=100,window=8", "snapkv:budget=120,window=8+ragged"]
 
 
 def _transient(monkeypatch):
-    """Quantized storage read as before: quest over the transient dense view (rebuilt every step)."""
+    """Quantized and ragged storage read as before: quest over the transient dense view (rebuilt
+    every step)."""
     from kvx.storage.base import Storage
     from kvx.storage.quantized import QuantizedLayer
+    from kvx.storage.ragged import RaggedLayer
 
     monkeypatch.setattr(QuantizedLayer, "decode_reader", Storage.decode_reader)
+    monkeypatch.setattr(RaggedLayer, "decode_reader", Storage.decode_reader)
 
 
-@pytest.mark.parametrize("storage", QUANTIZED)
-def test_on_quantized_storage_equals_quest_over_the_dense_view(model, storage, monkeypatch):
-    """Reading only the chosen slots of packed segments (dequantizing those alone), with page bounds
-    kept across steps and refreshed as tokens leave the window, gives exactly what quest over the
-    whole dequantized view gives (which reads every token), keys counted alike."""
+@pytest.mark.parametrize("storage", QUANTIZED + RAGGED)
+def test_on_quantized_and_ragged_storage_equals_quest_over_the_dense_view(model, storage, monkeypatch):
+    """Reading only the chosen slots of packed segments (dequantizing those alone) or of a ragged
+    prefix, with page bounds kept across steps (refreshed as tokens leave a quantized window), gives
+    exactly what quest over the whole (dequantized) dense view gives, which reads every token; keys
+    counted alike."""
     rows = [random_ids(1, n, seed=n)[0] for n in (300, 211)]
     ids, mask = left_pad(rows)
     builds = []
@@ -250,35 +255,37 @@ def test_on_quantized_storage_equals_quest_over_the_dense_view(model, storage, m
     assert all(0 < read < total for read, total in counts)
 
 
-@pytest.mark.parametrize("storage", QUANTIZED[:2])
-def test_quantized_reads_are_the_dense_views_tokens_and_bounds_stay_rebuilt_ones(model, storage, checked_bounds,
-                                                                                 monkeypatch):
+@pytest.mark.parametrize("storage", QUANTIZED[:2] + RAGGED[:1])
+def test_chosen_reads_are_the_dense_views_tokens_and_bounds_stay_rebuilt_ones(model, storage, checked_bounds,
+                                                                             monkeypatch):
     """Each step's gathered keys and values equal the transient dense view's at the same slots; the
     bounds kept equal bounds rebuilt from it (``checked_bounds``), through moves out of the window."""
     from kvx.storage.quantized import QuantizedLayer
+    from kvx.storage.ragged import RaggedLayer, RaggedReader
     from kvx.storage.segments import SegmentsReader
 
     gathers = []
-    real_reader, real_gather = QuantizedLayer.decode_reader, SegmentsReader.gather
+    for layer_class, reader_class in ((QuantizedLayer, SegmentsReader), (RaggedLayer, RaggedReader)):
+        real_reader, real_gather = layer_class.decode_reader, reader_class.gather
 
-    def reader(self, mask):
-        found = real_reader(self, mask)
-        if isinstance(found, SegmentsReader):
-            found.view = self.dense_view()
-        return found
+        def reader(self, mask, _real=real_reader, _class=reader_class):
+            found = _real(self, mask)
+            if isinstance(found, _class):
+                found.view = self.dense_view()
+            return found
 
-    def gather(self, slots):
-        keys, values = real_gather(self, slots)
-        if hasattr(self, "view"):
-            assert torch.equal(keys, reference.take_tokens(self.view[0], slots))
-            assert torch.equal(values, reference.take_tokens(self.view[1], slots))
-            gathers.append(slots.shape[-1])
-        return keys, values
+        def gather(self, slots, _real=real_gather):
+            keys, values = _real(self, slots)
+            if hasattr(self, "view"):
+                assert torch.equal(keys, reference.take_tokens(self.view[0], slots))
+                assert torch.equal(values, reference.take_tokens(self.view[1], slots))
+                gathers.append(slots.shape[-1])
+            return keys, values
 
-    monkeypatch.setattr(QuantizedLayer, "decode_reader", reader)
-    monkeypatch.setattr(SegmentsReader, "gather", gather)
+        monkeypatch.setattr(layer_class, "decode_reader", reader)
+        monkeypatch.setattr(reader_class, "gather", gather)
     ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (200, 151)])
     with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
         greedy(model, ids, mask, new_tokens=18)
     assert len(checked_bounds) == 17 * model.config.num_hidden_layers
-    assert len(gathers) >= 17 * model.config.num_hidden_layers  # every step read through the packed segments
+    assert len(gathers) >= 17 * model.config.num_hidden_layers  # every step (and each refresh) read through it
