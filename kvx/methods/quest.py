@@ -4,8 +4,10 @@ is highest, plus the pages of the first (sink) and most recent tokens.
 Paper: Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (ICML
 2024). Per page of ``page_size`` real tokens (counted from each (row, KV head)'s oldest, so a padded
 row pages like the row alone), the per-channel min and max of its keys are kept beside the cache
-(:class:`kvx.kernels.pages.PageIndex`, extended in place as decode steps append a token, rebuilt
-when a composed selection evicts, quantized storage moves tokens, or beam search re-orders rows);
+(:class:`kvx.kernels.pages.PageIndex`, extended in place as decode steps append a token, the pages
+of tokens quantized out of a window refreshed from those tokens alone, rebuilt when a composed
+selection evicts or beam search re-orders rows); what is read goes through the storage's
+:meth:`~kvx.storage.base.Storage.decode_reader`, which reads (dequantizes) only the chosen slots;
 a page's bound on the new query's logit is ``sum_d max(q_d * min_d, q_d * max_d)``. GQA: pages are
 chosen per KV head, from its query heads' bounds combined by ``reduce`` (``max``: a page any of them
 may need; ``sum``), and K/V are never expanded. A decode (speed) method: the prompt attends densely,
