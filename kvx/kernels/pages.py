@@ -71,8 +71,40 @@ class PageIndex:
         index = page[..., None, None].expand(*page.shape, 1, key.shape[-1])
         self.mins.scatter_reduce_(2, index, key.to(self.mins.dtype), "amin")
         self.maxs.scatter_reduce_(2, index, key.to(self.maxs.dtype), "amax")
+        if self.slots is not None:  # the new rank's slot: the next one
+            self.slots = torch.cat([self.slots, self.slots[..., -1:]], -1)
+            self.slots.scatter_(2, self.real[..., None], torch.full_like(self.real[..., None], self.stored))
         self.real += 1
         self.stored += 1
+
+    def refresh(self, reader, start: torch.Tensor, stop: torch.Tensor) -> None:
+        """Real tokens of ranks ``[start, stop)`` (``[B, Hkv]`` each) now read otherwise (quantized) and
+        slots moved, ranks kept: the layout is re-read from ``reader`` (a
+        :class:`kvx.storage.base.TokenReader`: ``valid``, ``stored``, ``gather(slots)``) and the bounds
+        of the pages holding those ranks are recomputed from their tokens alone."""
+        batch, kv_heads = self.real.shape
+        real, self.first, self.slots = real_layout(reader.valid, batch, kv_heads, reader.stored, self.real.device)
+        if not torch.equal(real, self.real):
+            raise ValueError(f"page bounds cover {self.real.tolist()} real tokens, the storage holds {real.tolist()}")
+        self.stored, size = reader.stored, self.page_size
+        moved = stop > start  # [B, Hkv]
+        if not bool(moved.any()):
+            return
+        low = torch.div(start, size, rounding_mode="floor")
+        high = torch.div((stop - 1).clamp(min=0), size, rounding_mode="floor")
+        width = int((high - low)[moved].max()) + 1
+        pages = low[..., None] + torch.arange(width, device=low.device)  # [B, Hkv, W]
+        touched = moved[..., None] & (pages <= high[..., None])
+        if int(pages.max()) >= self.mins.shape[2]:  # so that every page written is allocated (no clamping)
+            self._grow(int(pages.max()) + 1)
+        ranks = (pages[..., None] * size + torch.arange(size, device=low.device)).flatten(2)  # [B, Hkv, W * P]
+        keys = reader.gather(self.token_slots(ranks))[0].reshape(batch, kv_heads, width, size, -1)
+        present = (ranks < real[..., None]).reshape(batch, kv_heads, width, size, 1)
+        mins = keys.masked_fill(~present, math.inf).amin(3).to(self.mins.dtype)  # [B, Hkv, W, D]
+        maxs = keys.masked_fill(~present, -math.inf).amax(3).to(self.maxs.dtype)
+        where = pages[..., None].expand_as(mins)
+        self.mins.scatter_(2, where, torch.where(touched[..., None], mins, self.mins.gather(2, where)))
+        self.maxs.scatter_(2, where, torch.where(touched[..., None], maxs, self.maxs.gather(2, where)))
 
     def _grow(self, pages: int) -> None:
         extra = pages - self.mins.shape[2]
@@ -170,8 +202,15 @@ def attend_tokens(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     rows = (slots + torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1) * stored).flatten()
     picked_k = _rows(keys, rows).view(batch, kv_heads, -1, keys.shape[-1])  # [B, Hkv, T, D]
     picked_v = _rows(values, rows).view(batch, kv_heads, -1, values.shape[-1])
+    return attend_gathered(query, picked_k, picked_v, real, scaling, softcap, sinks)
+
+
+def attend_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor,
+                    scaling: float, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention ``[B, H, 1, Dv]`` of one query per head over gathered ``keys / values [B, Hkv, T,
+    D|Dv]`` where ``real [B, Hkv, T]`` (the KV heads are never expanded)."""
     mask = None if bool(real.all()) else reference.expand_kv_heads(real, query.shape[1] // keys.shape[1])[:, :, None]
-    return reference.attention(query, picked_k, picked_v, mask, scaling, softcap, sinks)
+    return reference.attention(query, keys, values, mask, scaling, softcap, sinks)
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -304,6 +304,26 @@ def _token_slice(p: Packed, start: int, stop: int) -> Packed:
                    group=1, group_index=None, **sparse)
 
 
+def take_tokens(p: Packed, indices: torch.Tensor) -> Packed:
+    """Tokens ``indices [B, Hkv, K]`` of ``p`` (any order, repeats allowed) with their own per-token
+    scales (per-channel groups re-indexed as in :func:`_token_slice`): what
+    :func:`dequantize_tokens` reads. Not a storage layout (it repeats scales per token)."""
+    take = lambda t: reference.take_tokens(t, indices)  # noqa: E731
+    codes, sparse = take(p.codes), p.per_token(take)
+    if p.axis == "token":
+        return replace(p, codes=codes, scale=take(p.scale), zero=None if p.zero is None else take(p.zero), **sparse)
+    groups = p.token_groups().gather(2, indices)  # [B, Hkv, K]
+    per_group = lambda t: reference.take_tokens(t, groups)  # noqa: E731  per-token scales [B, Hkv, K, D]
+    return replace(p, codes=codes, scale=per_group(p.scale), zero=None if p.zero is None else per_group(p.zero),
+                   group=1, group_index=None, **sparse)
+
+
+def dequantize_tokens(p: Packed, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x [B, Hkv, K, D]`` in ``dtype`` at tokens ``indices [B, Hkv, K]`` of ``p``: only those
+    tokens are read and dequantized, bit for bit as :func:`dequantize` gives them."""
+    return dequantize(take_tokens(p, indices), dtype)
+
+
 def error_bound(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bool = False) -> torch.Tensor:
     """Largest round-trip error ``|x - dequantize(quantize(x))|`` the layout allows per element:
     half a step, plus the float16 rounding of the scale and zero point."""
@@ -314,5 +334,5 @@ def error_bound(x: torch.Tensor, bits: int, group: int, axis: str, symmetric: bo
     return _ungrouped((0.5 * step + slack).expand_as(grouped), x.shape, group, axis)
 
 
-__all__ = ["AXES", "BITS", "Packed", "check_layout", "concat", "dequantize", "error_bound", "gather_tokens",
+__all__ = ["AXES", "BITS", "Packed", "check_layout", "concat", "dequantize", "dequantize_tokens", "error_bound", "gather_tokens",
            "packed_attention_with_lse", "quantize"]

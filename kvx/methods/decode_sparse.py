@@ -3,13 +3,15 @@ tokens (``quest``: pages by an upper bound of their keys' logits; ``tidal``: the
 full-attention layers found most attended). Prompts and extensions (several new queries) attend
 densely; what is stored never changes (a speed method: the full cache stays in memory).
 
-What is read goes through the storage: :meth:`kvx.storage.base.Storage.causal_view` gives the dense
-keys and values of the step (the storage's own tensors on dense storage; a transient dense view on
-ragged and quantized storage, which is correct but reads every token to build, so no faster than
-dense there), the method gathers the chosen slots and attends over them. Each decode step counts,
-per layer, the real keys read of those stored (``cache.stats()``: ``decode_keys_read`` /
-``decode_keys_total``, dense steps counted as all read), so no run claims a sparsity it did not
-compute.
+What is read goes through the storage. ``quest`` asks :meth:`kvx.storage.base.Storage.decode_reader`
+for a :class:`~kvx.storage.base.TokenReader`: dense storage gives its own tensors, quantized storage
+its segments (only the chosen slots dequantized), ragged storage its packed prefix and tail (only the
+chosen slots read); a kind without a reader of its own (ragged quantized segments) gives the
+transient dense view, which is correct but reads every token to build, so no faster than dense
+there. ``tidal`` reads :meth:`~kvx.storage.base.Storage.causal_view` (the transient view on every kind
+but dense). Each decode step counts, per layer, the real keys read of those stored
+(``cache.stats()``: ``decode_keys_read`` / ``decode_keys_total``, dense steps counted as all read),
+so no run claims a sparsity it did not compute.
 """
 
 from __future__ import annotations

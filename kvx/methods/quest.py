@@ -4,8 +4,10 @@ is highest, plus the pages of the first (sink) and most recent tokens.
 Paper: Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (ICML
 2024). Per page of ``page_size`` real tokens (counted from each (row, KV head)'s oldest, so a padded
 row pages like the row alone), the per-channel min and max of its keys are kept beside the cache
-(:class:`kvx.kernels.pages.PageIndex`, extended in place as decode steps append a token, rebuilt
-when a composed selection evicts, quantized storage moves tokens, or beam search re-orders rows);
+(:class:`kvx.kernels.pages.PageIndex`, extended in place as decode steps append a token, the pages
+of tokens quantized out of a window refreshed from those tokens alone, rebuilt when a composed
+selection evicts or beam search re-orders rows); what is read goes through the storage's
+:meth:`~kvx.storage.base.Storage.decode_reader`, which reads (dequantizes) only the chosen slots;
 a page's bound on the new query's logit is ``sum_d max(q_d * min_d, q_d * max_d)``. GQA: pages are
 chosen per KV head, from its query heads' bounds combined by ``reduce`` (``max``: a page any of them
 may need; ``sum``), and K/V are never expanded. A decode (speed) method: the prompt attends densely,
@@ -20,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from kvx.kernels.pages import attend_tokens, build_page_index, page_tokens, page_upper_bounds, top_pages
+from kvx.kernels.pages import attend_gathered, build_page_index, page_tokens, page_upper_bounds, top_pages
 from kvx.methods.base import register_method
 from kvx.methods.decode_sparse import DecodeSparseMethod, dense_step
 from kvx.policy import check_positive_int, option, register_policy
@@ -74,11 +76,10 @@ class Quest(DecodeSparseMethod):
         args = (storage, query, key, value, mask, scaling, softcap, sinks)
         if query.shape[-2] != 1:  # the prompt, an extension: dense
             return dense_step(*args)
-        view = None if layer_idx < self.dense_layers else storage.causal_view(mask)
-        if view is None:
+        reader = None if layer_idx < self.dense_layers else storage.decode_reader(mask)
+        if reader is None:
             return dense_step(*args)
-        keys, values, valid = view
-        index = self.page_index(storage, keys, valid)
+        index = self.page_index(storage, reader)
         have = -(-index.real // self.page_size)  # [B, Hkv] pages
         forced = self.forced_pages(index.real, index.num_pages)  # [B, Hkv, N]
         count = torch.minimum(have, torch.maximum(self.read_count(index.real, self.page_size), forced.sum(-1)))
@@ -87,8 +88,9 @@ class Quest(DecodeSparseMethod):
         scores = page_upper_bounds(query, index, self.reduce).masked_fill(forced, math.inf)
         pages, chosen = top_pages(scores, count)
         slots, read = page_tokens(index, pages, chosen)
-        out = attend_tokens(query, keys, values, slots, read, scaling, softcap, sinks)
-        groups = query.shape[1] // keys.shape[1]
+        picked_keys, picked_values = reader.gather(slots)  # [B, Hkv, K * P, D]: only these are read
+        out = attend_gathered(query, picked_keys, picked_values, read, scaling, softcap, sinks)
+        groups = query.shape[1] // index.real.shape[1]
         storage.count_decode_keys(int(read.sum()) * groups, int(index.real.sum()) * groups)
         return out.to(query.dtype)
 
@@ -101,19 +103,18 @@ class Quest(DecodeSparseMethod):
         recent = (page >= start[..., None]) if self.recent else torch.zeros_like(sink)
         return (sink | recent) & (page < have[..., None])
 
-    def page_index(self, storage, keys: torch.Tensor, valid: torch.Tensor | None):
-        """The page bounds of ``keys``: kept beside the storage and extended by the step's token where
-        the view is the storage's own keys and only that token was appended since; else rebuilt (on a
-        transient view, every step)."""
-        own = keys is getattr(storage, "keys", None)
-        index = (storage.method_state or {}).get(self.name) if own else None
-        batch, kv_heads, stored = keys.shape[:3]
-        if (index is not None and index.page_size == self.page_size and index.first is not None
-                and index.stored + 1 == stored and tuple(index.real.shape) == (batch, kv_heads)
-                and (valid is None or bool(valid[..., -1].all()))):
-            index.extend(keys[:, :, -1:])
+    def page_index(self, storage, reader):
+        """The page bounds of what ``reader`` (:meth:`kvx.storage.base.Storage.decode_reader`) reads:
+        kept beside the storage where the reader is persistent, extended by the step's token where only
+        that token was appended since (refreshed by the storage as it re-holds tokens); else rebuilt
+        from every key (on a transient view, every step)."""
+        index = (storage.method_state or {}).get(self.name) if reader.persistent else None
+        if (index is not None and index.page_size == self.page_size and index.stored + 1 == reader.stored
+                and reader.appended_real()):
+            index.extend(reader.new_key())
             return index
-        index = build_page_index(keys, valid, self.page_size, spare=SPARE_PAGES if own else 0)
-        if own:
+        index = build_page_index(reader.keys(), reader.valid, self.page_size,
+                                 spare=SPARE_PAGES if reader.persistent else 0)
+        if reader.persistent:
             storage.method_state = {**(storage.method_state or {}), self.name: index}
         return index

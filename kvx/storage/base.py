@@ -48,6 +48,52 @@ class ScoringInputs:
     mask_rows: Callable[[int], torch.Tensor] | None = None
 
 
+class TokenReader:
+    """A layer's stored keys and values as a decode-sparse method reads them at one decode step:
+    ``S`` slots in stored order, ``valid [B, Hkv, S]`` bool (None: every slot real). Read whole
+    only to build a method's state (page bounds), otherwise a few slots at a time (:meth:`gather`).
+
+    ``persistent``: whether state built on it may be kept in :attr:`Storage.method_state` and
+    extended by the next step's token (False on a transient view, rebuilt every step)."""
+
+    persistent: bool = False
+    stored: int
+    valid: torch.Tensor | None
+
+    def keys(self) -> torch.Tensor:
+        """Every slot's key ``[B, Hkv, S, D]`` (dequantized where stored packed: a whole read)."""
+        raise NotImplementedError
+
+    def new_key(self) -> torch.Tensor:
+        """The key ``[B, Hkv, 1, D]`` of the last slot (the token this step appended)."""
+        return self.keys()[:, :, -1:]
+
+    def appended_real(self) -> bool:
+        """Whether the last slot holds a real token in every (row, KV head)."""
+        return self.valid is None or bool(self.valid[..., -1].all())
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, Hkv, T, D|Dv]`` at ``slots [B, Hkv, T]``, reading only those."""
+        raise NotImplementedError
+
+
+class ViewReader(TokenReader):
+    """A :class:`TokenReader` over dense ``keys / values [B, Hkv, S, D]`` (the storage's own tensors,
+    ``persistent``, or a transient view)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, persistent: bool = False):
+        self._keys, self._values, self.valid, self.persistent = keys, values, valid, persistent
+        self.stored = keys.shape[2]
+
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from kvx.kernels.reference import take_tokens
+
+        return take_tokens(self._keys, slots), take_tokens(self._values, slots)
+
+
 class Storage(CacheLayerMixin):
     """Base of every storage kind; see the module docstring for the sequence of one call.
 
@@ -99,6 +145,13 @@ class Storage(CacheLayerMixin):
         :meth:`attend`). Valid until :meth:`end_step`."""
         return None
 
+    def decode_reader(self, mask: torch.Tensor | None) -> TokenReader | None:
+        """What a decode-sparse method reads of one new query's step (``mask`` from :meth:`begin_step`):
+        a :class:`TokenReader`, or None where :meth:`causal_view` gives none. By default a transient
+        dense view (every token read to build it); a kind overrides it to read only chosen slots."""
+        view = self.causal_view(mask)
+        return None if view is None else ViewReader(*view)
+
     attention_blocks: tuple[int, int] | None = None
     """``(computed, causal)`` attention blocks of the new queries so far, counted by a block-sparse
     method (:meth:`count_blocks`); None where no method counted (``cache.stats()`` shows them)."""
@@ -126,6 +179,20 @@ class Storage(CacheLayerMixin):
     def layout_changed(self) -> None:
         """Stored slots moved (eviction, quantization out of a tail, beam re-ordering, reset)."""
         self.method_state = None
+
+    def tokens_rewritten(self, start: torch.Tensor, stop: torch.Tensor) -> None:
+        """The real tokens of ranks ``[start, stop)`` (``[B, Hkv]`` each, ranked from each (row, KV
+        head)'s oldest real token) are now held another way (quantized out of a full-precision
+        window) and slots may have moved, with every real token's order kept. Method state that can
+        follow (a ``refresh(reader, start, stop)`` method) is refreshed through a persistent
+        :meth:`decode_reader`; the rest is dropped."""
+        reader = self.decode_reader(None) if self.method_state else None
+        kept = {}
+        for name, value in (self.method_state or {}).items():
+            if reader is not None and reader.persistent and hasattr(value, "refresh"):
+                value.refresh(reader, start, stop)
+                kept[name] = value
+        self.method_state = kept or None
 
     def method_tensors(self) -> list[torch.Tensor]:
         """The tensors of :attr:`method_state` (counted in the layer's bytes)."""

@@ -14,7 +14,7 @@ from kvx.compat import mask_query_length
 from kvx.kernels import reference
 from kvx.kernels.column_sums import attention_with_column_sums
 from kvx.policy import mask_to_indices
-from kvx.storage.base import ScoringInputs, Storage
+from kvx.storage.base import ScoringInputs, Storage, TokenReader, ViewReader
 
 
 class DenseLayer(Storage):
@@ -145,6 +145,11 @@ class DenseLayer(Storage):
         if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
             return None
         return self.keys, self.values, self.valid
+
+    def decode_reader(self, mask: torch.Tensor | None) -> TokenReader | None:
+        """The layer's own keys and values: state built on them persists between steps."""
+        view = DenseLayer.causal_view(self, mask)
+        return None if view is None else ViewReader(*view, persistent=True)
 
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         valid = self.valid_mask()

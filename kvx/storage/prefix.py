@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvx.kernels import reference
-from kvx.storage.base import ScoringInputs
+from kvx.storage.base import ScoringInputs, Storage, TokenReader
 from kvx.storage.dense import DenseLayer, scoring_masks
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, P + T, D], valid [B, Hkv, P + T]
@@ -81,6 +81,13 @@ class PrefixTailLayer(DenseLayer):
             return None
         self._step_view = self.dense_view()  # what the selection then scores on
         return self._step_view
+
+    def decode_reader(self, mask: torch.Tensor | None) -> TokenReader | None:
+        """The tail's own tensors while there is no prefix; then the transient dense view (a subclass
+        reads its prefix in its layout instead)."""
+        if not self.has_prefix:
+            return super().decode_reader(mask)
+        return Storage.decode_reader(self, mask)
 
     def scoring_inputs(self, query: torch.Tensor, mask: torch.Tensor | None) -> ScoringInputs:
         if self._step_view is None:

@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.kernels import quant
+from kvx.kernels import quant, reference
 from kvx.policy import StoragePolicy, check_positive_int
 from kvx.storage.prefix import PrefixTailLayer, View
-from kvx.storage.segments import FullSegment, PackedSegment, RaggedSegment, Segment
+from kvx.storage.segments import FullSegment, PackedSegment, RaggedSegment, Segment, SegmentsReader
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,17 @@ class QuantizedLayer(PrefixTailLayer):
         return {name: torch.cat([*(s.stat(name, batch, kv_heads, device) for s in self._present()), tail(name)], -1)
                 for name in names}
 
+    def decode_reader(self, mask: torch.Tensor | None):
+        """Each segment and the tail in its own layout: a decode method reads (dequantizes) only the
+        slots it chooses, and its state persists across steps (refreshed as tokens are quantized,
+        :meth:`quantize_old_tokens`). Ragged segments: the transient dense view."""
+        if not self.has_prefix or self.spec.ragged:
+            return super().decode_reader(mask)
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+            return None
+        tail = FullSegment(valid=self.valid, keys=self.keys, values=self.values)
+        return SegmentsReader([*self._present(), tail], self.keys.dtype)
+
     def prefix_decode_parts(self, query, scaling: float, softcap: float | None):
         """Each segment in its layout: full precision as is, packed through the fused decode kernel."""
         return [segment.decode_part(query, scaling, softcap) for segment in self._present()]
@@ -206,10 +217,22 @@ class QuantizedLayer(PrefixTailLayer):
         routes = [(index, mask) for index, mask in routes if bool(mask.any())]
         if not routes:
             return
+        method_state, before = self.method_state, self._prefix_real() if self.method_state else None
         for index, mask in routes:
             self._move_to(index, mask)
         staying = valid & ~outgoing if sinks is None else valid & ~outgoing & ~sinks
-        self.keep_mask(staying)
+        self.keep_mask(staying)  # drops method state (slots moved)
+        if method_state and self.spec.high_bits is None:  # one precision: every real token keeps its order
+            self.method_state = method_state
+            self.tokens_rewritten(before, self._prefix_real())
+
+    def _prefix_real(self) -> torch.Tensor:
+        """``[B, Hkv]`` real tokens in the prefix (on the tail's device)."""
+        batch, kv_heads, device = *self.keys.shape[:2], self.keys.device
+        real = torch.zeros(batch, kv_heads, dtype=torch.long, device=device)
+        for segment in self._present():
+            real = real + segment.valid_mask(batch, kv_heads, device).sum(-1)
+        return real
 
     def _route(self, outgoing: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """Which segment each outgoing tail token joins: packed, or with mixed precision, packed at

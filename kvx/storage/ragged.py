@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvx.kernels import reference
 from kvx.kernels.ragged_decode import ragged_decode_attention
 from kvx.policy import StoragePolicy, register_policy
+from kvx.storage.base import TokenReader
 from kvx.storage.prefix import PrefixTailLayer
 
 
@@ -110,6 +112,15 @@ class RaggedLayer(PrefixTailLayer):
                   view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         self.repack(keep, state, view)
 
+    def decode_reader(self, mask: torch.Tensor | None) -> TokenReader | None:
+        """The packed prefix and the tail as they are: a decode method reads only the slots it
+        chooses, and its state persists across steps (until the next re-pack)."""
+        if not self.has_prefix:
+            return super().decode_reader(mask)
+        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+            return None
+        return RaggedReader(self)
+
     # --- the prefix in its layout (kvx.storage.prefix.PrefixTailLayer) -------------------------
 
     def prefix_decode_parts(self, query, scaling: float, softcap: float | None):
@@ -161,3 +172,54 @@ class RaggedLayer(PrefixTailLayer):
             self.prefix_keys, self.prefix_offsets = pack_ragged(rows["keys"], valid)
             self.prefix_values = pack_ragged(rows["values"], valid)[0]
         super()._select_batch(fn)
+
+
+class RaggedReader(TokenReader):
+    """A :class:`RaggedLayer` read as its dense view (the prefix left-padded to its longest head
+    ``W``, then the tail: ``S = W + T`` slots) without building it: a chosen slot is read from the
+    packed prefix (``prefix_keys [N, D]`` at its (row, head)'s offset) or from the tail."""
+
+    persistent = True
+
+    def __init__(self, layer: RaggedLayer):
+        self.layer = layer
+        batch, kv_heads, tail = layer.keys.shape[:3]
+        self.counts = layer.prefix_offsets.diff().view(batch, kv_heads)  # [B, Hkv] prefix tokens
+        self.width = int(self.counts.max())
+        self.stored = self.width + tail
+        self._valid: torch.Tensor | None = None
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[B, Hkv, W + T]`` bool (built on first use)."""
+        if self._valid is None:
+            batch, kv_heads = self.counts.shape
+            prefix = reference.ragged_valid(self.layer.prefix_offsets, batch, kv_heads)
+            self._valid = torch.cat([prefix, self.layer.valid_mask()], -1)
+        return self._valid
+
+    def keys(self) -> torch.Tensor:
+        return self.layer.dense_view()[0]
+
+    def new_key(self) -> torch.Tensor:
+        return self.layer.keys[:, :, -1:]
+
+    def appended_real(self) -> bool:
+        return self.layer.valid is None or bool(self.layer.valid[..., -1].all())
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, tail = self.layer, self.layer.keys.shape[2]
+        if layer.prefix_keys.shape[0] == 0:  # every head's prefix empty: the tail alone
+            local = (slots - self.width).clamp(0, tail - 1)
+            return reference.take_tokens(layer.keys, local), reference.take_tokens(layer.values, local)
+        starts = layer.prefix_offsets[:-1].view_as(self.counts) - (self.width - self.counts)  # row of slot 0
+        rows = (starts[..., None] + slots).clamp(0, max(layer.prefix_keys.shape[0] - 1, 0)).flatten()
+        shape = (*slots.shape, -1)
+        prefix_k = layer.prefix_keys.index_select(0, rows).view(shape)  # [B, Hkv, T, D]
+        prefix_v = layer.prefix_values.index_select(0, rows).view(shape)
+        if tail == 0:
+            return prefix_k, prefix_v
+        local = (slots - self.width).clamp(0, tail - 1)
+        inside = (slots < self.width)[..., None]
+        return (torch.where(inside, prefix_k, reference.take_tokens(layer.keys, local)),
+                torch.where(inside, prefix_v, reference.take_tokens(layer.values, local)))

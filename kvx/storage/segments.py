@@ -15,6 +15,7 @@ import torch
 from kvx.compat import Rope
 from kvx.kernels import quant, reference
 from kvx.kernels.quant_kernels import packed_decode_attention
+from kvx.storage.base import TokenReader
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Segment:
         raise NotImplementedError
 
     def kv_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def kv_at(self, indices: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, Hkv, K, D]`` of tokens ``indices [B, Hkv, K]`` in ``dtype``, equal to
+        :meth:`kv` at those tokens, reading (dequantizing) only them."""
         raise NotImplementedError
 
     def _gather_kv(self, indices: torch.Tensor, slot_valid: torch.Tensor) -> Segment:
@@ -122,6 +128,9 @@ class FullSegment(Segment):
     def kv_tensors(self):
         return [self.keys, self.values]
 
+    def kv_at(self, indices, dtype):
+        return _gather(self.keys, indices), _gather(self.values, indices)
+
     def _gather_kv(self, indices, slot_valid):
         return FullSegment(keys=_gather(self.keys, indices), values=_gather(self.values, indices))
 
@@ -164,6 +173,12 @@ class PackedSegment(Segment):
     def kv_tensors(self):
         return self.keys.tensors() + self.values.tensors()
 
+    def kv_at(self, indices, dtype):
+        keys = quant.dequantize_tokens(self.keys, indices)
+        if self.rope is not None:
+            keys = self.rope.rotate(keys, self.state[POSITION].gather(2, indices))
+        return keys.to(dtype), quant.dequantize_tokens(self.values, indices, dtype)
+
     def _gather_kv(self, indices, slot_valid):
         return PackedSegment(keys=quant.gather_tokens(self.keys, indices, slot_valid),
                              values=quant.gather_tokens(self.values, indices, slot_valid), rope=self.rope)
@@ -186,6 +201,56 @@ class PackedSegment(Segment):
             rotate = lambda keys, start, stop: self.rope.rotate(keys, positions[..., start:stop])  # noqa: E731
         return quant.packed_attention_with_lse(query, self.keys, self.values, self.valid, scaling, softcap,
                                                key_transform=rotate)
+
+
+class SegmentsReader(TokenReader):
+    """Segments in stored order (a layer's prefix, then its dense tail as a :class:`FullSegment`) read
+    as one :class:`~kvx.storage.base.TokenReader`: slots numbered across them as in the layer's
+    dense view, a chosen slot read (dequantized) from its own segment alone. ``dtype``: what packed
+    tokens are dequantized to (the tail's dtype)."""
+
+    persistent = True
+
+    def __init__(self, segments: list[Segment], dtype: torch.dtype):
+        self.segments, self.dtype = segments, dtype
+        sizes = [segment.tokens for segment in segments]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.stored = sum(sizes)
+        self._valid: torch.Tensor | None = None
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[B, Hkv, S]`` bool over every segment's slots (built on first use)."""
+        if self._valid is None:
+            batch, kv_heads = self.segments[-1].kv_tensors()[0].shape[:2]
+            device = self.segments[-1].kv_tensors()[0].device
+            self._valid = torch.cat([s.valid_mask(batch, kv_heads, device) for s in self.segments], -1)
+        return self._valid
+
+    def keys(self) -> torch.Tensor:
+        return torch.cat([segment.kv(self.dtype)[0] for segment in self.segments], 2)
+
+    def new_key(self) -> torch.Tensor:
+        last = self.segments[-1]
+        index = torch.full((*last.kv_tensors()[0].shape[:2], 1), last.tokens - 1, device=last.kv_tensors()[0].device)
+        return last.kv_at(index, self.dtype)[0]
+
+    def appended_real(self) -> bool:
+        last = self.segments[-1]
+        return last.valid is None or bool(last.valid[..., -1].all())
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = values = None
+        for segment, start in zip(self.segments, self.starts):
+            inside = (slots >= start) & (slots < start + segment.tokens)  # [B, Hkv, T]
+            if segment.tokens == 0 or not bool(inside.any()):
+                continue
+            k, v = segment.kv_at((slots - start).clamp(0, segment.tokens - 1), self.dtype)
+            if keys is None:  # every slot belongs to one segment: later ones overwrite theirs
+                keys, values = k, v
+            else:
+                keys, values = torch.where(inside[..., None], k, keys), torch.where(inside[..., None], v, values)
+        return keys, values
 
 
 def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

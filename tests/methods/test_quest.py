@@ -25,15 +25,15 @@ def model():
 
 @pytest.fixture
 def attended(monkeypatch):
-    """Every (slots, real) the method attends over at decode."""
+    """Every (keys, real) the method attends over at decode (the gathered keys, which tokens are real)."""
     calls = []
-    real_fn = quest_module.attend_tokens
+    real_fn = quest_module.attend_gathered
 
-    def spy(query, keys, values, slots, real, *args):
-        calls.append((slots, real))
-        return real_fn(query, keys, values, slots, real, *args)
+    def spy(query, keys, values, real, *args):
+        calls.append((keys, real))
+        return real_fn(query, keys, values, real, *args)
 
-    monkeypatch.setattr(quest_module, "attend_tokens", spy)
+    monkeypatch.setattr(quest_module, "attend_gathered", spy)
     return calls
 
 
@@ -140,13 +140,16 @@ def checked_bounds(monkeypatch):
     checked = []
     real_index = quest_module.Quest.page_index
 
-    def checking(self, storage, keys, valid):
-        index = real_index(self, storage, keys, valid)
-        fresh = pages_ops.build_page_index(keys, valid, self.page_size)
+    def checking(self, storage, reader):
+        index = real_index(self, storage, reader)
+        fresh = pages_ops.build_page_index(reader.keys(), reader.valid, self.page_size)
         pages = fresh.num_pages
-        assert torch.equal(index.real, fresh.real)
+        assert torch.equal(index.real, fresh.real) and index.stored == fresh.stored
         assert torch.equal(index.mins[:, :, :pages], fresh.mins) and torch.equal(index.maxs[:, :, :pages], fresh.maxs)
-        checked.append(keys.shape[2])
+        ranks = torch.arange(int(fresh.real.max())).expand(*fresh.real.shape, -1)
+        real = ranks < fresh.real[..., None]
+        assert torch.equal(index.token_slots(ranks)[real], fresh.token_slots(ranks)[real])  # rank -> slot too
+        checked.append(reader.stored)
         return index
 
     monkeypatch.setattr(quest_module.Quest, "page_index", checking)
@@ -209,3 +212,80 @@ def test_beam_search_rebuilds_the_bounds_of_reordered_rows(model, checked_bounds
     with kvx.patched(model, from_spec(SPARSE)), torch.inference_mode():
         model.generate(ids, **kwargs)
     assert len(checked_bounds) == 4 * model.config.num_hidden_layers  # every step's bounds equal rebuilt ones
+
+
+QUANTIZED = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
+             "kvquant:group=8,window=4,outliers=0.1"]
+RAGGED = ["head_budget:budget=100,window=8", "snapkv:budget=120,window=8+ragged"]
+
+
+def _transient(monkeypatch):
+    """Quantized and ragged storage read as before: quest over the transient dense view (rebuilt
+    every step)."""
+    from kvx.storage.base import Storage
+    from kvx.storage.quantized import QuantizedLayer
+    from kvx.storage.ragged import RaggedLayer
+
+    monkeypatch.setattr(QuantizedLayer, "decode_reader", Storage.decode_reader)
+    monkeypatch.setattr(RaggedLayer, "decode_reader", Storage.decode_reader)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED + RAGGED)
+def test_on_quantized_and_ragged_storage_equals_quest_over_the_dense_view(model, storage, monkeypatch):
+    """Reading only the chosen slots of packed segments (dequantizing those alone) or of a ragged
+    prefix, with page bounds kept across steps (refreshed as tokens leave a quantized window), gives
+    exactly what quest over the whole (dequantized) dense view gives, which reads every token; keys
+    counted alike."""
+    rows = [random_ids(1, n, seed=n)[0] for n in (300, 211)]
+    ids, mask = left_pad(rows)
+    builds = []
+    real_build = quest_module.build_page_index
+    monkeypatch.setattr(quest_module, "build_page_index", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
+        seq, logits, cache = greedy(model, ids, mask, new_tokens=20)
+    assert len(builds) == model.config.num_hidden_layers  # built once per layer, then extended and refreshed
+    with monkeypatch.context() as patch:
+        _transient(patch)
+        with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
+            ref_seq, ref_logits, ref_cache = greedy(model, ids, mask, new_tokens=20)
+    assert len(builds) == model.config.num_hidden_layers * 20  # the reference rebuilt them every step
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    counts = [(s["decode_keys_read"], s["decode_keys_total"]) for s in cache.stats()]
+    assert counts == [(s["decode_keys_read"], s["decode_keys_total"]) for s in ref_cache.stats()]
+    assert all(0 < read < total for read, total in counts)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED[:2] + RAGGED[:1])
+def test_chosen_reads_are_the_dense_views_tokens_and_bounds_stay_rebuilt_ones(model, storage, checked_bounds,
+                                                                             monkeypatch):
+    """Each step's gathered keys and values equal the transient dense view's at the same slots; the
+    bounds kept equal bounds rebuilt from it (``checked_bounds``), through moves out of the window."""
+    from kvx.storage.quantized import QuantizedLayer
+    from kvx.storage.ragged import RaggedLayer, RaggedReader
+    from kvx.storage.segments import SegmentsReader
+
+    gathers = []
+    for layer_class, reader_class in ((QuantizedLayer, SegmentsReader), (RaggedLayer, RaggedReader)):
+        real_reader, real_gather = layer_class.decode_reader, reader_class.gather
+
+        def reader(self, mask, _real=real_reader, _class=reader_class):
+            found = _real(self, mask)
+            if isinstance(found, _class):
+                found.view = self.dense_view()
+            return found
+
+        def gather(self, slots, _real=real_gather):
+            keys, values = _real(self, slots)
+            if hasattr(self, "view"):
+                assert torch.equal(keys, reference.take_tokens(self.view[0], slots))
+                assert torch.equal(values, reference.take_tokens(self.view[1], slots))
+                gathers.append(slots.shape[-1])
+            return keys, values
+
+        monkeypatch.setattr(layer_class, "decode_reader", reader)
+        monkeypatch.setattr(reader_class, "gather", gather)
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (200, 151)])
+    with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
+        greedy(model, ids, mask, new_tokens=18)
+    assert len(checked_bounds) == 17 * model.config.num_hidden_layers
+    assert len(gathers) >= 17 * model.config.num_hidden_layers  # every step (and each refresh) read through it

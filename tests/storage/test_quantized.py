@@ -56,6 +56,21 @@ def test_gathering_tokens_keeps_their_groups_scales():
     assert gathered.scale.shape[2] <= 2 and gathered.group_index.dtype == torch.int16
 
 
+@pytest.mark.parametrize("axis,group,outliers", [("channel", 32, 0), ("token", 8, 0), ("channel", 8, 3)])
+@pytest.mark.parametrize("evicted", [False, True])
+def test_dequantizing_chosen_tokens_equals_dequantizing_all(axis, group, outliers, evicted):
+    """What quest reads of packed storage: the chosen tokens alone, bit for bit as the whole view."""
+    gen = torch.Generator().manual_seed(5)
+    packed = quant.quantize(torch.randn(2, 3, 96, 16, generator=gen), 4, group, axis, outliers=outliers)
+    if evicted:  # per-channel groups then indexed per token (group_index)
+        keep = torch.rand(2, 3, 96, generator=gen) < 0.5
+        keep[..., -40:] = True
+        packed = quant.gather_tokens(packed, *kvx.policy.mask_to_indices(keep))
+    chosen = torch.randint(0, packed.tokens, (2, 3, 21), generator=gen)  # any order, repeats
+    full = quant.dequantize(packed, torch.bfloat16)
+    assert torch.equal(quant.dequantize_tokens(packed, chosen, torch.bfloat16), reference.take_tokens(full, chosen))
+
+
 def test_bad_layouts_are_refused_by_name():
     with pytest.raises(ValueError, match="bits must be one of 2, 4"):
         kvx.make_policy("kivi", bits=3)
