@@ -141,8 +141,13 @@ class DenseLayer(Storage):
             return self.attend(query, key, value, mask, scaling, softcap), None
         return joint
 
+    def mask_is_causal(self, mask: torch.Tensor | None) -> bool:
+        """Whether ``mask`` (from :meth:`begin_step`: the new tokens' rows over the last slots) is plain
+        causal over the valid slots, as it is with no mask at all."""
+        return mask is None or reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:])
+
     def causal_view(self, mask: torch.Tensor | None):
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+        if not self.mask_is_causal(mask):
             return None
         return self.keys, self.values, self.valid
 

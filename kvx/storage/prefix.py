@@ -77,7 +77,7 @@ class PrefixTailLayer(DenseLayer):
         if not self.has_prefix:
             return super().causal_view(mask)
         # the mask covers the last tokens of the tail; every real token before them is visible (see view_mask)
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+        if not self.mask_is_causal(mask):
             return None
         self._step_view = self.dense_view()  # what the selection then scores on
         return self._step_view

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.kernels import quant, reference
+from kvx.kernels import quant
 from kvx.policy import StoragePolicy, check_positive_int
 from kvx.storage.prefix import PrefixTailLayer, View
 from kvx.storage.segments import FullSegment, PackedSegment, RaggedSegment, Segment, SegmentsReader
@@ -145,7 +145,7 @@ class QuantizedLayer(PrefixTailLayer):
         :meth:`quantize_old_tokens`). Ragged segments: the transient dense view."""
         if not self.has_prefix or self.spec.ragged:
             return super().decode_reader(mask)
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+        if not self.mask_is_causal(mask):
             return None
         tail = FullSegment(valid=self.valid, keys=self.keys, values=self.values)
         return SegmentsReader([*self._present(), tail], self.keys.dtype)

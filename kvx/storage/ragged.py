@@ -117,7 +117,7 @@ class RaggedLayer(PrefixTailLayer):
         chooses, and its state persists across steps (until the next re-pack)."""
         if not self.has_prefix:
             return super().decode_reader(mask)
-        if mask is not None and not reference.is_causal_over(mask, self.valid_mask()[..., -mask.shape[-1]:]):
+        if not self.mask_is_causal(mask):
             return None
         return RaggedReader(self)
 
