@@ -130,37 +130,27 @@ def kvx_attention(
     mask = layer.begin_step(attention_mask, query.shape[-2], query.shape[1])
     try:
         method = context.state.method.for_layer(context.state.active_cache, context.layer_idx)
+        phase = _phase(layer, query.shape[-2])
+        axes = context.state.axes
+        # not once the cache is frozen, nor in a phase where the policy promises to do nothing
+        selects = not context.state.active_cache.frozen and axes.wants_view_at(phase, layer.seen)
         column_sums = None
-        if s_aux is None and _reads_column_sums(context, layer, query):
+        if selects and s_aux is None and axes.reads_column_sums(phase):
             out, column_sums = method.attend_with_column_sums(layer, query, key, value, mask, scaling, softcap)
         else:
             out = method.attend(layer, query, key, value, mask, scaling, softcap, s_aux)
-        _select(context, layer, query, mask, scaling, softcap, column_sums)
+        if selects:
+            _select(context, layer, query, mask, scaling, softcap, phase, column_sums)
     finally:
         layer.end_step()
     return out.transpose(1, 2).contiguous(), None
 
 
-def _selects_now(context: LayerContext, layer: Storage, query) -> bool:
-    """Whether the selection policy reads this step's view (not once the cache is frozen, and not in
-    a phase where the policy promises to do nothing)."""
-    phase = _phase(layer, query.shape[-2])
-    return not context.state.active_cache.frozen and context.state.axes.wants_view_at(phase, layer.seen)
-
-
-def _reads_column_sums(context: LayerContext, layer: Storage, query) -> bool:
-    """Whether the selection will read this step's attention column sums (then the attention pass
-    computes them where one pass is faster)."""
-    return _selects_now(context, layer, query) and context.state.axes.reads_column_sums(_phase(layer, query.shape[-2]))
-
-
-def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, softcap: float | None,
-            column_sums: torch.Tensor | None = None) -> None:
-    """Ask the selection policy what to keep, and have the storage drop the rest (when
-    :func:`_selects_now`). ``column_sums``: what the attention pass computed for the policy, or None."""
-    if not _selects_now(context, layer, query):
-        return
-    policy, phase = context.state.axes, _phase(layer, query.shape[-2])
+def _select(context: LayerContext, layer: Storage, query, mask, scaling: float, softcap: float | None, phase: Phase,
+            column_sums: torch.Tensor | None) -> None:
+    """Ask the selection policy what to keep in ``phase``, and have the storage drop the rest.
+    ``column_sums``: what the attention pass computed for the policy, or None."""
+    policy = context.state.axes
     inputs = layer.scoring_inputs(query, mask)
     view = CompressionView(
         query=query,

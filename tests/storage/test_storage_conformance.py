@@ -46,36 +46,35 @@ WITH_THEIR_SELECTION = [("mixed:group=8,window=4", "mikv:budget=24,window=4,deco
 def test_it_attends_over_exactly_what_it_stores(model, spec, selection, monkeypatch):
     """Every patched attention call's output equals reference attention over the layer's scoring
     view after the call's new tokens were added (prefill, chunked extend, decode with evictions)."""
-    from kvx import attention
     from kvx.kernels import reference
 
     checked = []
-    original = attention._select
 
-    def checking(context, layer, query, mask, scaling, softcap, column_sums=None):
-        inputs = layer.scoring_inputs(query, mask)
+    def check(storage, out, query, mask, scaling, softcap, column_sums=None):
+        """Before the selection evicts: the output over the scoring view, and the sums handed over."""
+        inputs = storage.scoring_inputs(query, mask)
         visible = inputs.valid[:, :, None, :].repeat_interleave(query.shape[1] // inputs.valid.shape[1], 1)
         q_len, stored = query.shape[-2], inputs.keys.shape[-2]
         causal = torch.ones(q_len, stored, dtype=torch.bool).tril(stored - q_len)
         expected = reference.attention(query, inputs.keys, inputs.values, visible & causal, scaling, softcap)
-        checked.append((checking.out, expected))
+        checked.append((out, expected))
         if column_sums is not None:  # what the attention pass handed the policy (h2o on dense storage)
             sums = reference.attention_column_sums(query, inputs.keys, inputs.valid, scaling, softcap)
             checked.append((column_sums, sums))
-        return original(context, layer, query, mask, scaling, softcap, column_sums)
 
     method_attend = kvx.methods.Dense.attend
     method_attend_with_sums = kvx.methods.Dense.attend_with_column_sums
 
-    def recording(self, storage, *args):
-        checking.out = method_attend(self, storage, *args)
-        return checking.out
+    def recording(self, storage, query, key, value, mask, scaling, softcap, sinks):
+        out = method_attend(self, storage, query, key, value, mask, scaling, softcap, sinks)
+        check(storage, out, query, mask, scaling, softcap)
+        return out
 
-    def recording_with_sums(self, storage, *args):
-        checking.out, sums = method_attend_with_sums(self, storage, *args)
-        return checking.out, sums
+    def recording_with_sums(self, storage, query, key, value, mask, scaling, softcap):
+        out, sums = method_attend_with_sums(self, storage, query, key, value, mask, scaling, softcap)
+        check(storage, out, query, mask, scaling, softcap, sums)
+        return out, sums
 
-    monkeypatch.setattr(attention, "_select", checking)
     monkeypatch.setattr(kvx.methods.Dense, "attend", recording)
     monkeypatch.setattr(kvx.methods.Dense, "attend_with_column_sums", recording_with_sums)
     policy = from_spec(selection if spec == "dense" else f"{selection}+{spec}")
