@@ -48,13 +48,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -195,7 +197,33 @@ KEYS_PRESET = Preset(
     eval_every=100,
 )
 
-PRESETS = {p.name: p for p in (NEEDLE_LLAMA, KEYS_PRESET)}
+# Issue 17 on a GPU: the keys curriculum with batches 2-8x larger, the length raised to 8K, meant for a time box
+# (``--minutes``: each stage gets the share of the time its planned tokens, steps x batch x mean length, are of
+# the whole; the step counts are caps a GPU does not reach in a few minutes). ``keys-gpu`` has the keys model's
+# shape (so it continues the shipped model with --init-from and --start-stage 4); ``keys-large`` doubles its width.
+_GPU_KEYS = dict(variant_weights=(0.2, 0.5, 0.1, 0.2), distractors=(2, 4), questions=(1, 3))
+GPU_STAGES = [
+    Stage(steps=3000, min_len=64, max_len=160, batch=64, lr=2e-3, number_rate=0.0, variant_weights=SINGLE,
+          repeat_rate=0.5),
+    Stage(steps=3000, min_len=64, max_len=192, batch=64, lr=2e-3, variant_weights=(0.4, 0.6, 0.0, 0.0),
+          distractors=(1, 1), repeat_rate=0.25),
+    Stage(steps=3000, min_len=96, max_len=256, batch=64, lr=1.5e-3, variant_weights=(0.25, 0.55, 0.1, 0.1),
+          distractors=(1, 3), repeat_rate=0.1),
+    Stage(steps=8000, min_len=96, max_len=192, batch=64, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
+          distractors=(1, 4), questions=(2, 4), repeat_rate=0.75, lm_weight=1.0),
+    Stage(steps=1500, min_len=256, max_len=512, batch=32, lr=1e-3, repeat_rate=0.25, **_GPU_KEYS),
+    Stage(steps=800, min_len=512, max_len=1024, batch=32, lr=8e-4, **_GPU_KEYS),
+    Stage(steps=800, min_len=1024, max_len=2048, batch=16, lr=6e-4, **_GPU_KEYS),
+    Stage(steps=400, min_len=2048, max_len=4096, batch=16, lr=4e-4, **_GPU_KEYS),
+    Stage(steps=400, min_len=4096, max_len=8192, batch=8, lr=2.5e-4, **_GPU_KEYS),
+]
+KEYS_GPU = Preset(name="keys-gpu", model=KEYS_PRESET.model, stages=GPU_STAGES, eval_lengths=(1024, 4096, 8192),
+                  eval_variants=KEYS_PRESET.eval_variants, eval_every=200)
+KEYS_LARGE = Preset(name="keys-large", model={**KEYS_PRESET.model, "hidden_size": 256, "intermediate_size": 768},
+                    stages=GPU_STAGES, eval_lengths=(1024, 4096, 8192), eval_variants=KEYS_PRESET.eval_variants,
+                    eval_every=200)
+
+PRESETS = {p.name: p for p in (NEEDLE_LLAMA, KEYS_PRESET, KEYS_GPU, KEYS_LARGE)}
 
 TINY = Preset(  # for tests: seconds on a CPU
     name="tiny",
@@ -238,6 +266,52 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
             torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]))
 
 
+def batch_rng(seed: int, stage: int, step: int) -> random.Random:
+    """The RNG of one step's batch: its own seed, so a batch is the same whether it was drawn in this
+    process or a worker, first or after a resume."""
+    return random.Random(f"{seed}/{stage}/{step}")
+
+
+_WORKER_TOKENIZER = None
+
+
+def _start_worker() -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = build_tokenizer()
+
+
+def _worker_batch(job: tuple[Stage, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    stage, seed, stage_idx, step = job
+    return sample_batch(_WORKER_TOKENIZER, stage, batch_rng(seed, stage_idx, step))
+
+
+def batches(tokenizer, stage: Stage, seed: int, stage_idx: int, begin: int, pool=None, ahead: int = 0):
+    """Steps ``begin, begin+1, ...``'s batches of one stage, without end: drawn here, or by ``pool``'s
+    workers ``ahead`` steps ahead of the training loop (prompt generation is Python, slower than a
+    GPU step of these models). Either way the same batches (:func:`batch_rng`)."""
+    steps = itertools.count(begin)
+    if pool is None:
+        for step in steps:
+            yield sample_batch(tokenizer, stage, batch_rng(seed, stage_idx, step))
+        return
+    pending = deque(pool.apply_async(_worker_batch, ((stage, seed, stage_idx, next(steps)),)) for _ in range(ahead))
+    while True:
+        pending.append(pool.apply_async(_worker_batch, ((stage, seed, stage_idx, next(steps)),)))
+        yield pending.popleft().get()
+
+
+def time_shares(stages: list[Stage], first: int, first_step: int) -> list[float]:
+    """Each stage's share of a time box, from ``first`` (resumed at ``first_step``): its planned tokens
+    (steps left x batch x mean length) over all of theirs. Stages before ``first`` get 0."""
+    planned = [0.0] * len(stages)
+    for i in range(first, len(stages)):
+        st = stages[i]
+        left = st.steps - (first_step if i == first else 0)
+        planned[i] = max(left, 0) * st.batch * (st.min_len + st.max_len) / 2
+    total = sum(planned) or 1.0
+    return [p / total for p in planned]
+
+
 def more_questions(tokenizer, spec: NeedleSpec, count: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
     """``count`` (question ids, answer ids + EOS) pairs about keys other than ``spec.key``, none
     asked twice: half of them (while any is left) about a single-value needle of the context, which
@@ -265,8 +339,9 @@ def more_questions(tokenizer, spec: NeedleSpec, count: int, rng: random.Random) 
 def training_loss(model, ids: torch.Tensor, labels: torch.Tensor, lm_weight: float,
                   pad_id: int | None = None) -> torch.Tensor:
     """Mean cross-entropy on the answer tokens + ``lm_weight`` x mean next-token loss elsewhere
-    (padding, ``pad_id``, left out)."""
-    logits = model(ids).logits[:, :-1].float()
+    (padding, ``pad_id``, left out). On a GPU the model runs under bf16 autocast (the loss in fp32)."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.is_cuda):
+        logits = model(ids).logits[:, :-1].float()
     targets = ids[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     is_answer = labels[:, 1:] != -100
@@ -284,17 +359,18 @@ def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[flo
     predicted = model(ids).logits[:, :-1].argmax(-1)
     is_answer = labels[:, 1:] != -100
     right = predicted == ids[:, 1:]
+    token_acc = right[is_answer].float().mean().item()
     spans = hits = 0
-    for b in range(ids.shape[0]):
+    for answer_row, right_row in zip(is_answer.cpu().tolist(), right.cpu().tolist()):  # one copy, not a sync a token
         run_ok, inside = True, False
-        for t in range(is_answer.shape[1]):
-            if is_answer[b, t]:
-                run_ok, inside = (run_ok if inside else True) and bool(right[b, t]), True
+        for is_ans, ok in zip(answer_row, right_row):
+            if is_ans:
+                run_ok, inside = (run_ok if inside else True) and ok, True
             elif inside:
                 spans, hits, inside = spans + 1, hits + run_ok, False
         if inside:
             spans, hits = spans + 1, hits + run_ok
-    return right[is_answer].float().mean().item(), hits / max(spans, 1)
+    return token_acc, hits / max(spans, 1)
 
 
 @torch.no_grad()
@@ -404,7 +480,7 @@ def preset_digest(preset: Preset) -> str:
 
 
 def save_checkpoint(directory: Path, *, preset: Preset, seed: int, steps_scale: float, model, optimizer,
-                    stage: int, step: int, rng: random.Random, log_rows: list[dict], elapsed: float) -> None:
+                    stage: int, step: int, log_rows: list[dict], elapsed: float) -> None:
     """Everything a resumed run needs to continue exactly: written to a temporary file, then renamed
     (a kill while writing leaves the previous checkpoint whole)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -412,7 +488,7 @@ def save_checkpoint(directory: Path, *, preset: Preset, seed: int, steps_scale: 
         "preset": preset.name, "seed": seed, "steps_scale": steps_scale, "digest": preset_digest(preset),
         "stage": stage, "step": step,  # the next step to run
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "rng": rng.getstate(), "python_random": random.getstate(), "torch_rng": torch.get_rng_state(),
+        "python_random": random.getstate(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "log": log_rows, "elapsed": elapsed,
     }
@@ -515,7 +591,8 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
 
 def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, checkpoint_dir: Path | None = None,
           checkpoint_every: int = 100, init_from: Path | None = None, stop_after: int | None = None,
-          verbose: bool = True, start_stage: int = 0) -> LlamaForCausalLM:
+          verbose: bool = True, start_stage: int = 0, minutes: float | None = None,
+          workers: int = 0) -> LlamaForCausalLM:
     """Run (or resume) ``preset``'s curriculum; save the model into ``out`` after every stage.
 
     ``init_from`` (a saved model: weights only, no optimizer or RNG) and ``start_stage`` warm-start a
@@ -523,12 +600,21 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     (whose checkpoint the old run's would refuse). A checkpoint in ``checkpoint_dir`` still wins: the
     warm-started run resumes from its own checkpoints like any other.
 
+    ``minutes``: a time box for the stages left. Each gets its :func:`time_shares` part of it, and its
+    progress (which drives the learning-rate schedule and ends the stage) is the larger of the steps
+    done and the time spent, as fractions of the stage's steps and time: the stage ends at its step
+    count or its time, whichever comes first. The steps a run then takes depend on the machine's speed
+    (the log says how many); without it, every run of a command takes the same steps.
+
+    ``workers``: processes drawing the batches ahead of the training loop (the same batches).
+
     ``stop_after``: return after this many optimizer steps in this call (a checkpoint is written
     first), as a kill would: for tests of resuming."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     random.seed(seed)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, preset, init_from).to(device)
     state = load_checkpoint(checkpoint_dir, preset, seed, steps_scale)
@@ -538,7 +624,6 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     if state is not None:
         model.load_state_dict(state["model"])
         first_stage, first_step, log_rows, elapsed = state["stage"], state["step"], state["log"], state["elapsed"]
-        rng.setstate(state["rng"])
         random.setstate(state["python_random"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -559,64 +644,82 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
                 **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
     else:
         record({"resumed": True, "stage": first_stage, "step": first_step})
+    if minutes is not None:
+        record({"minutes_box": minutes, "workers": workers})
+    scaled = [replace(st, steps=max(1, round(st.steps * steps_scale))) for st in preset.stages]
+    shares = time_shares(scaled, first_stage, first_step)
     start = time.time() - elapsed
     done_here = 0
-    for stage_idx in range(first_stage, len(preset.stages)):
-        stage = preset.stages[stage_idx]
-        steps = max(1, round(stage.steps * steps_scale))
-        optimizer = make_optimizer(model, stage)
-        begin = first_step if stage_idx == first_stage else 0
-        if state is not None and stage_idx == first_stage and begin > 0:
-            optimizer.load_state_dict(state["optimizer"])
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
+    try:
+        for stage_idx in range(first_stage, len(preset.stages)):
+            stage, steps = preset.stages[stage_idx], scaled[stage_idx].steps
+            optimizer = make_optimizer(model, stage)
+            begin = first_step if stage_idx == first_stage else 0
+            if state is not None and stage_idx == first_stage and begin > 0:
+                optimizer.load_state_dict(state["optimizer"])
 
-        def checkpoint(next_step: int) -> None:
-            if checkpoint_dir is not None:
+            def checkpoint(next_step: int, stage_idx=stage_idx, optimizer=optimizer) -> None:
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
+                                    optimizer=optimizer, stage=stage_idx, step=next_step, log_rows=log_rows,
+                                    elapsed=time.time() - start)
+
+            model.train()
+            stage_start, allotted = time.time(), None if minutes is None else minutes * 60 * shares[stage_idx]
+            source = batches(tokenizer, stage, seed, stage_idx, begin, pool, ahead=2 * workers)
+            step = begin
+            while True:
+                # progress in steps: the steps done, or (time box) the time spent, whichever is further
+                progress = step if allotted is None else max(
+                    step, begin + (time.time() - stage_start) / max(allotted, 1e-9) * (steps - begin))
+                if progress >= steps and step > begin:  # (a stage whose time is shorter than a step takes one)
+                    break
+                if stop_after is not None and done_here >= stop_after:
+                    checkpoint(step)
+                    return model
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.lr * lr_factor(int(progress), steps)
+                ids, labels = next(source)
+                ids, labels = ids.to(device), labels.to(device)
+                lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+                loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                done_here += 1
+                evaluate = bool(preset.eval_every and preset.eval_variants and step > 0
+                                and step % preset.eval_every == 0)
+                if step % 50 == 0 or step == steps - 1 or evaluate:
+                    acc, exact = answer_accuracy(model, ids, labels)
+                    row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
+                               answer_acc=round(acc, 3), answer_exact=round(exact, 3),
+                               lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
+                    if evaluate:
+                        row["eval_len"] = stage.max_len
+                        row["eval"] = quick_eval(model, tokenizer, preset, stage.max_len, device, 5000)
+                    record(row)
+                step += 1
+                if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
+                    checkpoint(step)
+            row = dict(stage=stage_idx, done=True, steps_done=step, stage_config=asdict(stage),
+                       quick_accuracy={n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device)
+                                       for n in preset.eval_lengths})
+            if preset.eval_variants:
+                row["eval"] = {n: quick_eval(model, tokenizer, preset, n, device, 7000) for n in preset.eval_lengths}
+            row["minutes"] = round((time.time() - start) / 60, 2)
+            record(row)
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            if checkpoint_dir is not None:  # the next stage from its first step (a fresh optimizer)
+                following = make_optimizer(model, preset.stages[min(stage_idx + 1, len(preset.stages) - 1)])
                 save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
-                                optimizer=optimizer, stage=stage_idx, step=next_step, rng=rng, log_rows=log_rows,
+                                optimizer=following, stage=stage_idx + 1, step=0, log_rows=log_rows,
                                 elapsed=time.time() - start)
-
-        model.train()
-        for step in range(begin, steps):
-            if stop_after is not None and done_here >= stop_after:
-                checkpoint(step)
-                return model
-            for group in optimizer.param_groups:
-                group["lr"] = stage.lr * lr_factor(step, steps)
-            ids, labels = sample_batch(tokenizer, stage, rng)
-            ids, labels = ids.to(device), labels.to(device)
-            lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
-            loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            done_here += 1
-            evaluate = bool(preset.eval_every and preset.eval_variants and step > 0 and step % preset.eval_every == 0)
-            if step % 50 == 0 or step == steps - 1 or evaluate:
-                acc, exact = answer_accuracy(model, ids, labels)
-                row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
-                           answer_acc=round(acc, 3), answer_exact=round(exact, 3),
-                           lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
-                if evaluate:
-                    row["eval_len"] = stage.max_len
-                    row["eval"] = quick_eval(model, tokenizer, preset, stage.max_len, device, 5000)
-                record(row)
-            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                checkpoint(step + 1)
-        row = dict(stage=stage_idx, done=True, stage_config=asdict(stage),
-                   quick_accuracy={n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device)
-                                   for n in preset.eval_lengths})
-        if preset.eval_variants:
-            row["eval"] = {n: quick_eval(model, tokenizer, preset, n, device, 7000) for n in preset.eval_lengths}
-        row["minutes"] = round((time.time() - start) / 60, 2)
-        record(row)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        if checkpoint_dir is not None:  # the next stage from its first step (a fresh optimizer)
-            optimizer = make_optimizer(model, preset.stages[min(stage_idx + 1, len(preset.stages) - 1)])
-            save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
-                            optimizer=optimizer, stage=stage_idx + 1, step=0, rng=rng, log_rows=log_rows,
-                            elapsed=time.time() - start)
+    finally:
+        if pool is not None:
+            pool.terminate()
     write_model_card(out, seed, "Not measured yet: run kvx needle on it.", preset)
     return model
 
@@ -637,6 +740,13 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", type=Path,
                         help="write checkpoints here and resume from the one found there (same settings only)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    parser.add_argument("--minutes", type=float,
+                        help="a time box for the stages left: each gets the share of it its planned tokens are of "
+                             "theirs, and ends at its steps or its time, whichever comes first (for the GPU presets, "
+                             "whose step counts are caps)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that draw batches ahead of the training loop (default 0: in this process; "
+                             "the batches are the same either way)")
     parser.add_argument("--export", action="store_true",
                         help="only save the model of --checkpoint-dir's checkpoint (its stage and step in the log) "
                              "into --out, with the tokenizer, to evaluate it with kvx needle")
@@ -652,8 +762,12 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes must be positive, not {args.minutes}")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, not {args.workers}")
     train(preset, args.out, args.seed, args.steps_scale, args.checkpoint_dir, args.checkpoint_every, args.init_from,
-          start_stage=args.start_stage)
+          start_stage=args.start_stage, minutes=args.minutes, workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_presets_have_the_shapes_they_promise(script):
     assert lows[0] == (1, 1) and all(a[1] <= b[1] for a, b in zip(lows, lows[1:]))  # distractors rise slowly
 
 
-@pytest.mark.parametrize("name", ["needle-llama", "keys", "tiny"])
+@pytest.mark.parametrize("name", ["needle-llama", "keys", "keys-gpu", "keys-large", "tiny"])
 def test_every_stage_fits_its_longest_prompt(script, name):
     """The shortest length of a stage holds its most needles, question and answer (else it fails hours in)."""
     tok = script.build_tokenizer()
@@ -235,3 +235,51 @@ def test_init_from_loads_weights_only_under_the_presets_config(script, tmp_path)
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.config.rope_parameters["rope_theta"] == 500.0
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_gpu_presets_reach_8k_and_fit_the_size_limit(script):
+    for name in ("keys-gpu", "keys-large"):
+        preset = script.PRESETS[name]
+        assert max(st.max_len for st in preset.stages) >= 8192
+        model = script.build_model(script.build_tokenizer(), preset)
+        assert sum(p.numel() for p in model.parameters()) * 4 < 20e6  # shipped in fp32 under 20 MB
+    # the GPU curriculum continues the keys model: same shape, stages 4.. are its length stages
+    assert script.PRESETS["keys-gpu"].model == script.PRESETS["keys"].model
+    assert script.PRESETS["keys-gpu"].stages[4].min_len > script.PRESETS["keys-gpu"].stages[3].max_len
+
+
+def test_time_shares_follow_planned_tokens(script):
+    stages = [script.Stage(steps=10, min_len=100, max_len=100, batch=2, lr=1e-3),
+              script.Stage(steps=10, min_len=300, max_len=500, batch=1, lr=1e-3)]
+    assert script.time_shares(stages, 0, 0) == pytest.approx([2000 / 6000, 4000 / 6000])
+    assert script.time_shares(stages, 0, 5) == pytest.approx([1000 / 5000, 4000 / 5000])  # resumed mid stage 0
+    assert script.time_shares(stages, 1, 0) == pytest.approx([0.0, 1.0])
+
+
+def test_batches_are_the_same_from_workers(script, monkeypatch):
+    """Batches are seeded per step: drawn by worker processes (ahead of the loop) they are the ones
+    drawn here, so --workers changes the speed and nothing else."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script by its name
+    tok = script.build_tokenizer()
+    stage = script.PRESETS["tiny"].stages[1]
+    here = script.batches(tok, stage, 5, 1, 3)
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2, initializer=script._start_worker) as pool:
+        there = script.batches(tok, stage, 5, 1, 3, pool, ahead=3)
+        for _ in range(4):
+            (a_ids, a_lab), (b_ids, b_lab) = next(here), next(there)
+            assert torch.equal(a_ids, b_ids) and torch.equal(a_lab, b_lab)
+    first, second = next(script.batches(tok, stage, 5, 1, 3)), next(script.batches(tok, stage, 5, 1, 4))
+    assert not torch.equal(first[0], second[0])  # each step its own batch
+
+
+def test_a_time_box_ends_each_stage_by_its_time(script, tmp_path):
+    """A time box shorter than one step: every stage runs exactly one step (its time is spent, and a
+    stage always takes one), its learning rate from the time spent; the log says so."""
+    tiny = script.PRESETS["tiny"]
+    script.train(tiny, tmp_path / "m", seed=0, minutes=1e-7, verbose=False)
+    rows = [json.loads(x) for x in (tmp_path / "m" / "training_log.jsonl").read_text().splitlines()]
+    assert {"minutes_box": 1e-7, "workers": 0} in rows
+    assert [r["steps_done"] for r in rows if r.get("done")] == [1] * len(tiny.stages)
+    assert max(st.steps for st in tiny.stages) > 1

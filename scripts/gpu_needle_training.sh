@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 17 on one GPU: three needle-model trainings side by side, each time-boxed, then each model's dense
+# needle table (kvx needle on the GPU). The trainings share the GPU and the CPU cores (WORKERS batch
+# processes each); a tiny model's step is launch- and data-bound, so they overlap well.
+#   continued  the shipped keys model (kvx/assets/needle-llama-keys), the keys-gpu length stages (4-8, to 8K)
+#   large      keys-large from scratch: the keys shape at twice the width (~3.2M parameters, ~13 MB)
+#   scratch    keys-gpu from scratch: the keys shape, the whole GPU curriculum
+# Usage: bash scripts/gpu_needle_training.sh OUT_DIR [MINUTES] [WORKERS]
+#   MINUTES (default 6) is each training's time box (stage-end checks come on top: about a minute;
+#   each training is killed 2 minutes past its box, each needle table after 150 s);
+#   needs torch and transformers on the machine; kvx runs from this tree, no install.
+set -uo pipefail
+out=${1:?usage: gpu_needle_training.sh OUT_DIR [MINUTES] [WORKERS]}
+minutes=${2:-6}
+workers=${3:-4}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 - <<'PY' | tee "$out/versions.txt"
+import torch, transformers
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print("device:", name, "| torch", torch.__version__, "| transformers", transformers.__version__)
+PY
+
+train() {  # NAME ARGS...: one time-boxed training into OUT/NAME (its log OUT/NAME.log)
+  local name=$1; shift
+  timeout "$limit" python3 scripts/train_needle_model.py --out "$out/$name" --checkpoint-dir "$out/ckpt-$name" \
+    --checkpoint-every 500 --minutes "$minutes" --workers "$workers" "$@" > "$out/$name.log" 2>&1
+  echo "$name: training exit $? at $(date +%T)"
+}
+limit=$(python3 -c "print(int($minutes * 60 + 120))")  # the box, stage-end checks, a margin: then killed (the
+# model saved at the last stage's end stays)
+echo "trainings start at $(date +%T), $minutes minutes each"
+train continued --preset keys-gpu --init-from kvx/assets/needle-llama-keys --start-stage 4 &
+train large --preset keys-large &
+train scratch --preset keys-gpu &
+wait
+
+for name in continued large scratch; do
+  [[ -f $out/$name/model.safetensors ]] || { echo "$name: no model saved"; continue; }
+  timeout 150 python3 -m kvx.cli needle --model "$out/$name" --lengths 1k,2k,4k,8k --depths 0,25,50,75,100 --samples 4 \
+    --variants single,multikey,multivalue,absent --distractors 3 --device cuda --out "$out/$name-needle" \
+    --no-progress > "$out/$name-needle.log" 2>&1 &  # resumable: a killed run keeps its finished cells
+done
+wait
+python3 scripts/needle_by_variant.py "$out"/*-needle/results.jsonl | tee "$out/needle-tables.md"
