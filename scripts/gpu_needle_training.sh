@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17 on one GPU: three needle-model trainings side by side, each time-boxed, then each model's dense
 # needle table (kvx needle on the GPU). The trainings share the GPU and the CPU cores (WORKERS batch
-# processes each); a tiny model's step is launch- and data-bound, so they overlap well.
+# processes each); a tiny model's step is launch- and data-bound, so they overlap well. --steps-scale 4 makes the
+# step caps four times the presets' (the time shares stay), so that the time box, not the caps, ends the stages.
 #   continued  the shipped keys model (kvx/assets/needle-llama-keys), the keys-gpu length stages (4-8, to 8K)
 #   large      keys-large from scratch: the keys shape at twice the width (~3.2M parameters, ~13 MB)
 #   scratch    keys-gpu from scratch: the keys shape, the whole GPU curriculum
@@ -24,7 +25,7 @@ PY
 train() {  # NAME ARGS...: one time-boxed training into OUT/NAME (its log OUT/NAME.log)
   local name=$1; shift
   timeout "$limit" python3 scripts/train_needle_model.py --out "$out/$name" --checkpoint-dir "$out/ckpt-$name" \
-    --checkpoint-every 500 --minutes "$minutes" --workers "$workers" "$@" > "$out/$name.log" 2>&1
+    --checkpoint-every 500 --minutes "$minutes" --workers "$workers" --steps-scale 4 "$@" > "$out/$name.log" 2>&1
   echo "$name: training exit $? at $(date +%T)"
 }
 limit=$(python3 -c "print(int($minutes * 60 + 120))")  # the box, stage-end checks, a margin: then killed (the
