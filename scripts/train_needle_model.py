@@ -356,7 +356,7 @@ def answer_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[flo
     needle's value misses only the first digit (the rest follow that digit), so it scores ~0.9 on
     multikey prompts it answers at chance. ``answer_exact`` is the share of answers (runs of answer
     tokens) whose every token is the argmax: greedy exact match, as the runner scores it."""
-    predicted = model(ids).logits[:, :-1].argmax(-1)
+    predicted = argmax_predictions(model, ids)
     is_answer = labels[:, 1:] != -100
     right = predicted == ids[:, 1:]
     token_acc = right[is_answer].float().mean().item()
@@ -391,6 +391,19 @@ def quick_accuracy(model, tokenizer, length: int, count: int, seed: int, device)
 
 
 @torch.no_grad()
+def argmax_predictions(model, ids: torch.Tensor, tokens_per_call: int = 16384) -> torch.Tensor:
+    """``[B, T-1]``: the model's argmax after each token but the last, in eval mode, a few rows per
+    forward (at most ``tokens_per_call`` tokens: an 8K batch of 16 in one call can need tens of GB
+    of attention scores)."""
+    was_training = model.training
+    model.eval()
+    rows = max(1, tokens_per_call // ids.shape[1])
+    out = [model(ids[i:i + rows]).logits[:, :-1].argmax(-1) for i in range(0, ids.shape[0], rows)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def variant_accuracy(model, tokenizer, variant: str, length: int, count: int, distractors: int, seed: int,
                      device) -> float:
     """Teacher-forced exact match of ``count`` prompts of one variant, in one batch: a row counts when
@@ -406,10 +419,7 @@ def variant_accuracy(model, tokenizer, variant: str, length: int, count: int, di
         rows.append(prompt.ids + answer)
         starts.append(len(prompt.ids))
     ids = torch.tensor(rows, device=device)
-    was_training = model.training
-    model.eval()
-    predicted = model(ids).logits[:, :-1].argmax(-1)  # [B, T-1]: prediction of token t+1
-    model.train(was_training)
+    predicted = argmax_predictions(model, ids)  # [B, T-1]: prediction of token t+1
     hits = [bool((predicted[b, s - 1:] == ids[b, s:]).all()) for b, s in enumerate(starts)]
     return sum(hits) / count
 
@@ -425,10 +435,7 @@ def induction_accuracy(model, tokenizer, count: int, seed: int, device, length: 
         ids = tokenizer(" " + " ".join(filler_sentences(rng, 4)), add_special_tokens=False)["input_ids"]
         rows.append((ids * (length // len(ids) + 1))[:length])
     ids = torch.tensor(rows, device=device)
-    was_training = model.training
-    model.eval()
-    right = model(ids).logits[:, :-1].argmax(-1) == ids[:, 1:]
-    model.train(was_training)
+    right = argmax_predictions(model, ids) == ids[:, 1:]
     after_the = ids[:, :-1] == tokenizer.convert_tokens_to_ids("the")
     after_the[:, : length // 2] = False
     return right[after_the].float().mean().item()
