@@ -110,8 +110,9 @@ def test_a_query_that_sees_nothing_gets_zeros_and_minus_infinity():
     valid = torch.ones(1, 1, 48, dtype=torch.bool)
     valid[..., :20] = False  # queries 0-19 are padding and see no real key
     index[:, 1, 2] = -1  # head 1, query block 2 selects nothing
+    on_device = [t.to(DEVICE) for t in (query, key, value, index, valid)]  # Triton runs on CUDA tensors only
     for backend in ("torch", "triton"):
-        out, lse = block_sparse_attention(query, key, value, index, valid, 0.1, block_size=16, backend=backend)
+        out, lse = block_sparse_attention(*on_device, 0.1, block_size=16, backend=backend)
         assert torch.isneginf(lse[:, :, :20]).all() and not out[:, :, :20].any()
         assert torch.isneginf(lse[:, 1, 32:]).all() and torch.isfinite(lse[:, 0, 32:]).all()
 
