@@ -43,4 +43,6 @@ for name in continued large scratch; do
     --no-progress > "$out/$name-needle.log" 2>&1 &  # resumable: a killed run keeps its finished cells
 done
 wait
-python3 scripts/needle_by_variant.py "$out"/*-needle/results.jsonl | tee "$out/needle-tables.md"
+for name in continued large scratch; do  # the runner's summary: per length, then per variant and length
+  [[ -f $out/$name-needle.log ]] && { echo "== $name"; grep -v '^wrote ' "$out/$name-needle.log"; }
+done | tee "$out/needle-tables.txt"

@@ -507,7 +507,8 @@ def _plain_progress(items: list, desc: str) -> Iterator:
 
 
 def summarize(rows: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:
-    """Per policy: mean score overall and per length, KV bytes relative to dense on the same cells, time."""
+    """Per policy: mean score overall, per length and per variant and length, KV bytes relative to
+    dense on the same cells, time."""
     by_cell = {(r["length"], float(r["depth"]), r["variant"], r["sample"]): {} for r in rows}
     for r in rows:
         by_cell[(r["length"], float(r["depth"]), r["variant"], r["sample"])][r["policy"]] = r
@@ -529,6 +530,10 @@ def summarize(rows: list[dict[str, Any]], policies: list[str]) -> list[dict[str,
                 "accuracy": sum(r["score"] for r in mine) / len(mine),
                 "per_length": {
                     n: _mean([r["score"] for r in mine if r["length"] == n]) for n in lengths
+                },
+                "per_variant": {
+                    v: {n: _mean([r["score"] for r in mine if r["variant"] == v and r["length"] == n]) for n in lengths}
+                    for v in sorted({r["variant"] for r in mine})
                 },
                 "kv_vs_dense": _mean(ratios) if ratios else None,
                 "seconds": _mean([r["seconds"] for r in mine]),
@@ -553,8 +558,22 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
             + [("-" if s["per_length"][n] is None else f"{s['per_length'][n]:.3f}") for n in lengths]
             + ["-" if s["kv_vs_dense"] is None else f"{s['kv_vs_dense']:.3f}", f"{s['seconds']:.2f}"]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    table = _aligned(rows, left=1)
+    variants = sorted({v for s in summary for v in s.get("per_variant", {})})
+    if len(variants) < 2:
+        return table
+    by_variant = [["policy", "variant"] + [f"@{n}" for n in lengths]]
+    for s in summary:
+        for v, scores in s["per_variant"].items():
+            by_variant.append([s["policy"], v] + ["-" if scores[n] is None else f"{scores[n]:.3f}" for n in lengths])
+    return table + "\n\nby variant:\n" + _aligned(by_variant, left=2)
+
+
+def _aligned(rows: list[list[str]], left: int) -> str:
+    """``rows`` (the first one a header) as text columns: the first ``left`` flush left, the others
+    right, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 

@@ -163,3 +163,21 @@ def test_multihop_cells_run_and_expect_the_second_needles_value(model_dir, tmp_p
     for row in rows:
         spec = needle.build_cell_prompt(config, tok, needle.Cell(200, row["depth"], "multihop", 0)).spec
         assert row["expected"] == spec.expected == [spec.needles[1][1]] and len(row["needle_positions"]) == 4
+
+
+def test_summary_breaks_scores_down_by_variant():
+    """With several variants, the summary gives each variant's mean per length, and prints them."""
+    def row(policy, variant, length, score):
+        return dict(policy=policy, variant=variant, length=length, depth=0.0, sample=0, score=score, kv_bytes=10,
+                    seconds=0.1)
+
+    rows = [row("dense", "single", 1024, 1.0), row("dense", "multikey", 1024, 0.0), row("dense", "multikey", 2048, 1.0),
+            row("dense", "single", 2048, 0.5)]
+    summary = needle.summarize(rows, ["dense"])
+    assert summary[0]["per_variant"] == {"multikey": {1024: 0.0, 2048: 1.0}, "single": {1024: 1.0, 2048: 0.5}}
+    text = needle.format_summary(summary)
+    assert "by variant:" in text
+    assert [line.split() for line in text.splitlines()[-2:]] == [["dense", "multikey", "0.000", "1.000"],
+                                                                 ["dense", "single", "1.000", "0.500"]]
+    one_variant = needle.summarize([r for r in rows if r["variant"] == "single"], ["dense"])
+    assert "by variant" not in needle.format_summary(one_variant)
