@@ -202,15 +202,8 @@ KEYS_PRESET = Preset(
 # the whole; the step counts are caps a GPU does not reach in a few minutes). ``keys-gpu`` has the keys model's
 # shape (so it continues the shipped model with --init-from and --start-stage 4); ``keys-large`` doubles its width.
 _GPU_KEYS = dict(variant_weights=(0.2, 0.5, 0.1, 0.2), distractors=(2, 4), questions=(1, 3))
-GPU_STAGES = [
-    Stage(steps=3000, min_len=64, max_len=160, batch=64, lr=2e-3, number_rate=0.0, variant_weights=SINGLE,
-          repeat_rate=0.5),
-    Stage(steps=3000, min_len=64, max_len=192, batch=64, lr=2e-3, variant_weights=(0.4, 0.6, 0.0, 0.0),
-          distractors=(1, 1), repeat_rate=0.25),
-    Stage(steps=3000, min_len=96, max_len=256, batch=64, lr=1.5e-3, variant_weights=(0.25, 0.55, 0.1, 0.1),
-          distractors=(1, 3), repeat_rate=0.1),
-    Stage(steps=8000, min_len=96, max_len=192, batch=64, lr=1.5e-3, variant_weights=(0.2, 0.5, 0.1, 0.2),
-          distractors=(1, 4), questions=(2, 4), repeat_rate=0.75, lm_weight=1.0),
+GPU_STAGES = [  # stages 0-3 are the keys preset's (copy circuit, distractors, key matching) at batch 64
+    *(replace(st, batch=64, steps=steps) for st, steps in zip(KEYS_PRESET.stages[:4], (3000, 3000, 3000, 8000))),
     Stage(steps=1500, min_len=256, max_len=512, batch=32, lr=1e-3, repeat_rate=0.25, **_GPU_KEYS),
     Stage(steps=800, min_len=512, max_len=1024, batch=32, lr=8e-4, **_GPU_KEYS),
     Stage(steps=800, min_len=1024, max_len=2048, batch=16, lr=6e-4, **_GPU_KEYS),
