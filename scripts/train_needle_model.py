@@ -40,8 +40,18 @@ model saved after stage 2 when stages 3+ and the RoPE base changed:
 Resumable: with ``--checkpoint-dir`` it writes ``checkpoint.pt`` there every ``--checkpoint-every``
 steps and at each stage's end (model, optimizer, stage, step, every RNG state, the log so far),
 and a rerun of the same command continues from it exactly where it stopped (same batches, same
-weights as an uninterrupted run). Every choice is seeded: the same command gives the same model on
-the same machine.
+weights as an uninterrupted run). Every choice is seeded (each step's batch has its own seed): the
+same command gives the same model on the same machine.
+
+On a GPU: ``--workers N`` draws the batches in N processes ahead of the training loop (the same
+batches), and ``--minutes M`` time-boxes the stages left (each gets the share of M its planned
+tokens are of theirs; its learning-rate schedule follows the time spent), for the GPU presets
+``keys-gpu`` and ``keys-large``, whose step counts are caps. A time-boxed run's steps depend on the
+machine's speed; its log says how many each stage took. ``scripts/gpu_needle_training.sh`` runs
+two such trainings side by side and their needle tables:
+
+    python scripts/train_needle_model.py --preset keys-gpu --init-from kvx/assets/needle-llama-keys \
+        --start-stage 4 --out runs/gpu/model --checkpoint-dir runs/gpu --minutes 6 --workers 7 --steps-scale 4
 """
 
 from __future__ import annotations
@@ -586,7 +596,7 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
         head_dim=config.head_dim, layers=config.num_hidden_layers, hidden=config.hidden_size, seed=seed,
         vocab=config.vocab_size, lm_weight=preset.lm_weight, stages=stages,
         minutes=max(r.get("minutes", 0) for r in log),
-        device="2 CPU cores (shared with other work while it ran)", scores=scores,
+        device=next((r["device"] for r in log if "device" in r), "an unrecorded device"), scores=scores,
     ))
 
 
@@ -642,7 +652,7 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
         log_path.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
 
     if state is None:
-        where = str(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
         record({"preset": preset.name, "seed": seed, "device": where,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
