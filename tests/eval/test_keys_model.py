@@ -42,8 +42,8 @@ def _accuracy(rows, policy, variant):
 
 def test_dense_matches_keys_and_answers_none(rows):
     assert _accuracy(rows, "dense", "single") >= 0.9
-    assert _accuracy(rows, "dense", "multikey") >= 0.5  # 3 distractor needles: chance is 0.25
-    assert _accuracy(rows, "dense", "absent") >= 0.7
+    assert _accuracy(rows, "dense", "multikey") >= 0.7  # 3 distractor needles: chance is 0.25
+    assert _accuracy(rows, "dense", "absent") >= 0.9
 
 
 def test_query_aware_compression_keeps_keys_where_query_agnostic_loses_them(rows):
