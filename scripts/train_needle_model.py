@@ -24,7 +24,9 @@ Presets:
   filler under a full next-token loss, and several questions per context), then the length raised
   stage by stage to 2x past 4K at a lower, re-warmed learning rate.
 
-Progress signals in the log: ``answer_acc`` (token level, teacher-forced; ~0.9 even when keys are
+Progress signals in the log: ``data_wait`` (the share of the time since the row before spent
+waiting for batches: near 1, the batch drawing is the bottleneck, so add ``--workers``),
+``answer_acc`` (token level, teacher-forced; ~0.9 even when keys are
 matched at chance, since the digits after the first follow it), ``answer_exact`` (whole answers,
 teacher-forced), and every ``eval_every`` steps ``eval``: teacher-forced exact match per variant
 (greedy exact match, as ``kvx needle`` scores it) and ``induction`` (2-gram copying of a repeated
@@ -685,6 +687,7 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
             stage_start, allotted = time.time(), None if minutes is None else minutes * 60 * shares[stage_idx]
             source = batches(tokenizer, stage, seed, stage_idx, begin, pool, ahead=2 * workers)
             step = begin
+            waited, since = 0.0, time.time()  # time spent waiting for batches since the last log row
             while True:
                 # progress in steps: the steps done, or (time box) the time spent, whichever is further
                 progress = step if allotted is None else max(
@@ -696,7 +699,9 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
                     return model
                 for group in optimizer.param_groups:
                     group["lr"] = stage.lr * lr_factor(int(progress), steps)
+                asked = time.time()
                 ids, labels = next(source)
+                waited += time.time() - asked
                 ids, labels = ids.to(device), labels.to(device)
                 lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
                 loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
@@ -711,7 +716,9 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
                     acc, exact = answer_accuracy(model, ids, labels)
                     row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
                                answer_acc=round(acc, 3), answer_exact=round(exact, 3),
-                               lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2))
+                               lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2),
+                               data_wait=round(waited / max(time.time() - since, 1e-9), 3))
+                    waited, since = 0.0, time.time()
                     if evaluate:
                         row["eval_len"] = stage.max_len
                         row["eval"] = quick_eval(model, tokenizer, preset, stage.max_len, device, 5000)

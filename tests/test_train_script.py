@@ -97,10 +97,11 @@ def test_resume_continues_identically(script, tmp_path):
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda d: [json.loads(x) for x in (d / "training_log.jsonl").read_text().splitlines()]  # noqa: E731
-    strip = lambda r: {k: v for k, v in r.items() if k != "minutes"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("minutes", "data_wait")}  # timings  # noqa: E731
     a_rows, b_rows = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [strip(r) for r in b_rows if "resumed" not in r] == [strip(r) for r in a_rows]
     assert any("eval" in r and set(r["eval"]) == {"multikey", "absent", "induction"} for r in a_rows)
+    assert all(0 <= r["data_wait"] <= 1 for r in a_rows if "loss" in r)  # the share of time spent waiting for batches
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (tmp_path / "b" / name).exists()
     final = torch.load(tmp_path / "cb" / script.CHECKPOINT, weights_only=False)
