@@ -10,9 +10,23 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU interpreter; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvx import cache_of
+from kvx.patches import coverage
 from kvx.tiny import ARCH_OVERRIDES, tiny_model
 
 MODEL_TYPES = sorted(ARCH_OVERRIDES)
+
+# The coverage check's fast subset (tests/patches/test_coverage.py) and the outcome each must have; the method
+# conformance test runs its verified ones too.
+COVERAGE_FAST = {
+    "llama": coverage.VERIFIED, "mistral": coverage.VERIFIED, "qwen2": coverage.VERIFIED,
+    "qwen3": coverage.VERIFIED, "gemma2": coverage.VERIFIED, "gemma3_text": coverage.VERIFIED,
+    "phi3": coverage.VERIFIED,
+    "qwen3_next": coverage.VERIFIED,  # hybrid: gated delta-net layers keep transformers' own cache layers
+    "gpt_oss": coverage.VERIFIED,  # attention sinks (s_aux)
+    "opt": coverage.VERIFIED,  # the causal LM calls its decoder directly: hooks go on the decoder
+    "deepseek_v3": coverage.REFUSED,  # MLA
+    "bloom": coverage.REFUSED,  # legacy attention code
+}
 
 
 class _DeprecatedCacheName(logging.Handler):

@@ -10,20 +10,10 @@ checks every type and prints the counts.
 import os
 
 import pytest
+from conftest import COVERAGE_FAST
 
 from kvx.compat import causal_lm_model_types
 from kvx.patches import coverage
-
-FAST = {
-    "llama": coverage.VERIFIED, "mistral": coverage.VERIFIED, "qwen2": coverage.VERIFIED,
-    "qwen3": coverage.VERIFIED, "gemma2": coverage.VERIFIED, "gemma3_text": coverage.VERIFIED,
-    "phi3": coverage.VERIFIED,
-    "qwen3_next": coverage.VERIFIED,  # hybrid: gated delta-net layers keep transformers' own cache layers
-    "gpt_oss": coverage.VERIFIED,  # attention sinks (s_aux)
-    "opt": coverage.VERIFIED,  # the causal LM calls its decoder directly: hooks go on the decoder
-    "deepseek_v3": coverage.REFUSED,  # MLA
-    "bloom": coverage.REFUSED,  # legacy attention code
-}
 
 
 def _has_linear_attention_cache_layers() -> bool:
@@ -37,7 +27,7 @@ def _has_linear_attention_cache_layers() -> bool:
     return not is_dense_layer(kinds["linear_attention"])
 
 
-@pytest.mark.parametrize("model_type", sorted(FAST))
+@pytest.mark.parametrize("model_type", sorted(COVERAGE_FAST))
 def test_fast_subset(model_type):
     if model_type not in causal_lm_model_types():
         pytest.skip(f"{model_type} is not in this transformers release")
@@ -45,7 +35,7 @@ def test_fast_subset(model_type):
     if model_type == "qwen3_next" and not _has_linear_attention_cache_layers():
         assert outcome.status == coverage.REFUSED and "has no cache layer for its 'linear_attention'" in outcome.reason
         return
-    assert outcome.status == FAST[model_type], outcome.reason
+    assert outcome.status == COVERAGE_FAST[model_type], outcome.reason
     if outcome.status == coverage.REFUSED:
         assert "kvx does not support model_type" in outcome.reason
 
