@@ -197,11 +197,7 @@ def attend_tokens(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Attention ``[B, H, 1, Dv]`` of one query per head over the tokens at ``slots [B, Hkv, T]`` of
     ``keys / values [B, Hkv, S, D]`` where ``real [B, Hkv, T]``: only those are gathered (the KV
     heads are never expanded)."""
-    batch, kv_heads, stored = keys.shape[:3]
-    # rows of the flattened [B * Hkv * S, D] keys: index_select copies whole rows (16x a gather on CPU)
-    rows = (slots + torch.arange(batch * kv_heads, device=slots.device).view(batch, kv_heads, 1) * stored).flatten()
-    picked_k = _rows(keys, rows).view(batch, kv_heads, -1, keys.shape[-1])  # [B, Hkv, T, D]
-    picked_v = _rows(values, rows).view(batch, kv_heads, -1, values.shape[-1])
+    picked_k, picked_v = reference.take_tokens(keys, slots), reference.take_tokens(values, slots)  # [B, Hkv, T, D]
     return attend_gathered(query, picked_k, picked_v, real, scaling, softcap, sinks)
 
 
@@ -211,12 +207,6 @@ def attend_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     D|Dv]`` where ``real [B, Hkv, T]`` (the KV heads are never expanded)."""
     mask = None if bool(real.all()) else reference.expand_kv_heads(real, query.shape[1] // keys.shape[1])[:, :, None]
     return reference.attention(query, keys, values, mask, scaling, softcap, sinks)
-
-
-def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x [B, Hkv, S, D]`` as ``[B * Hkv * S, D]`` rows ``rows [T]`` (without a copy of ``x`` where it is
-    contiguous)."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, rows)
 
 
 def quest_reference(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, page_size: int,
