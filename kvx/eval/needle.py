@@ -558,22 +558,23 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
             + [("-" if s["per_length"][n] is None else f"{s['per_length'][n]:.3f}") for n in lengths]
             + ["-" if s["kv_vs_dense"] is None else f"{s['kv_vs_dense']:.3f}", f"{s['seconds']:.2f}"]
         )
-    table = _aligned(rows, left=1)
-    variants = sorted({v for s in summary for v in s.get("per_variant", {})})
+    table = aligned_table(rows[0], rows[1:])
+    variants = sorted({v for s in summary for v in s["per_variant"]})
     if len(variants) < 2:
         return table
-    by_variant = [["policy", "variant"] + [f"@{n}" for n in lengths]]
+    by_variant = []
     for s in summary:
         for v, scores in s["per_variant"].items():
             by_variant.append([s["policy"], v] + ["-" if scores[n] is None else f"{scores[n]:.3f}" for n in lengths])
-    return table + "\n\nby variant:\n" + _aligned(by_variant, left=2)
+    return table + "\n\nby variant:\n" + aligned_table(["policy", "variant"] + [f"@{n}" for n in lengths], by_variant,
+                                                        left=2)
 
 
-def _aligned(rows: list[list[str]], left: int) -> str:
-    """``rows`` (the first one a header) as text columns: the first ``left`` flush left, the others
-    right, a rule under the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+def aligned_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Aligned text: the first ``left`` columns flush left, the others right, a rule under the header."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from kvx.eval.longbench.tasks import CATEGORIES, LENGTH_BUCKETS, TASKS
-from kvx.eval.needle import DENSE
+from kvx.eval.needle import DENSE, aligned_table
 
 
 def bucket(length: int) -> str:
@@ -61,15 +61,6 @@ def summarize(rows: list[dict[str, Any]], policies: list[str], buckets: bool = F
     return summary
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """Aligned text: the first column left, the others right, a rule under the header."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header] + rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
 def _cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -88,11 +79,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows.append(["samples"] + [str(policies[p]["samples"]) for p in names])
     rows.append(["compressed"] + [f"{100 * policies[p]['compressed']:.0f}%" for p in names])
     rows.append(["KV vs dense"] + [_cell(policies[p]["kv_vs_dense"], 3) for p in names])
-    text = _table(["task"] + names, rows)
+    text = aligned_table(["task"] + names, rows)
     for policy in names:
         if "buckets" in policies[policy]:
             entry = policies[policy]
             bucket_rows = [[t] + [_cell(entry["buckets"][t][b]) for b in LENGTH_BUCKETS] for t in summary["tasks"]]
             bucket_rows.append(["average"] + [_cell(entry["bucket_average"][b]) for b in LENGTH_BUCKETS])
-            text += f"\n\nLongBench-E, {policy}, by length\n" + _table(["task", *LENGTH_BUCKETS], bucket_rows)
+            text += f"\n\nLongBench-E, {policy}, by length\n" + aligned_table(["task", *LENGTH_BUCKETS], bucket_rows)
     return text
