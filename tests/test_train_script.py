@@ -284,3 +284,13 @@ def test_a_time_box_ends_each_stage_by_its_time(script, tmp_path):
     assert {"minutes_box": 1e-7, "workers": 0} in rows
     assert [r["steps_done"] for r in rows if r.get("done")] == [1] * len(tiny.stages)
     assert max(st.steps for st in tiny.stages) > 1
+
+
+@pytest.mark.parametrize("flag, value", [("--minutes", "0"), ("--minutes", "-2"), ("--workers", "-1")])
+def test_bad_time_box_or_workers_are_refused_by_name(script, tmp_path, monkeypatch, capsys, flag, value):
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--preset", "tiny", "--out", str(tmp_path / "m"),
+                                      flag, value])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == 2
+    assert f"{flag} must be" in capsys.readouterr().err and not (tmp_path / "m").exists()
