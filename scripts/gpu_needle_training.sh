@@ -9,7 +9,9 @@
 # What the first run (2026-11-30, H200, 5.5-minute boxes) showed: keys-gpu from scratch copied single needles
 # (0.85-0.95 at 1-2K) but grew no induction (0.01) and no key matching (multikey 0.05): from scratch needs a far
 # longer box than one session's device time allows; keys-large ran out of memory in its checks (fixed since).
-# Each job ran ~4-6 steps/s at 12-48K tokens a step, well under what the GPU allows: not profiled yet.
+# Each job ran ~4-6 steps/s at 12-48K tokens a step, well under what the GPU allows, so this script first
+# profiles 20 steps of keys-gpu's stage 4 alone (OUT/profile/profile.txt: batch wait, forward/backward and
+# optimizer time per step, the slowest operators; under a minute).
 # Usage: bash scripts/gpu_needle_training.sh OUT_DIR [MINUTES] [WORKERS]
 #   MINUTES (default 6) is each training's time box (stage-end checks come on top: about a minute;
 #   each training is killed 2 minutes past its box, each needle table after 150 s);
@@ -34,6 +36,9 @@ train() {  # NAME ARGS...: one time-boxed training into OUT/NAME (its log OUT/NA
 }
 limit=$(python3 -c "print(int($minutes * 60 + 120))")  # the box, stage-end checks, a margin: then killed (the
 # model saved at the last stage's end stays)
+timeout 90 python3 scripts/train_needle_model.py --preset keys-gpu --profile 20 --profile-stage 4 --workers "$workers" \
+  --init-from kvx/assets/needle-llama-keys --out "$out/profile" > "$out/profile.log" 2>&1
+echo "profile: exit $? at $(date +%T)"; grep -m1 '^per step' "$out/profile.log"
 echo "trainings start at $(date +%T), $minutes minutes each"
 train continued --preset keys-gpu --init-from kvx/assets/needle-llama-keys --start-stage 4 &
 train large --preset keys-large &

@@ -32,6 +32,13 @@ teacher-forced), and every ``eval_every`` steps ``eval``: teacher-forced exact m
 (greedy exact match, as ``kvx needle`` scores it) and ``induction`` (2-gram copying of a repeated
 paragraph, the circuit key matching needs).
 
+Profiling: ``--profile STEPS [--profile-stage N]`` trains STEPS steps of stage N (weights thrown
+away) and writes ``profile.txt``: per step, the time waiting for the batch, in forward + backward and
+in the optimizer, tokens per second, and the profiler's operators by time. Run it first on a new
+machine (a GPU step of these small models should take milliseconds):
+
+    python scripts/train_needle_model.py --preset keys-gpu --profile 20 --profile-stage 4 --workers 7 --out runs/prof
+
 Warm start: ``--init-from DIR --start-stage N`` runs stages N.. from a saved model's weights (under
 the preset's config), in a new ``--checkpoint-dir``; issue 17's run continued this way from the
 model saved after stage 2 when stages 3+ and the RoPE base changed:
@@ -114,6 +121,15 @@ class Stage:
     # give the key match many gradient signals per context instead of one (0: the runner's format only)
     questions: tuple[int, int] = (0, 0)
     lm_weight: float | None = None  # this stage's weight of the next-token loss (None: the preset's)
+    # share of steps whose batch is drawn from ``rehearsal`` instead (another stage's lengths, batch, variants and
+    # filler; this stage's learning rate and loss weight): short key-matching prompts kept in view while the
+    # length rises, which otherwise wears key matching and induction down (0: no draw, older runs unchanged)
+    rehearsal_rate: float = 0.0
+    rehearsal: Stage | None = None
+
+    def __post_init__(self):
+        if self.rehearsal_rate and self.rehearsal is None:
+            raise ValueError(f"rehearsal_rate {self.rehearsal_rate} needs a rehearsal stage to draw from")
 
 
 @dataclass
@@ -253,7 +269,11 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
 
     With ``stage.questions``, each prompt's answer is followed by further questions and answers
     (:func:`more_questions`); rows then differ in length and are padded at the end with the pad
-    token (label -100, and :func:`training_loss` leaves it out of the next-token loss)."""
+    token (label -100, and :func:`training_loss` leaves it out of the next-token loss).
+
+    With ``stage.rehearsal_rate``, that share of batches is ``stage.rehearsal``'s instead."""
+    if stage.rehearsal_rate and rng.random() < stage.rehearsal_rate:
+        return sample_batch(tokenizer, stage.rehearsal, rng)
     length = rng.randint(stage.min_len, stage.max_len)
     rows, labels = [], []
     for _ in range(stage.batch):
@@ -747,6 +767,73 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     return model
 
 
+def profile_training(preset: Preset, out: Path, stage_idx: int, steps: int = 20, warmup: int = 3, workers: int = 0,
+                     init_from: Path | None = None) -> str:
+    """Where a training step's time goes: ``warmup`` then ``steps`` steps of stage ``stage_idx`` (its
+    batches, learning rate and loss), each timed in three parts (waiting for the batch, forward +
+    backward, clipping + optimizer; on a GPU with a synchronize after each part), the last ``steps``
+    under ``torch.profiler``. Writes ``profile.txt`` into ``out`` (and returns it): the mean parts per
+    step, tokens per second, and the profiler's operators by total time. Nothing is saved but that
+    report: the weights it trains are thrown away."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not 0 <= stage_idx < len(preset.stages):
+        raise SystemExit(f"--profile-stage {stage_idx}: preset {preset.name} has stages 0-{len(preset.stages) - 1}")
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, preset, init_from).to(device).train()
+    stage = preset.stages[stage_idx]
+    optimizer = make_optimizer(model, stage)
+    lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
+    source = batches(tokenizer, stage, 0, stage_idx, 0, pool, ahead=2 * workers)
+    parts, tokens = [], 0
+
+    def one_step() -> None:
+        nonlocal tokens
+        t0 = time.perf_counter()
+        ids, labels = next(source)
+        ids, labels = ids.to(device), labels.to(device)
+        sync()
+        t1 = time.perf_counter()
+        loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sync()
+        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        tokens += ids.numel()
+
+    try:
+        for _ in range(warmup):
+            one_step()
+        parts.clear()
+        tokens = 0
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                one_step()
+    finally:
+        if pool is not None:
+            pool.terminate()
+    wait, compute, update = (sum(p[i] for p in parts) / len(parts) for i in range(3))
+    total = wait + compute + update
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    report = (f"preset {preset.name}, stage {stage_idx} (lengths {stage.min_len}-{stage.max_len}, batch {stage.batch}), "
+              f"{where}, workers {workers}, {steps} steps after {warmup} warm-up steps\n"
+              f"per step: {total * 1000:.1f} ms = batch wait {wait * 1000:.1f} + forward/backward {compute * 1000:.1f}"
+              f" + clip/optimizer {update * 1000:.1f}; {tokens / sum(map(sum, parts)):.0f} tokens/s\n\n"
+              + prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text(report)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory to save the model and tokenizer in")
@@ -770,6 +857,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="processes that draw batches ahead of the training loop (default 0: in this process; "
                              "the batches are the same either way)")
+    parser.add_argument("--profile", type=int, metavar="STEPS",
+                        help="only profile STEPS training steps of --profile-stage (after 3 warm-up steps) and write "
+                             "profile.txt into --out: time waiting for batches, forward/backward, optimizer, and the "
+                             "operators that took longest; no model is saved")
+    parser.add_argument("--profile-stage", type=int, default=0, help="the stage --profile runs (default 0)")
     parser.add_argument("--export", action="store_true",
                         help="only save the model of --checkpoint-dir's checkpoint (its stage and step in the log) "
                              "into --out, with the tokenizer, to evaluate it with kvx needle")
@@ -789,6 +881,12 @@ def main() -> None:
         parser.error(f"--minutes must be positive, not {args.minutes}")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, not {args.workers}")
+    if args.profile is not None:
+        if args.profile < 1:
+            parser.error(f"--profile must be 1 step or more, not {args.profile}")
+        print(profile_training(preset, args.out, args.profile_stage, args.profile, workers=args.workers,
+                               init_from=args.init_from))
+        return
     train(preset, args.out, args.seed, args.steps_scale, args.checkpoint_dir, args.checkpoint_every, args.init_from,
           start_stage=args.start_stage, minutes=args.minutes, workers=args.workers)
 

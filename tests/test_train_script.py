@@ -83,6 +83,24 @@ def test_repeated_paragraph_filler(script):
         assert len(filler) > 6 and len(set(filler)) <= 3  # two sentences, over and over (one cut by a needle)
 
 
+def test_rehearsal_draws_that_share_of_batches_from_the_other_stage(script):
+    """rehearsal_rate 0.5: about half the batches have the rehearsal stage's length and batch size;
+    0 draws nothing (the batches of a stage without rehearsal stay what they were)."""
+    tok = script.build_tokenizer()
+    short = script.Stage(steps=1, min_len=60, max_len=60, batch=5, lr=1e-3, variant_weights=(1, 0, 0, 0))
+    long = script.Stage(steps=1, min_len=150, max_len=150, batch=2, lr=1e-3, variant_weights=(1, 0, 0, 0),
+                        rehearsal=short, rehearsal_rate=0.5)
+    shapes = [tuple(script.sample_batch(tok, long, random.Random(i))[0].shape) for i in range(40)]
+    assert set(shapes) == {(5, 60), (2, 150)} and 10 <= shapes.count((5, 60)) <= 30
+    plain = script.Stage(steps=1, min_len=150, max_len=150, batch=2, lr=1e-3, variant_weights=(1, 0, 0, 0))
+    unused = script.Stage(steps=1, min_len=150, max_len=150, batch=2, lr=1e-3, variant_weights=(1, 0, 0, 0),
+                          rehearsal=short, rehearsal_rate=0.0)
+    assert torch.equal(script.sample_batch(tok, plain, random.Random(3))[0],
+                       script.sample_batch(tok, unused, random.Random(3))[0])
+    with pytest.raises(ValueError, match="rehearsal stage"):
+        script.Stage(steps=1, min_len=60, max_len=60, batch=1, lr=1e-3, rehearsal_rate=0.2)
+
+
 def test_resume_continues_identically(script, tmp_path):
     tiny = script.PRESETS["tiny"]
     straight = script.train(tiny, tmp_path / "a", seed=3, checkpoint_dir=tmp_path / "ca", checkpoint_every=2,
@@ -294,3 +312,27 @@ def test_bad_time_box_or_workers_are_refused_by_name(script, tmp_path, monkeypat
         script.main()
     assert stop.value.code == 2
     assert f"{flag} must be" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_profile_reports_where_a_step_goes_and_saves_no_model(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--preset", "tiny", "--out", str(tmp_path / "p"),
+                                      "--profile", "2", "--profile-stage", "1"])
+    script.main()
+    report = (tmp_path / "p" / "profile.txt").read_text()
+    assert report in capsys.readouterr().out
+    parts = re.search(r"per step: ([\d.]+) ms = batch wait ([\d.]+) \+ forward/backward ([\d.]+) "
+                      r"\+ clip/optimizer ([\d.]+); (\d+) tokens/s", report)
+    total, *each, tokens = map(float, parts.groups())
+    assert abs(total - sum(each)) < 0.2 and all(x > 0 for x in each[1:]) and tokens > 0
+    assert "stage 1 (lengths 80-96, batch 2)" in report and "aten::mm" in report
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["profile.txt"]
+
+
+@pytest.mark.parametrize("flags", [["--profile", "0"], ["--profile", "2", "--profile-stage", "9"]])
+def test_bad_profile_settings_are_refused_by_name(script, tmp_path, monkeypatch, capsys, flags):
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--preset", "tiny", "--out", str(tmp_path / "p"),
+                                      *flags])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code in (2, "--profile-stage 9: preset tiny has stages 0-1")
+    assert "--profile" in (capsys.readouterr().err + str(stop.value.code)) and not (tmp_path / "p").exists()
