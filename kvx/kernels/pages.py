@@ -191,13 +191,12 @@ def page_tokens(index: PageIndex, pages: torch.Tensor, chosen: torch.Tensor) -> 
     return index.token_slots(ranks), real
 
 
-def attend_tokens(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                  real: torch.Tensor, scaling: float, softcap: float | None,
-                  sinks: torch.Tensor | None) -> torch.Tensor:
-    """Attention ``[B, H, 1, Dv]`` of one query per head over the tokens at ``slots [B, Hkv, T]`` of
-    ``keys / values [B, Hkv, S, D]`` where ``real [B, Hkv, T]``: only those are gathered (the KV
-    heads are never expanded)."""
-    picked_k, picked_v = reference.take_tokens(keys, slots), reference.take_tokens(values, slots)  # [B, Hkv, T, D]
+def attend_tokens(query: torch.Tensor, reader, slots: torch.Tensor, real: torch.Tensor, scaling: float,
+                  softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention ``[B, H, 1, Dv]`` of one query per head over the tokens at ``slots [B, Hkv, T]``
+    where ``real [B, Hkv, T]``, read through ``reader`` (a :class:`kvx.storage.base.TokenReader`:
+    only those slots are read, dequantized where stored packed; the KV heads are never expanded)."""
+    picked_k, picked_v = reader.gather(slots)  # [B, Hkv, T, D|Dv]
     return attend_gathered(query, picked_k, picked_v, real, scaling, softcap, sinks)
 
 

@@ -8,8 +8,8 @@ for a :class:`~kvx.storage.base.TokenReader`: dense storage gives its own tensor
 its segments (only the chosen slots dequantized), ragged storage its packed prefix and tail (only the
 chosen slots read); a kind without a reader of its own (ragged quantized segments) gives the
 transient dense view, which is correct but reads every token to build, so no faster than dense
-there. ``tidal`` reads :meth:`~kvx.storage.base.Storage.causal_view` (the transient view on every kind
-but dense). Each decode step counts, per layer, the real keys read of those stored
+there. ``tidal`` reads through the same reader: its selection layers read every key (they attend
+densely), the layers after them only the chosen slots. Each decode step counts, per layer, the real keys read of those stored
 (``cache.stats()``: ``decode_keys_read`` / ``decode_keys_total``, dense steps counted as all read),
 so no run claims a sparsity it did not compute.
 """
@@ -78,11 +78,12 @@ def dense_step(storage, query, key, value, mask, scaling, softcap, sinks, real: 
     return storage.attend(query, key, value, mask, scaling, softcap, sinks)
 
 
-def real_tokens(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """``[B, Hkv]`` real tokens of a view."""
-    if valid is None:
-        return torch.full(keys.shape[:2], keys.shape[2], dtype=torch.long, device=keys.device)
-    return valid.sum(-1)
+def real_tokens(reader, key: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv]`` real tokens a :class:`~kvx.storage.base.TokenReader` holds (``key [B, Hkv, 1, D]``:
+    the step's new key, for the shape when every slot is real)."""
+    if reader.valid is None:
+        return torch.full(key.shape[:2], reader.stored, dtype=torch.long, device=key.device)
+    return reader.valid.sum(-1)
 
 
 class _OnLayer(Method):

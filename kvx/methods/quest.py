@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from kvx.kernels.pages import attend_gathered, build_page_index, page_tokens, page_upper_bounds, top_pages
+from kvx.kernels.pages import attend_tokens, build_page_index, page_tokens, page_upper_bounds, top_pages
 from kvx.methods.base import register_method
 from kvx.methods.decode_sparse import DecodeSparseMethod, dense_step
 from kvx.policy import check_positive_int, option, register_policy
@@ -88,8 +88,7 @@ class Quest(DecodeSparseMethod):
         scores = page_upper_bounds(query, index, self.reduce).masked_fill(forced, math.inf)
         pages, chosen = top_pages(scores, count)
         slots, read = page_tokens(index, pages, chosen)
-        picked_keys, picked_values = reader.gather(slots)  # [B, Hkv, K * P, D]: only these are read
-        out = attend_gathered(query, picked_keys, picked_values, read, scaling, softcap, sinks)
+        out = attend_tokens(query, reader, slots, read, scaling, softcap, sinks)  # only these K * P slots are read
         groups = query.shape[1] // index.real.shape[1]
         storage.count_decode_keys(int(read.sum()) * groups, int(index.real.sum()) * groups)
         return out.to(query.dtype)

@@ -110,26 +110,26 @@ class Tidal(DecodeSparseMethod):
         args = (storage, query, key, value, mask, scaling, softcap, sinks)
         if query.shape[-2] != 1 or layer_idx < self.select_layer:  # the prompt; the dense first layers
             return dense_step(*args)
-        view = storage.causal_view(mask)
-        if view is None:
+        reader = storage.decode_reader(mask)
+        if reader is None:
             return dense_step(*args)
-        keys, values, valid = view
-        real = real_tokens(keys, valid)
+        real = real_tokens(reader, key)
         if layer_idx in self.selection_layers(len(cache.layers)):
-            cache.method_state[self.name] = self.select(storage, query, keys, valid, real, layer_idx, scaling, softcap)
+            selection = self.select(storage, query, reader.keys(), reader.valid, real, layer_idx, scaling, softcap)
+            cache.method_state[self.name] = selection
             return dense_step(*args, real=real)
         chosen = cache.method_state.get(self.name)
         if chosen is None or chosen.seen != storage.seen:  # no selection this step (a selection layer kvx
             return dense_step(*args, real=real)            # does not manage, e.g. a sliding window): dense
-        if chosen.stored != keys.shape[2] or chosen.slots.shape[:2] != keys.shape[:2]:
+        if chosen.stored != reader.stored or chosen.slots.shape[:2] != real.shape:
             raise ValueError(
-                f"{self.name}: layer {layer_idx} stores {keys.shape[2]} slots but selection layer {chosen.layer} "
+                f"{self.name}: layer {layer_idx} stores {reader.stored} slots but selection layer {chosen.layer} "
                 f"stored {chosen.stored}: tidal needs every layer to store the same tokens (no eviction)"
             )
         if chosen.everything:
             return dense_step(*args, real=real)
-        out = attend_tokens(query, keys, values, chosen.slots, chosen.chosen, scaling, softcap, sinks)
-        groups = query.shape[1] // keys.shape[1]
+        out = attend_tokens(query, reader, chosen.slots, chosen.chosen, scaling, softcap, sinks)
+        groups = query.shape[1] // real.shape[1]
         storage.count_decode_keys(int(chosen.chosen.sum()) * groups, int(real.sum()) * groups)
         return out.to(query.dtype)
 

@@ -33,7 +33,7 @@ def phases_seen(monkeypatch):
     """The query counts each part's sparse op ran on: ``{"prefill": [...], "decode": [...]}``."""
     seen = {"prefill": [], "decode": []}
     for module, name, phase in ((block_sparse_module, "block_sparse_attention", "prefill"),
-                                (quest_module, "attend_gathered", "decode")):
+                                (quest_module, "attend_tokens", "decode")):
         real = getattr(module, name)
 
         def spy(query, *args, _real=real, _phase=phase, **kwargs):

@@ -13,6 +13,7 @@ import kvx.methods.quest as quest_module
 from kvx.compose import from_spec
 from kvx.kernels import pages as pages_ops
 from kvx.kernels import reference
+from kvx.storage.base import ViewReader
 from kvx.tiny import tiny_model
 
 SPARSE = "quest:budget=48,page_size=8,sink=8,recent=8,dense_layers=0"
@@ -27,13 +28,13 @@ def model():
 def attended(monkeypatch):
     """Every (keys, real) the method attends over at decode (the gathered keys, which tokens are real)."""
     calls = []
-    real_fn = quest_module.attend_gathered
+    real_fn = pages_ops.attend_gathered
 
     def spy(query, keys, values, real, *args):
         calls.append((keys, real))
         return real_fn(query, keys, values, real, *args)
 
-    monkeypatch.setattr(quest_module, "attend_gathered", spy)
+    monkeypatch.setattr(pages_ops, "attend_gathered", spy)  # what attend_tokens attends with
     return calls
 
 
@@ -100,7 +101,7 @@ def test_every_page_through_the_sparse_path_equals_dense_attention():
     have = -(-index.real // 8)
     pages, chosen = pages_ops.top_pages(pages_ops.page_upper_bounds(query, index), have)
     slots, read = pages_ops.page_tokens(index, pages, chosen)
-    out = pages_ops.attend_tokens(query, keys, values, slots, read, 0.3, None, None)
+    out = pages_ops.attend_tokens(query, ViewReader(keys, values, valid), slots, read, 0.3, None, None)
     mask = reference.expand_kv_heads(valid, 2)[:, :, None]
     torch.testing.assert_close(out, reference.attention(query, keys, values, mask, 0.3), rtol=1e-5, atol=1e-5)
 

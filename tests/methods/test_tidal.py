@@ -72,9 +72,9 @@ def test_layers_read_the_top_tokens_of_the_selection_layer(model, selections, st
     read = []
     real_attend = tidal_module.attend_tokens
 
-    def spy(query, keys, values, slots, chosen, *args):
+    def spy(query, reader, slots, chosen, *args):
         read.append([set(slots[b, h][chosen[b, h]].tolist()) for b in range(slots.shape[0]) for h in range(slots.shape[1])])
-        return real_attend(query, keys, values, slots, chosen, *args)
+        return real_attend(query, reader, slots, chosen, *args)
 
     monkeypatch.setattr(tidal_module, "attend_tokens", spy)
     rows = [random_ids(1, n, seed=n)[0] for n in (300, 211)]
@@ -153,3 +153,35 @@ def test_compositions_with_a_selection_are_refused_storage_ones_accepted():
     assert from_spec("tidal+kivi:bits=4").axes() == {"selection": "dense", "storage": "kivi", "method": "tidal"}
     listed = {p["name"]: p for p in kvx.list_policies()}["tidal"]
     assert listed["axis"] == "method" and all(o["help"] for o in listed["options"])
+
+
+QUANTIZED = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
+             "kvquant:group=8,window=4,outliers=0.1"]
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_on_quantized_storage_reads_only_the_chosen_slots_and_equals_the_dense_view(model, storage, monkeypatch):
+    """On packed segments the sparse layers read (dequantize) only the chosen slots, through the
+    storage's reader, and give exactly what tidal over the whole dequantized view gives (which reads
+    every token); keys counted alike."""
+    from kvx.storage.base import Storage
+    from kvx.storage.quantized import QuantizedLayer
+    from kvx.storage.segments import SegmentsReader
+
+    gathered = []
+    real_gather = SegmentsReader.gather
+    monkeypatch.setattr(SegmentsReader, "gather", lambda self, slots: gathered.append(slots.shape) or
+                        real_gather(self, slots))
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (300, 211)])
+    with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
+        seq, logits, cache = greedy(model, ids, mask, new_tokens=12)
+    # layers 1-2 of each decode step but the first (the prompt is quantized as that step ends: it reads the tail)
+    assert len(gathered) == 10 * 2 and all(shape[-1] == 40 for shape in gathered)
+    with monkeypatch.context() as patch:
+        patch.setattr(QuantizedLayer, "decode_reader", Storage.decode_reader)  # the transient dense view
+        with kvx.patched(model, from_spec(f"{SPARSE}+{storage}")):
+            ref_seq, ref_logits, ref_cache = greedy(model, ids, mask, new_tokens=12)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    counts = [(s["decode_keys_read"], s["decode_keys_total"]) for s in cache.stats()]
+    assert counts == [(s["decode_keys_read"], s["decode_keys_total"]) for s in ref_cache.stats()]
+    assert all(read < total for read, total in counts[1:])
