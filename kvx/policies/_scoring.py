@@ -56,3 +56,20 @@ def build_scorer(owner: str, scorer, window: int, budget: int | None = None):
         raise ValueError(f"{owner}: scorer {scorer.name} always keeps {kept} tokens, more than budget ({budget}); "
                          "give it a smaller window, or a larger budget")
     return scorer
+
+
+class RankedByScorer:
+    """Mixin for a policy that ranks tokens by another policy's scores (``self._scorer``, from
+    :func:`build_scorer`: PyramidKV, HeadBudget, MiKV). The scorer's running statistics and column
+    sums are the policy's (:meth:`observes`, :meth:`reads_column_sums`), and its ``select_mask``,
+    its own or the library's, acts on the library's triggers (its phases, every ``decode_interval``
+    decode steps), so kvx builds the view only then (``EvictionPolicy.wants_view``)."""
+
+    def observes(self) -> bool:
+        return self._scorer.observes()
+
+    def reads_column_sums(self, phase) -> bool:
+        return self._scorer.reads_column_sums(phase)
+
+    def _decides_like_the_library(self) -> bool:
+        return True

@@ -24,11 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.policies._scoring import build_scorer
+from kvx.policies._scoring import RankedByScorer, build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
-    Phase,
     check_number,
     option,
     past_capacity,
@@ -39,7 +38,7 @@ from kvx.policy import (
 
 @register_policy
 @dataclass
-class HeadBudget(BudgetedPolicy):
+class HeadBudget(RankedByScorer, BudgetedPolicy):
     """A layer's budget shared among its KV heads by score, ragged storage (Feng et al., 2024)."""
 
     name: ClassVar[str] = "head_budget"
@@ -57,13 +56,6 @@ class HeadBudget(BudgetedPolicy):
         super().validate()
         check_number(self.name, "floor", self.floor, low=0, high=1)
         self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
-
-    def wants_view(self, phase: Phase) -> bool:  # mirrors the triggers of select_mask below
-        return (self._scorer.observes() or phase in self.phases
-                or (phase == "decode" and self.decode_interval > 0))
-
-    def reads_column_sums(self, phase: Phase) -> bool:
-        return self._scorer.reads_column_sums(phase)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """``keep [B, Hkv, S]``, head counts differing; a row compresses when its tokens, over all its

@@ -21,14 +21,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.policies._scoring import build_scorer
-from kvx.policy import BudgetedPolicy, CompressionView, Phase, option, register_policy, token_ranks
+from kvx.policies._scoring import RankedByScorer, build_scorer
+from kvx.policy import BudgetedPolicy, CompressionView, option, register_policy, token_ranks
 from kvx.storage.quantized import QuantizedLayer
 
 
 @register_policy
 @dataclass
-class MiKV(BudgetedPolicy):
+class MiKV(RankedByScorer, BudgetedPolicy):
     """Important tokens at high precision, the rest at low precision, none dropped (Yang et al., 2024)."""
 
     name: ClassVar[str] = "mikv"
@@ -46,12 +46,6 @@ class MiKV(BudgetedPolicy):
     def validate(self) -> None:
         super().validate()
         self._scorer = build_scorer(self.name, self.scorer, self.window, self.budget if self.ratio is None else None)
-
-    def wants_view(self, phase: Phase) -> bool:
-        return self._scorer.observes() or phase in self.phases or (phase == "decode" and self.decode_interval > 0)
-
-    def reads_column_sums(self, phase: Phase) -> bool:
-        return self._scorer.reads_column_sums(phase)
 
     def select_mask(self, view: CompressionView) -> torch.Tensor | None:
         """Marks each token's precision in ``view.state`` (the storage reads it when the token leaves

@@ -17,11 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvx.policies._scoring import build_scorer
+from kvx.policies._scoring import RankedByScorer, build_scorer
 from kvx.policy import (
     BudgetedPolicy,
     CompressionView,
-    Phase,
     capacity_tensor,
     check_number,
     check_positive_int,
@@ -34,7 +33,7 @@ SCHEDULES = ("pyramid", "uniform")
 
 @register_policy
 @dataclass
-class PyramidKV(BudgetedPolicy):
+class PyramidKV(RankedByScorer, BudgetedPolicy):
     """Layer budgets falling with depth, tokens ranked by a scorer policy (Cai et al., 2024)."""
 
     name: ClassVar[str] = "pyramidkv"
@@ -103,12 +102,6 @@ class PyramidKV(BudgetedPolicy):
 
     def observe(self, view: CompressionView) -> None:
         self._scorer.observe(view)
-
-    def observes(self) -> bool:
-        return self._scorer.observes()
-
-    def reads_column_sums(self, phase: Phase) -> bool:
-        return self._scorer.reads_column_sums(phase)
 
     def score(self, view: CompressionView) -> torch.Tensor:
         return self._scorer.score(view)
