@@ -118,12 +118,18 @@ def _chunk_stop(sorted_counts: list[int], start: int, n: int) -> int:
     where the lengths change when enough rows share the first's length (a chunk of equal lengths
     and no filler runs as one call)."""
     first = sorted_counts[start]
-    fit = max(1, CHUNK_ELEMENTS // (n * n * max(1, first + 1)))
+    fit = _rows_that_fit(first, n)
     same = bisect.bisect_right(sorted_counts, first, lo=start)
     if same - start >= min(fit, 8):
         return min(same, start + fit)
     stop = bisect.bisect_right(sorted_counts, first * 5 // 4 + 1, lo=start)
-    return min(stop, start + max(1, CHUNK_ELEMENTS // (n * n * max(1, sorted_counts[stop - 1]))))
+    return min(stop, start + _rows_that_fit(sorted_counts[stop - 1], n))
+
+
+def _rows_that_fit(width: int, n: int) -> int:
+    """Query-block rows whose logits fit ``CHUNK_ELEMENTS``: each has ``n`` queries over ``width``
+    listed blocks and its own, of ``n`` keys each (at least one row)."""
+    return max(1, CHUNK_ELEMENTS // (n * n * (width + 1)))
 
 
 def _causal_last(width: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
