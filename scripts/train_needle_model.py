@@ -126,6 +126,9 @@ class Stage:
     # length rises, which otherwise wears key matching and induction down (0: no draw, older runs unchanged)
     rehearsal_rate: float = 0.0
     rehearsal: Stage | None = None
+    # the asked needle's depth (percent of the filler before it), uniform in this range: (0, 30) puts it far
+    # from the question, where long prompts lose it (the default draws as before)
+    depths: tuple[float, float] = (0.0, 100.0)
 
     def __post_init__(self):
         if self.rehearsal_rate and self.rehearsal is None:
@@ -283,7 +286,7 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
         haystack = None  # generated filler; no draw unless the stage repeats paragraphs (older runs unchanged)
         if stage.repeat_rate and rng.random() < stage.repeat_rate:
             haystack = " ".join(filler_sentences(rng, rng.randint(*stage.repeat_sentences), stage.number_rate))
-        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, haystack_text=haystack,
+        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(*stage.depths), spec, rng, haystack_text=haystack,
                               number_rate=stage.number_rate)
         row, label = prompt.ids + answer, [-100] * len(prompt.ids) + answer
         if stage.questions[1]:  # no draw otherwise (older runs unchanged)
