@@ -551,6 +551,38 @@ def load_checkpoint(directory: Path | None, preset: Preset, seed: int, steps_sca
     return state
 
 
+def llama3_rope(theta: float, factor: float, original: int, low_freq_factor: float = 1.0,
+                high_freq_factor: float = 4.0) -> dict:
+    """``rope_parameters`` of Llama 3.1's RoPE frequency scaling (transformers' ``llama3`` rope type):
+    the rotation frequencies whose wavelength exceeds ``original / low_freq_factor`` tokens are
+    divided by ``factor``, those under ``original / high_freq_factor`` kept, the ones between
+    blended. The fast frequencies (previous-token and induction heads) stay; the slow ones, which a
+    lookup far back matches on, turn ``factor`` times slower, so a distance of ``factor x d`` looks
+    to them like ``d``. Static (no dependence on the prompt's length)."""
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original}
+
+
+def rescale_rope(source: Path, out: Path, factor: float, original: int) -> dict:
+    """Save ``source``'s model and tokenizer into ``out`` with :func:`llama3_rope` in its config
+    (its RoPE base kept): the same weights, served with slower low frequencies. No training. Its
+    ``training_log.jsonl`` is carried over with a row saying so. Returns the new ``rope_parameters``."""
+    config = LlamaConfig.from_pretrained(source)
+    theta = config.rope_parameters["rope_theta"]
+    if config.rope_parameters.get("rope_type", "default") != "default":
+        raise SystemExit(f"--rescale-rope: {source} already has rope_type {config.rope_parameters['rope_type']!r}; "
+                         "give it a model with default RoPE")
+    config.rope_parameters = llama3_rope(theta, factor, original)
+    model = LlamaForCausalLM.from_pretrained(source, config=config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)
+    log = (source / "training_log.jsonl").read_text() if (source / "training_log.jsonl").exists() else ""
+    row = {"rope_rescaled": config.rope_parameters, "from": str(source), "trained": False}
+    (out / "training_log.jsonl").write_text(log + json.dumps(row) + "\n")
+    return config.rope_parameters
+
+
 def export_checkpoint(preset: Preset, checkpoint_dir: Path | None, out: Path, seed: int = 0,
                       steps_scale: float = 1.0) -> None:
     """Save the checkpoint's model and the tokenizer into ``out`` (loads with ``from_pretrained``)."""
@@ -868,12 +900,26 @@ def main() -> None:
     parser.add_argument("--export", action="store_true",
                         help="only save the model of --checkpoint-dir's checkpoint (its stage and step in the log) "
                              "into --out, with the tokenizer, to evaluate it with kvx needle")
+    parser.add_argument("--rescale-rope", metavar="FACTOR,ORIGINAL",
+                        help="only save --init-from's model into --out with Llama 3.1's RoPE frequency scaling "
+                             "(rope_type llama3: frequencies slower than ORIGINAL tokens a turn divided by FACTOR), "
+                             "the same weights, no training; e.g. 3,1024")
     parser.add_argument("--scores", type=Path, help="with --card-only: a markdown file of measured scores")
     parser.add_argument("--card-only", action="store_true", help="only (re)write the model card of --out")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.card_only:
         write_model_card(args.out, args.seed, args.scores.read_text() if args.scores else "Not measured yet.", preset)
+        return
+    if args.rescale_rope is not None:
+        try:
+            factor, original = (float(x) for x in args.rescale_rope.split(","))
+        except ValueError:
+            parser.error(f"--rescale-rope takes FACTOR,ORIGINAL (e.g. 3,1024), not {args.rescale_rope!r}")
+        if factor < 1 or original < 1 or original != int(original) or args.init_from is None:
+            parser.error(f"--rescale-rope {args.rescale_rope}: needs FACTOR >= 1, a whole ORIGINAL >= 1 and "
+                         "--init-from (the model to rescale)")
+        print(json.dumps(rescale_rope(args.init_from, args.out, factor, int(original))))
         return
     if args.export:
         export_checkpoint(preset, args.checkpoint_dir, args.out, args.seed, args.steps_scale)

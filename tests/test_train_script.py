@@ -349,3 +349,37 @@ def test_bad_profile_settings_are_refused_by_name(script, tmp_path, monkeypatch,
         script.main()
     assert stop.value.code in (2, "--profile-stage 9: preset tiny has stages 0-1")
     assert "--profile" in (capsys.readouterr().err + str(stop.value.code)) and not (tmp_path / "p").exists()
+
+
+def test_rescale_rope_keeps_the_weights_and_slows_only_the_low_frequencies(script, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    tok = script.build_tokenizer()
+    model = script.build_model(tok, script.PRESETS["tiny"])
+    model.save_pretrained(tmp_path / "a")
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--rescale-rope", "4,64", "--init-from",
+                                      str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    script.main()
+    rescaled = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert rescaled.config.rope_parameters == script.llama3_rope(1e4, 4.0, 64)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rescaled.state_dict().values()))
+    before = model.model.rotary_emb.inv_freq
+    after = rescaled.model.rotary_emb.inv_freq
+    wavelength = 2 * torch.pi / before
+    assert torch.equal(after[wavelength < 64 / 4], before[wavelength < 64 / 4])  # fast: kept
+    torch.testing.assert_close(after[wavelength > 64], before[wavelength > 64] / 4)  # slow: 4x slower
+    assert (wavelength > 64).any() and (wavelength < 16).any()
+    assert json.loads((tmp_path / "b" / "training_log.jsonl").read_text().splitlines()[-1])["trained"] is False
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--rescale-rope", "2,64", "--init-from",
+                                      str(tmp_path / "b"), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="already has rope_type 'llama3'"):
+        script.main()
+
+
+@pytest.mark.parametrize("value", ["3", "0.5,1024", "3,10.5", "x,1"])
+def test_bad_rescale_rope_is_refused_by_name(script, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setattr(sys, "argv", ["train_needle_model.py", "--rescale-rope", value, "--init-from", str(tmp_path),
+                                      "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == 2 and "--rescale-rope" in capsys.readouterr().err and not (tmp_path / "o").exists()
