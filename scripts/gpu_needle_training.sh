@@ -4,7 +4,8 @@
 # processes each); a tiny model's step is launch- and data-bound, so they overlap. --steps-scale 4 makes the
 # step caps four times the presets' (the time shares stay), so that the time box, not the caps, ends the stages.
 #   continued  the shipped keys model (kvx/assets/needle-llama-keys) through keys-gpu's stages 4-9 (to 8K, then
-#              mixed lengths)
+#              mixed lengths), its weights trained under the preset's default RoPE (the shipped config serves them
+#              with llama3 RoPE scaling: rescale the result the same way, --rescale-rope 3,1024, before comparing)
 #   large      keys-large from scratch: the keys shape at twice the width (~3.2M parameters, ~13 MB)
 # What the first run (2026-11-30, H200, 5.5-minute boxes) showed: keys-gpu from scratch copied single needles
 # (0.85-0.95 at 1-2K) but grew no induction (0.01) and no key matching (multikey 0.05): from scratch needs a far
@@ -44,13 +45,17 @@ train continued --preset keys-gpu --init-from kvx/assets/needle-llama-keys --sta
 train large --preset keys-large &
 wait
 
-for name in continued large; do
+for name in continued large; do  # each also served as the shipped model is: llama3 RoPE scaling 3,1024
+  [[ -f $out/$name/model.safetensors ]] && python3 scripts/train_needle_model.py --rescale-rope 3,1024 \
+    --init-from "$out/$name" --out "$out/$name-rope3" > /dev/null 2>&1
+done
+for name in continued continued-rope3 large large-rope3; do
   [[ -f $out/$name/model.safetensors ]] || { echo "$name: no model saved"; continue; }
   timeout 150 python3 -m kvx.cli needle --model "$out/$name" --lengths 1k,2k,4k,8k --depths 0,25,50,75,100 --samples 4 \
     --variants single,multikey,multivalue,absent --distractors 3 --device cuda --out "$out/$name-needle" \
     --no-progress > "$out/$name-needle.log" 2>&1 &  # resumable: a killed run keeps its finished cells
 done
 wait
-for name in continued large; do  # the runner's summary: per length, then per variant and length
+for name in continued continued-rope3 large large-rope3; do  # the runner's summary: per length, then per variant and length
   [[ -f $out/$name-needle.log ]] && { echo "== $name"; grep -v '^wrote ' "$out/$name-needle.log"; }
 done | tee "$out/needle-tables.txt"

@@ -32,6 +32,12 @@ teacher-forced), and every ``eval_every`` steps ``eval``: teacher-forced exact m
 (greedy exact match, as ``kvx needle`` scores it) and ``induction`` (2-gram copying of a repeated
 paragraph, the circuit key matching needs).
 
+Serving a model at longer lengths: ``--rescale-rope FACTOR,ORIGINAL --init-from M --out O`` saves
+M's weights with Llama 3.1's RoPE frequency scaling in the config (``rope_type: llama3``; no
+training): the shipped ``needle-llama-keys`` is the ``keys-gpu`` run's model under ``3,1024``
+(its card gives the scores before and after). ``--init-from`` loads weights only, so a run that
+continues from it trains under the preset's RoPE; rescale its model the same way afterwards.
+
 Profiling: ``--profile STEPS [--profile-stage N]`` trains STEPS steps of stage N (weights thrown
 away) and writes ``profile.txt``: per step, the time waiting for the batch, in forward + backward and
 in the optimizer, tokens per second, and the profiler's operators by time. Run it first on a new
