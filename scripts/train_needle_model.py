@@ -668,6 +668,39 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
 # ----------------------------------------------------------------------------------- training
 
 
+@dataclass
+class _Run:
+    """What the stages of one :func:`train` call share: the model, where it writes, the log so far
+    and the clock (``start``: when the run began, earlier by the time resumed runs spent)."""
+
+    preset: Preset
+    model: LlamaForCausalLM
+    tokenizer: object
+    device: torch.device
+    out: Path
+    seed: int
+    steps_scale: float
+    checkpoint_dir: Path | None
+    log_rows: list[dict]
+    verbose: bool
+    start: float
+
+    def record(self, row: dict) -> None:
+        self.log_rows.append(row)
+        if self.verbose:
+            print(json.dumps(row), flush=True)
+        (self.out / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_rows))
+
+    def checkpoint(self, stage_idx: int, next_step: int, optimizer) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, preset=self.preset, seed=self.seed, steps_scale=self.steps_scale,
+                            model=self.model, optimizer=optimizer, stage=stage_idx, step=next_step,
+                            log_rows=self.log_rows, elapsed=time.time() - self.start)
+
+    def minutes(self) -> float:
+        return round((time.time() - self.start) / 60, 2)
+
+
 def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, checkpoint_dir: Path | None = None,
           checkpoint_every: int = 100, init_from: Path | None = None, stop_after: int | None = None,
           verbose: bool = True, start_stage: int = 0, minutes: float | None = None,
@@ -708,104 +741,105 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "training_log.jsonl"
-
-    def record(row: dict) -> None:
-        log_rows.append(row)
-        if verbose:
-            print(json.dumps(row), flush=True)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-
+    run = _Run(preset, model, tokenizer, device, out, seed, steps_scale, checkpoint_dir, log_rows, verbose,
+               start=time.time() - elapsed)
     if state is None:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-        record({"preset": preset.name, "seed": seed, "device": where,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
+        run.record({"preset": preset.name, "seed": seed, "device": where,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
     else:
-        record({"resumed": True, "stage": first_stage, "step": first_step})
+        run.record({"resumed": True, "stage": first_stage, "step": first_step})
     if minutes is not None:
-        record({"minutes_box": minutes, "workers": workers})
+        run.record({"minutes_box": minutes, "workers": workers})
     scaled = [replace(st, steps=max(1, round(st.steps * steps_scale))) for st in preset.stages]
     shares = time_shares(scaled, first_stage, first_step)
-    start = time.time() - elapsed
-    done_here = 0
+    steps_left = stop_after
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
     try:
         for stage_idx in range(first_stage, len(preset.stages)):
-            stage, steps = preset.stages[stage_idx], scaled[stage_idx].steps
-            optimizer = make_optimizer(model, stage)
             begin = first_step if stage_idx == first_stage else 0
+            optimizer = make_optimizer(model, preset.stages[stage_idx])
             if state is not None and stage_idx == first_stage and begin > 0:
                 optimizer.load_state_dict(state["optimizer"])
-
-            def checkpoint(next_step: int, stage_idx=stage_idx, optimizer=optimizer) -> None:
-                if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
-                                    optimizer=optimizer, stage=stage_idx, step=next_step, log_rows=log_rows,
-                                    elapsed=time.time() - start)
-
-            model.train()
-            stage_start, allotted = time.time(), None if minutes is None else minutes * 60 * shares[stage_idx]
-            source = batches(tokenizer, stage, seed, stage_idx, begin, pool, ahead=2 * workers)
-            step = begin
-            waited, since = 0.0, time.time()  # time spent waiting for batches since the last log row
-            while True:
-                # progress in steps: the steps done, or (time box) the time spent, whichever is further
-                progress = step if allotted is None else max(
-                    step, begin + (time.time() - stage_start) / max(allotted, 1e-9) * (steps - begin))
-                if progress >= steps and step > begin:  # (a stage whose time is shorter than a step takes one)
-                    break
-                if stop_after is not None and done_here >= stop_after:
-                    checkpoint(step)
-                    return model
-                for group in optimizer.param_groups:
-                    group["lr"] = stage.lr * lr_factor(int(progress), steps)
-                asked = time.time()
-                ids, labels = next(source)
-                waited += time.time() - asked
-                ids, labels = ids.to(device), labels.to(device)
-                lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
-                loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                done_here += 1
-                evaluate = bool(preset.eval_every and preset.eval_variants and step > 0
-                                and step % preset.eval_every == 0)
-                if step % 50 == 0 or step == steps - 1 or evaluate:
-                    acc, exact = answer_accuracy(model, ids, labels)
-                    row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
-                               answer_acc=round(acc, 3), answer_exact=round(exact, 3),
-                               lr=optimizer.param_groups[0]["lr"], minutes=round((time.time() - start) / 60, 2),
-                               data_wait=round(waited / max(time.time() - since, 1e-9), 3))
-                    waited, since = 0.0, time.time()
-                    if evaluate:
-                        row["eval_len"] = stage.max_len
-                        row["eval"] = quick_eval(model, tokenizer, preset, stage.max_len, device, 5000)
-                    record(row)
-                step += 1
-                if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-                    checkpoint(step)
-            row = dict(stage=stage_idx, done=True, steps_done=step, stage_config=asdict(stage),
-                       quick_accuracy={n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device)
-                                       for n in preset.eval_lengths})
-            if preset.eval_variants:
-                row["eval"] = {n: quick_eval(model, tokenizer, preset, n, device, 7000) for n in preset.eval_lengths}
-            row["minutes"] = round((time.time() - start) / 60, 2)
-            record(row)
-            model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-            if checkpoint_dir is not None:  # the next stage from its first step (a fresh optimizer)
-                following = make_optimizer(model, preset.stages[min(stage_idx + 1, len(preset.stages) - 1)])
-                save_checkpoint(checkpoint_dir, preset=preset, seed=seed, steps_scale=steps_scale, model=model,
-                                optimizer=following, stage=stage_idx + 1, step=0, log_rows=log_rows,
-                                elapsed=time.time() - start)
+            source = batches(tokenizer, preset.stages[stage_idx], seed, stage_idx, begin, pool, ahead=2 * workers)
+            allotted = None if minutes is None else minutes * 60 * shares[stage_idx]
+            step, steps_left, stopped = _train_stage(run, stage_idx, scaled[stage_idx].steps, begin, optimizer,
+                                                     source, allotted, checkpoint_every, steps_left)
+            if stopped:  # stop_after reached (its checkpoint written): return as a kill would
+                return model
+            _finish_stage(run, stage_idx, step)
     finally:
         if pool is not None:
             pool.terminate()
     write_model_card(out, seed, "Not measured yet: run kvx needle on it.", preset)
     return model
+
+
+def _train_stage(run: _Run, stage_idx: int, steps: int, begin: int, optimizer, source, allotted: float | None,
+                 checkpoint_every: int, steps_left: int | None) -> tuple[int, int | None, bool]:
+    """Stage ``stage_idx`` from step ``begin`` to its ``steps`` (or, with ``allotted`` seconds, its
+    time: :func:`train`'s time box), a log row every 50 steps (and an ``eval`` every
+    ``preset.eval_every``), a checkpoint every ``checkpoint_every``. Returns the steps reached, the
+    steps left of ``stop_after`` and whether they ran out before the stage's end (a checkpoint then
+    written: the run stops there)."""
+    preset, model, stage = run.preset, run.model, run.preset.stages[stage_idx]
+    lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+    model.train()
+    stage_start = time.time()
+    step = begin
+    waited, since = 0.0, time.time()  # time spent waiting for batches since the last log row
+    while True:
+        # progress in steps: the steps done, or (time box) the time spent, whichever is further
+        progress = step if allotted is None else max(
+            step, begin + (time.time() - stage_start) / max(allotted, 1e-9) * (steps - begin))
+        if progress >= steps and step > begin:  # (a stage whose time is shorter than a step takes one)
+            return step, steps_left, False
+        if steps_left == 0:
+            run.checkpoint(stage_idx, step, optimizer)
+            return step, 0, True
+        for group in optimizer.param_groups:
+            group["lr"] = stage.lr * lr_factor(int(progress), steps)
+        asked = time.time()
+        ids, labels = next(source)
+        waited += time.time() - asked
+        ids, labels = ids.to(run.device), labels.to(run.device)
+        loss = training_loss(model, ids, labels, lm_weight, run.tokenizer.pad_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        steps_left = None if steps_left is None else steps_left - 1
+        evaluate = bool(preset.eval_every and preset.eval_variants and step > 0 and step % preset.eval_every == 0)
+        if step % 50 == 0 or step == steps - 1 or evaluate:
+            acc, exact = answer_accuracy(model, ids, labels)
+            row = dict(stage=stage_idx, step=step, length=ids.shape[1], loss=round(loss.item(), 4),
+                       answer_acc=round(acc, 3), answer_exact=round(exact, 3), lr=optimizer.param_groups[0]["lr"],
+                       minutes=run.minutes(), data_wait=round(waited / max(time.time() - since, 1e-9), 3))
+            waited, since = 0.0, time.time()
+            if evaluate:
+                row["eval_len"] = stage.max_len
+                row["eval"] = quick_eval(model, run.tokenizer, preset, stage.max_len, run.device, 5000)
+            run.record(row)
+        step += 1
+        if step % checkpoint_every == 0 and step < steps:
+            run.checkpoint(stage_idx, step, optimizer)
+
+
+def _finish_stage(run: _Run, stage_idx: int, steps_done: int) -> None:
+    """A stage's end: its greedy and teacher-forced checks in the log, the model saved into
+    ``run.out``, and a checkpoint to start the next stage from its first step (a fresh optimizer)."""
+    preset, model, tokenizer, device = run.preset, run.model, run.tokenizer, run.device
+    row = dict(stage=stage_idx, done=True, steps_done=steps_done, stage_config=asdict(preset.stages[stage_idx]),
+               quick_accuracy={n: quick_accuracy(model, tokenizer, n, 20, 1000 + n, device) for n in preset.eval_lengths})
+    if preset.eval_variants:
+        row["eval"] = {n: quick_eval(model, tokenizer, preset, n, device, 7000) for n in preset.eval_lengths}
+    row["minutes"] = run.minutes()
+    run.record(row)
+    model.save_pretrained(run.out, safe_serialization=True)
+    tokenizer.save_pretrained(run.out)
+    following = make_optimizer(model, preset.stages[min(stage_idx + 1, len(preset.stages) - 1)])
+    run.checkpoint(stage_idx + 1, 0, following)
 
 
 def profile_training(preset: Preset, out: Path, stage_idx: int, steps: int = 20, warmup: int = 3, workers: int = 0,
