@@ -39,7 +39,7 @@ def test_presets_have_the_shapes_they_promise(script):
     assert lows[0] == (1, 1) and all(a[1] <= b[1] for a, b in zip(lows, lows[1:]))  # distractors rise slowly
 
 
-@pytest.mark.parametrize("name", ["needle-llama", "keys", "keys-gpu", "keys-large", "tiny"])
+@pytest.mark.parametrize("name", ["needle-llama", "keys", "keys-gpu", "keys-large", "keys-rope", "tiny"])
 def test_every_stage_fits_its_longest_prompt(script, name):
     """The shortest length of a stage holds its most needles, question and answer (else it fails hours in)."""
     tok = script.build_tokenizer()
