@@ -23,6 +23,10 @@ Presets:
   raised slowly; then a long stage of short prompts for key matching (2-gram induction: repeated
   filler under a full next-token loss, and several questions per context), then the length raised
   stage by stage to 2x past 4K at a lower, re-warmed learning rate.
+- ``keys-gpu`` / ``keys-large``: the keys curriculum with larger batches and lengths to 8K, for a
+  GPU's time box (``keys-large`` at twice the width).
+- ``keys-rope``: one stage under Llama 3.1's RoPE scaling (factor 3 past 1024 tokens), from the
+  ``keys-gpu`` model's weights: the last step of the shipped ``needle-llama-keys``.
 
 Progress signals in the log: ``data_wait`` (the share of the time since the row before spent
 waiting for batches: near 1, the batch drawing is the bottleneck, so add ``--workers``),
@@ -34,9 +38,10 @@ paragraph, the circuit key matching needs).
 
 Serving a model at longer lengths: ``--rescale-rope FACTOR,ORIGINAL --init-from M --out O`` saves
 M's weights with Llama 3.1's RoPE frequency scaling in the config (``rope_type: llama3``; no
-training): the shipped ``needle-llama-keys`` is the ``keys-gpu`` run's model under ``3,1024``
-(its card gives the scores before and after). ``--init-from`` loads weights only, so a run that
-continues from it trains under the preset's RoPE; rescale its model the same way afterwards.
+training). The shipped ``needle-llama-keys`` is the ``keys-gpu`` run's model under ``3,1024``,
+trained one stage further under it (preset ``keys-rope``; its card gives the scores of each step).
+``--init-from`` loads weights only, so a run of another preset that continues from it trains under
+that preset's RoPE; rescale its model the same way afterwards.
 
 Profiling: ``--profile STEPS [--profile-stage N]`` trains STEPS steps of stage N (weights thrown
 away) and writes ``profile.txt``: per step, the time waiting for the batch, in forward + backward and
@@ -132,9 +137,6 @@ class Stage:
     # length rises, which otherwise wears key matching and induction down (0: no draw, older runs unchanged)
     rehearsal_rate: float = 0.0
     rehearsal: Stage | None = None
-    # the asked needle's depth (percent of the filler before it), uniform in this range: (0, 30) puts it far
-    # from the question, where long prompts lose it (the default draws as before)
-    depths: tuple[float, float] = (0.0, 100.0)
 
     def __post_init__(self):
         if self.rehearsal_rate and self.rehearsal is None:
@@ -318,7 +320,7 @@ def sample_batch(tokenizer, stage: Stage, rng: random.Random) -> tuple[torch.Ten
         haystack = None  # generated filler; no draw unless the stage repeats paragraphs (older runs unchanged)
         if stage.repeat_rate and rng.random() < stage.repeat_rate:
             haystack = " ".join(filler_sentences(rng, rng.randint(*stage.repeat_sentences), stage.number_rate))
-        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(*stage.depths), spec, rng, haystack_text=haystack,
+        prompt = build_prompt(tokenizer, length - len(answer), rng.uniform(0, 100), spec, rng, haystack_text=haystack,
                               number_rate=stage.number_rate)
         row, label = prompt.ids + answer, [-100] * len(prompt.ids) + answer
         if stage.questions[1]:  # no draw otherwise (older runs unchanged)

@@ -101,19 +101,6 @@ def test_rehearsal_draws_that_share_of_batches_from_the_other_stage(script):
         script.Stage(steps=1, min_len=60, max_len=60, batch=1, lr=1e-3, rehearsal_rate=0.2)
 
 
-def test_depths_place_the_asked_needle_in_their_range(script):
-    tok = script.build_tokenizer()
-    for depths, low, high in (((0.0, 10.0), 0.0, 0.15), ((90.0, 100.0), 0.85, 1.0)):
-        stage = script.Stage(steps=1, min_len=400, max_len=400, batch=6, lr=1e-3, variant_weights=(1, 0, 0, 0),
-                             depths=depths)
-        ids, labels = script.sample_batch(tok, stage, random.Random(1))
-        for row, lab in zip(ids.tolist(), labels.tolist()):
-            prompt = tok.decode(row[: lab.index(next(x for x in lab if x != -100))])
-            filler = prompt.split(" Question")[0]
-            at = filler.index("magic number for") / len(filler)
-            assert low <= at <= high, (depths, at)
-
-
 def test_resume_continues_identically(script, tmp_path):
     tiny = script.PRESETS["tiny"]
     straight = script.train(tiny, tmp_path / "a", seed=3, checkpoint_dir=tmp_path / "ca", checkpoint_every=2,

@@ -9,9 +9,9 @@ its segments (only the chosen slots dequantized), ragged storage its packed pref
 chosen slots read); a kind without a reader of its own (ragged quantized segments) gives the
 transient dense view, which is correct but reads every token to build, so no faster than dense
 there. ``tidal`` reads through the same reader: its selection layers read every key (they attend
-densely), the layers after them only the chosen slots. Each decode step counts, per layer, the real keys read of those stored
-(``cache.stats()``: ``decode_keys_read`` / ``decode_keys_total``, dense steps counted as all read),
-so no run claims a sparsity it did not compute.
+densely), the layers after them only the chosen slots. Each decode step counts, per layer, the
+real keys read of those stored (``cache.stats()``: ``decode_keys_read`` / ``decode_keys_total``,
+dense steps counted as all read), so no run claims a sparsity it did not compute.
 """
 
 from __future__ import annotations
