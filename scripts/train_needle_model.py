@@ -684,6 +684,36 @@ def write_model_card(out: Path, seed: int, scores: str, preset: Preset = NEEDLE_
 # ----------------------------------------------------------------------------------- training
 
 
+def stage_lm_weight(preset: Preset, stage: Stage) -> float:
+    """The next-token loss weight of ``stage``: its own, else the preset's."""
+    return preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+
+
+def train_step(model, optimizer, ids: torch.Tensor, labels: torch.Tensor, lm_weight: float, pad_id: int,
+               after_backward=None) -> torch.Tensor:
+    """One optimizer step on a batch: :func:`training_loss`, its backward, gradient clipping at 1.0,
+    AdamW's step. ``after_backward()`` (if given) runs between the backward and the clipping (the
+    profiler times the two parts). Returns the loss."""
+    loss = training_loss(model, ids, labels, lm_weight, pad_id)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or how many CPU threads torch uses (the log and the profile say where they ran)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+
+
+def batch_pool(workers: int):
+    """``workers`` spawn processes that draw batches (:func:`batches`), or None for none."""
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
+
+
 @dataclass
 class _Run:
     """What the stages of one :func:`train` call share: the model, where it writes, the log so far
@@ -760,8 +790,7 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     run = _Run(preset, model, tokenizer, device, out, seed, steps_scale, checkpoint_dir, log_rows, verbose,
                start=time.time() - elapsed)
     if state is None:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-        run.record({"preset": preset.name, "seed": seed, "device": where,
+        run.record({"preset": preset.name, "seed": seed, "device": device_name(device),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     **({"init_from": str(init_from), "start_stage": start_stage} if init_from or start_stage else {})})
     else:
@@ -771,7 +800,7 @@ def train(preset: Preset, out: Path, seed: int = 0, steps_scale: float = 1.0, ch
     scaled = [replace(st, steps=max(1, round(st.steps * steps_scale))) for st in preset.stages]
     shares = time_shares(scaled, first_stage, first_step)
     steps_left = stop_after
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
+    pool = batch_pool(workers)
     try:
         for stage_idx in range(first_stage, len(preset.stages)):
             begin = first_step if stage_idx == first_stage else 0
@@ -800,7 +829,7 @@ def _train_stage(run: _Run, stage_idx: int, steps: int, begin: int, optimizer, s
     steps left of ``stop_after`` and whether they ran out before the stage's end (a checkpoint then
     written: the run stops there)."""
     preset, model, stage = run.preset, run.model, run.preset.stages[stage_idx]
-    lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+    lm_weight = stage_lm_weight(preset, stage)
     model.train()
     stage_start = time.time()
     step = begin
@@ -820,11 +849,7 @@ def _train_stage(run: _Run, stage_idx: int, steps: int, begin: int, optimizer, s
         ids, labels = next(source)
         waited += time.time() - asked
         ids, labels = ids.to(run.device), labels.to(run.device)
-        loss = training_loss(model, ids, labels, lm_weight, run.tokenizer.pad_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, ids, labels, lm_weight, run.tokenizer.pad_token_id)
         steps_left = None if steps_left is None else steps_left - 1
         evaluate = bool(preset.eval_every and preset.eval_variants and step > 0 and step % preset.eval_every == 0)
         if step % 50 == 0 or step == steps - 1 or evaluate:
@@ -874,9 +899,9 @@ def profile_training(preset: Preset, out: Path, stage_idx: int, steps: int = 20,
     model = build_model(tokenizer, preset, init_from).to(device).train()
     stage = preset.stages[stage_idx]
     optimizer = make_optimizer(model, stage)
-    lm_weight = preset.lm_weight if stage.lm_weight is None else stage.lm_weight
+    lm_weight = stage_lm_weight(preset, stage)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) if workers else None
+    pool = batch_pool(workers)
     source = batches(tokenizer, stage, 0, stage_idx, 0, pool, ahead=2 * workers)
     parts, tokens = [], 0
 
@@ -887,14 +912,11 @@ def profile_training(preset: Preset, out: Path, stage_idx: int, steps: int = 20,
         ids, labels = ids.to(device), labels.to(device)
         sync()
         t1 = time.perf_counter()
-        loss = training_loss(model, ids, labels, lm_weight, tokenizer.pad_token_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_done = []
+        train_step(model, optimizer, ids, labels, lm_weight, tokenizer.pad_token_id,
+                   after_backward=lambda: (sync(), backward_done.append(time.perf_counter())))
         sync()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sync()
+        t2 = backward_done[0]
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         tokens += ids.numel()
 
@@ -913,10 +935,9 @@ def profile_training(preset: Preset, out: Path, stage_idx: int, steps: int = 20,
             pool.terminate()
     wait, compute, update = (sum(p[i] for p in parts) / len(parts) for i in range(3))
     total = wait + compute + update
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     report = (f"preset {preset.name}, stage {stage_idx} (lengths {stage.min_len}-{stage.max_len}, batch {stage.batch}), "
-              f"{where}, workers {workers}, {steps} steps after {warmup} warm-up steps\n"
+              f"{device_name(device)}, workers {workers}, {steps} steps after {warmup} warm-up steps\n"
               f"per step: {total * 1000:.1f} ms = batch wait {wait * 1000:.1f} + forward/backward {compute * 1000:.1f}"
               f" + clip/optimizer {update * 1000:.1f}; {tokens / sum(map(sum, parts)):.0f} tokens/s\n\n"
               + prof.key_averages().table(sort_by=sort_by, row_limit=30))
