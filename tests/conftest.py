@@ -29,6 +29,12 @@ COVERAGE_FAST = {
 }
 
 
+QUANTIZED_READERS = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
+                     "kvquant:group=8,window=4,outliers=0.1"]
+"""Quantized storage specs whose segments a decode-sparse method reads slot by slot (quest, tidal):
+4- and 2-bit KIVI (with sinks), int8, KVQuant's outliers."""
+
+
 class _DeprecatedCacheName(logging.Handler):
     """Collects transformers' log lines saying a deprecated cache name was used."""
 

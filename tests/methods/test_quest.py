@@ -6,7 +6,7 @@ exactly the keys attended, and bad options are refused by name."""
 
 import pytest
 import torch
-from conftest import MODEL_TYPES, greedy, left_pad, random_ids
+from conftest import MODEL_TYPES, QUANTIZED_READERS, greedy, left_pad, random_ids
 
 import kvx
 import kvx.methods.quest as quest_module
@@ -215,8 +215,6 @@ def test_beam_search_rebuilds_the_bounds_of_reordered_rows(model, checked_bounds
     assert len(checked_bounds) == 4 * model.config.num_hidden_layers  # every step's bounds equal rebuilt ones
 
 
-QUANTIZED = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
-             "kvquant:group=8,window=4,outliers=0.1"]
 RAGGED = ["head_budget:budget=100,window=8", "snapkv:budget=120,window=8+ragged"]
 
 
@@ -231,7 +229,7 @@ def _transient(monkeypatch):
     monkeypatch.setattr(RaggedLayer, "decode_reader", Storage.decode_reader)
 
 
-@pytest.mark.parametrize("storage", QUANTIZED + RAGGED)
+@pytest.mark.parametrize("storage", QUANTIZED_READERS + RAGGED)
 def test_on_quantized_and_ragged_storage_equals_quest_over_the_dense_view(model, storage, monkeypatch):
     """Reading only the chosen slots of packed segments (dequantizing those alone) or of a ragged
     prefix, with page bounds kept across steps (refreshed as tokens leave a quantized window), gives
@@ -256,7 +254,7 @@ def test_on_quantized_and_ragged_storage_equals_quest_over_the_dense_view(model,
     assert all(0 < read < total for read, total in counts)
 
 
-@pytest.mark.parametrize("storage", QUANTIZED[:2] + RAGGED[:1])
+@pytest.mark.parametrize("storage", QUANTIZED_READERS[:2] + RAGGED[:1])
 def test_chosen_reads_are_the_dense_views_tokens_and_bounds_stay_rebuilt_ones(model, storage, checked_bounds,
                                                                              monkeypatch):
     """Each step's gathered keys and values equal the transient dense view's at the same slots; the

@@ -6,7 +6,7 @@ selection lives on the cache for one forward, a padded row reads what the row al
 
 import pytest
 import torch
-from conftest import MODEL_TYPES, greedy, left_pad, random_ids
+from conftest import MODEL_TYPES, QUANTIZED_READERS, greedy, left_pad, random_ids
 
 import kvx
 import kvx.methods.tidal as tidal_module
@@ -155,11 +155,7 @@ def test_compositions_with_a_selection_are_refused_storage_ones_accepted():
     assert listed["axis"] == "method" and all(o["help"] for o in listed["options"])
 
 
-QUANTIZED = ["kivi:group=8,window=4", "kivi:bits=2,group=8,window=5,sink=3", "int8:group=8,window=3",
-             "kvquant:group=8,window=4,outliers=0.1"]
-
-
-@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("storage", QUANTIZED_READERS)
 def test_on_quantized_storage_reads_only_the_chosen_slots_and_equals_the_dense_view(model, storage, monkeypatch):
     """On packed segments the sparse layers read (dequantize) only the chosen slots, through the
     storage's reader, and give exactly what tidal over the whole dequantized view gives (which reads
